@@ -1,0 +1,181 @@
+"""What every compressor is: a value with ``encode(x, seed) -> Payload`` and ``decode``.
+
+A compressor owns no hidden state (error memories and the like are explicit state
+objects elsewhere). Its parameters are dataclass fields; the registry reads them to
+parse spec strings, and ``to_params``/``from_params`` put them in the payload header so
+that :func:`gradzip.decode` can rebuild the compressor from the bytes alone.
+
+A subclass implements ``_encode(ctx)`` (fill sections through ``ctx.writer``) and
+``_decode(payload, device)`` (return the flat float tensor), declares ``codec_id`` and
+``name``, and states ``unbiased`` and ``bits_per_coordinate(d)``.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from dataclasses import dataclass, fields
+from typing import ClassVar
+
+import torch
+
+from .. import rng
+from ..wire import DTYPE_CODES, MAX_NUMEL, Payload, PayloadError, PayloadWriter
+
+_F32 = struct.Struct("<f")
+
+
+class EncodeContext:
+    """Everything about one ``encode`` call: the input and its shared randomness."""
+
+    def __init__(self, compressor, x: torch.Tensor, seed: int, step: int, worker: int):
+        self.compressor = compressor
+        self.shape = tuple(x.shape)
+        self.dtype = x.dtype
+        self.seed, self.step, self.worker = seed, step, worker
+        self.flat = x.detach().reshape(-1).contiguous()  # original dtype
+        self.d = self.flat.numel()
+        self.device = x.device
+        self._f32 = None
+        self._stats = None
+
+    def key(self, stream: int) -> int:
+        return rng.derive_key(self.seed, self.step, self.worker, stream)
+
+    def f32(self) -> torch.Tensor:
+        """The input as a flat float32 tensor (no copy when it already is one)."""
+        if self._f32 is None:
+            self._f32 = self.flat.to(torch.float32)
+        return self._f32
+
+    def stats(self) -> tuple[float, float, float]:
+        """``(||x||_2^2, ||x||_inf, ||x||_1)``, one pass; ``ValueError`` on NaN or inf."""
+        if self._stats is None:
+            src = self.f32() if self.flat.dtype != torch.float64 else self.flat
+            if src.device.type == "cpu" and src.dtype == torch.float32 and src.numel():
+                from .._numba.quantize import stats32
+
+                sq, mx, l1 = stats32(src.numpy())
+            elif src.numel() == 0:
+                sq = mx = l1 = 0.0
+            else:
+                s = src.to(torch.float64)
+                sq, mx, l1 = float(s.square().sum()), float(s.abs().max()), float(s.abs().sum())
+            if not (math.isfinite(sq) and math.isfinite(mx)):
+                bad = int((~torch.isfinite(src)).sum())
+                raise ValueError(
+                    f"{self.compressor.name}: input has {bad} non-finite value(s) (NaN or inf) "
+                    f"out of {self.d}; a gradient must be finite to be compressed"
+                )
+            self._stats = (float(sq), float(mx), float(l1))
+        return self._stats
+
+    def writer(self, section_lengths) -> PayloadWriter:
+        c = self.compressor
+        return PayloadWriter(
+            c.codec_id, self.dtype, self.shape, section_lengths,
+            seed=self.seed, step=self.step, worker=self.worker, params=c.to_params(),
+        )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Compressor:
+    """Base class of all compressors (see the module docstring)."""
+
+    name: ClassVar[str] = "?"
+    codec_id: ClassVar[int] = 0
+    summary: ClassVar[str] = ""
+
+    # --- properties a subclass states -------------------------------------------------
+    @property
+    def unbiased(self) -> bool:
+        raise NotImplementedError(f"{type(self).__name__} must state whether it is unbiased")
+
+    def bits_per_coordinate(self, d: int) -> float:
+        """Payload bits per coordinate for a d-vector, header excluded (exact)."""
+        return 8 * sum(self.section_lengths(d)) / max(d, 1)
+
+    def section_lengths(self, d: int) -> list[int]:
+        raise NotImplementedError(f"{type(self).__name__} must declare its section lengths")
+
+    def expected_sections(self, header) -> list[int]:
+        """The section lengths a valid payload with this header has."""
+        return self.section_lengths(header.numel)
+
+    # --- header parameters -------------------------------------------------------------
+    def to_params(self) -> bytes:
+        return b""
+
+    @classmethod
+    def from_params(cls, raw: bytes) -> Compressor:
+        if raw:
+            raise PayloadError(f"{cls.name}: expected no codec parameters, got {len(raw)} bytes")
+        return cls()
+
+    @property
+    def spec(self) -> str:
+        """The registry spec string that makes this compressor."""
+        args = ",".join(f"{f.name}={_fmt(getattr(self, f.name))}" for f in fields(self))
+        return f"{self.name}:{args}" if args else self.name
+
+    def __str__(self) -> str:
+        return self.spec
+
+    # --- encode / decode ---------------------------------------------------------------
+    def encode(self, x: torch.Tensor, seed: int = 0, step: int = 0, worker: int = 0) -> Payload:
+        """Compress ``x`` (any shape, any float dtype). Randomness comes from the integers."""
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{self.name}: expected a torch.Tensor, got {type(x).__name__}")
+        if x.dtype not in DTYPE_CODES:
+            raise TypeError(
+                f"{self.name}: cannot compress a {x.dtype} tensor "
+                f"(supported: {', '.join(str(t) for t in DTYPE_CODES)})"
+            )
+        if x.numel() > MAX_NUMEL:
+            raise ValueError(f"{self.name}: {x.numel()} elements exceed the cap of {MAX_NUMEL}")
+        ctx = EncodeContext(self, x, seed, step, worker)
+        ctx.stats()  # validates finiteness before any work
+        return self._encode(ctx)
+
+    def decode(self, payload, device=None) -> torch.Tensor:
+        """Decompress a payload (a :class:`Payload`, bytes, or a uint8 tensor)."""
+        p = payload if isinstance(payload, Payload) else Payload.from_bytes(payload)
+        h = p.header
+        if h.codec != self.codec_id:
+            raise PayloadError(
+                f"{self.name} (codec {self.codec_id}) cannot decode a payload of codec {h.codec}"
+            )
+        codec = self if h.params == self.to_params() else type(self).from_params(h.params)
+        expected = codec.expected_sections(h)
+        if list(h.section_lengths) != list(expected):
+            raise PayloadError(
+                f"{self.name}: sections of {list(h.section_lengths)} bytes do not match the "
+                f"{expected} that {h.numel} elements need"
+            )
+        out = codec._decode(p, torch.device(device) if device is not None else None)
+        return out.reshape(h.shape).to(h.dtype)
+
+    def _encode(self, ctx: EncodeContext) -> Payload:
+        raise NotImplementedError
+
+    def _decode(self, p: Payload, device) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def _fmt(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    return str(v)
+
+
+def pack_f32(*values: float) -> bytes:
+    return struct.pack(f"<{len(values)}f", *values)
+
+
+def read_f32(section: torch.Tensor, n: int, what: str) -> tuple[float, ...]:
+    """``n`` float32 scalars from a section, validated finite and non-negative."""
+    vals = struct.unpack(f"<{n}f", section.numpy().tobytes())
+    for v in vals:
+        if not (math.isfinite(v) and v >= 0):
+            raise PayloadError(f"{what}: scalar {v} must be finite and non-negative")
+    return vals

@@ -1,0 +1,109 @@
+"""Casts: ``identity`` (lossless, the input's own dtype), ``fp16`` and ``bf16``.
+
+They are the baselines every other compressor is measured against: ``identity`` is what
+uncompressed SGD sends, the half-precision casts what PyTorch's ``fp16_compress_hook`` and
+``bf16_compress_hook`` send. Deterministic; unbiased only for ``identity`` (rounding to
+nearest is biased, though the bias is below the format's resolution).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from ..wire import Payload, PayloadError
+from .base import Compressor, EncodeContext
+
+_ITEMSIZE = {torch.float32: 4, torch.float64: 8, torch.float16: 2, torch.bfloat16: 2}
+
+
+def _finite(name: str, values: torch.Tensor) -> torch.Tensor:
+    """Untrusted bytes may spell NaN or inf; a gradient never does, so refuse them."""
+    if not bool(torch.isfinite(values).all()):
+        raise PayloadError(f"{name}: payload carries non-finite values")
+    return values
+
+
+def _send(ctx: EncodeContext, values: torch.Tensor) -> Payload:
+    nbytes = values.numel() * values.element_size()
+    w = ctx.writer([nbytes])
+    w.sections[0].copy_(values.reshape(-1).view(torch.uint8))
+    return w.finish()
+
+
+@dataclass(frozen=True)
+class Identity(Compressor):
+    """No compression: the values in the input's own dtype (32 bits for float32)."""
+
+    name: ClassVar[str] = "identity"
+    codec_id: ClassVar[int] = 1
+    summary: ClassVar[str] = "no compression (the input dtype's bits)"
+
+    @property
+    def unbiased(self) -> bool:
+        return True
+
+    def bits_per_coordinate(self, d: int, dtype: torch.dtype = torch.float32) -> float:
+        return 8.0 * _ITEMSIZE[dtype]
+
+    def section_lengths(self, d: int, dtype: torch.dtype = torch.float32) -> list[int]:
+        return [d * _ITEMSIZE[dtype]]
+
+    def _encode(self, ctx: EncodeContext) -> Payload:
+        return _send(ctx, ctx.flat.cpu())
+
+    def expected_sections(self, header) -> list[int]:
+        return self.section_lengths(header.numel, header.dtype)
+
+    def _decode(self, p: Payload, device) -> torch.Tensor:
+        # clone first: the section may sit at an offset not aligned for the dtype
+        out = _finite(self.name, p.section(0).clone().view(p.header.dtype))
+        return out if device is None else out.to(device)
+
+
+@dataclass(frozen=True)
+class _HalfCast(Compressor):
+    target: ClassVar[torch.dtype] = torch.float16
+
+    @property
+    def unbiased(self) -> bool:
+        return False
+
+    def section_lengths(self, d: int) -> list[int]:
+        return [2 * d]
+
+    def _encode(self, ctx: EncodeContext) -> Payload:
+        if self.target == torch.float16:
+            limit = torch.finfo(torch.float16).max
+            if ctx.stats()[1] > limit:
+                raise ValueError(
+                    f"fp16: |x| reaches {ctx.stats()[1]:.3g}, beyond float16's range "
+                    f"({limit}); it would become inf. Use bf16, or scale the gradient."
+                )
+        return _send(ctx, ctx.flat.to(self.target).cpu())
+
+    def _decode(self, p: Payload, device) -> torch.Tensor:
+        out = _finite(self.name, p.section(0).clone().view(self.target))
+        return out if device is None else out.to(device)
+
+
+@dataclass(frozen=True)
+class FP16(_HalfCast):
+    """IEEE half precision (round to nearest): 16 bits per coordinate."""
+
+    name: ClassVar[str] = "fp16"
+    codec_id: ClassVar[int] = 2
+    summary: ClassVar[str] = "cast to float16"
+    target: ClassVar[torch.dtype] = torch.float16
+
+
+@dataclass(frozen=True)
+class BF16(_HalfCast):
+    """bfloat16 (round to nearest): 16 bits per coordinate, float32's range."""
+
+    name: ClassVar[str] = "bf16"
+    codec_id: ClassVar[int] = 3
+    summary: ClassVar[str] = "cast to bfloat16"
+    target: ClassVar[torch.dtype] = torch.bfloat16

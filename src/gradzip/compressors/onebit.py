@@ -1,0 +1,196 @@
+"""Dithered one-bit quantization, with and without flattening; FO-SGD.
+
+Stollenwerk & Jacques, "Flattened one-bit stochastic gradient descent" (arXiv 2405.11095);
+DESIGN.md sections 3.1-3.3. Encoding a gradient g of length d:
+
+1. y = Phi g, the randomized Hadamard rotation (``flatten=True``), else y = g.
+2. Pick the scale lambda by the rule: ``max`` lambda = ||y||_inf (unbiased); ``norm``
+   lambda = c ||g||_2 sqrt(2 ln(2B) / B), B the rotation block (biased only where a
+   flattened coordinate exceeds lambda, which flattening makes rare); ``fixed`` lambda
+   given, and then nothing but the d bits is sent.
+3. Draw the dither xi = lambda u, u uniform on (-1, 1)^d from the shared seed, and send
+   the bits b = sign(y + xi).
+4. The receiver forms lambda b (``standard`` dither: E = y, Var = lambda^2 - y^2 where
+   |y| <= lambda) or lambda b - xi (``subtractive``: unbiased, Var = lambda^2 / 3 whatever
+   y is), and rotates back: g_hat = Phi^T(...).
+
+Without flattening the variance is d lambda^2 - ||g||^2 with lambda >= ||g||_inf: up to
+(d - 1)||g||^2 for a 1-sparse g. With flattening it is O(log d) ||g||^2: the paper's
+central claim, shown by ``tests/test_onebit.py`` and ``gradzip demo``.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import torch
+
+from .. import bits, hadamard, rng
+from ..wire import Payload, PayloadError
+from .base import Compressor, EncodeContext, pack_f32, read_f32
+
+SCALES = ("max", "norm", "fixed")
+DITHERS = ("standard", "subtractive")
+_PARAMS = struct.Struct("<BBBxff")  # scale rule, dither, flatten, pad, c, lam
+
+
+def _f32_up(v: float) -> float:
+    """``v`` rounded up to a float32, so a scale never clips what it was computed from."""
+    f = np.float32(v)
+    if float(f) < v:
+        f = np.nextafter(f, np.float32(np.inf))
+    return float(f)
+
+
+# --- the quantizer kernels: fast CPU path (numba) and pure-torch reference ---------------
+
+
+def quantize_reference(y: torch.Tensor, lam: float, key: int | None) -> torch.Tensor:
+    """Packed bits of ``y + lam * u < 0`` (``key=None``: no dither, bits of ``y < 0``)."""
+    if key is not None:
+        y = y + lam * rng.symmetric_uniform(key, y.numel(), y.device)
+    return bits.pack_bits(y < 0)
+
+
+def quantize_(y: torch.Tensor, lam: float, key: int | None, out: torch.Tensor) -> None:
+    """Writes the packed bits of :func:`quantize_reference` into ``out`` (uint8, CPU)."""
+    if y.device.type == "cpu" and y.dtype == torch.float32:
+        from .._numba import quantize as k
+        from .._numba.rng import split_key
+
+        if key is None:
+            k.sign_pack(y.numpy(), out.numpy())
+        else:
+            k.dither_sign_pack(y.numpy(), lam, *split_key(key), out.numpy())
+    else:
+        out.copy_(quantize_reference(y, lam, key).cpu())
+
+
+def dequantize_reference(data, n, lam, key, device=None) -> torch.Tensor:
+    """``lam * b`` from packed bits, minus ``lam * u`` when ``key`` is given (subtractive)."""
+    z = bits.unpack_signs(data.to(device) if device else data, n, scale=lam)
+    if key is not None:
+        z = z - lam * rng.symmetric_uniform(key, n, z.device)
+    return z
+
+
+def dequantize(data, n, lam, key, device=None) -> torch.Tensor:
+    if (device is None or torch.device(device).type == "cpu") and key is not None:
+        from .._numba.quantize import unpack_subtract_dither
+        from .._numba.rng import split_key
+
+        out = torch.empty(n, dtype=torch.float32)
+        unpack_subtract_dither(data.numpy(), lam, *split_key(key), out.numpy())
+        return out
+    return dequantize_reference(data, n, lam, key, device)
+
+
+# --- the compressor -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OneBit(Compressor):
+    """Dithered one-bit quantizer (DESIGN 3.2), optionally flattened (3.3).
+
+    Args:
+        scale: ``max`` | ``norm`` | ``fixed``, the rule for lambda (see module docstring).
+        dither: ``standard`` (receiver forms lambda b) or ``subtractive`` (lambda b - xi).
+        flatten: rotate by Phi before quantizing (FO-SGD) or not.
+        c: the constant of the ``norm`` rule (c >= 1 keeps clipping rare).
+        lam: lambda for the ``fixed`` rule.
+    """
+
+    scale: str = "max"
+    dither: str = "standard"
+    flatten: bool = False
+    c: float = 1.0
+    lam: float = 0.0
+
+    name: ClassVar[str] = "onebit"
+    codec_id: ClassVar[int] = 10
+    summary: ClassVar[str] = "dithered one-bit quantizer, optionally Hadamard-flattened"
+
+    def __post_init__(self):
+        if self.scale not in SCALES:
+            raise ValueError(f"onebit: scale must be one of {SCALES}, got {self.scale!r}")
+        if self.dither not in DITHERS:
+            raise ValueError(f"onebit: dither must be one of {DITHERS}, got {self.dither!r}")
+        if not (math.isfinite(self.c) and self.c > 0):
+            raise ValueError(f"onebit: c must be a positive number, got {self.c}")
+        if self.scale == "fixed" and not (math.isfinite(self.lam) and self.lam > 0):
+            raise ValueError(f"onebit: scale=fixed needs lam > 0, got lam={self.lam}")
+
+    @property
+    def unbiased(self) -> bool:
+        return self.scale == "max"
+
+    def section_lengths(self, d: int) -> list[int]:
+        packed = bits.packed_size(d)
+        return [packed] if self.scale == "fixed" else [4, packed]
+
+    def to_params(self) -> bytes:
+        return _PARAMS.pack(
+            SCALES.index(self.scale), DITHERS.index(self.dither), int(self.flatten),
+            self.c, self.lam,
+        )  # fmt: skip
+
+    @classmethod
+    def from_params(cls, raw: bytes) -> OneBit:
+        if len(raw) != _PARAMS.size:
+            raise PayloadError(f"onebit: expected {_PARAMS.size} parameter bytes, got {len(raw)}")
+        s, dth, fl, c, lam = _PARAMS.unpack(raw)
+        if s >= len(SCALES) or dth >= len(DITHERS) or fl > 1:
+            raise PayloadError(f"onebit: invalid parameters scale={s} dither={dth} flatten={fl}")
+        try:
+            return cls(scale=SCALES[s], dither=DITHERS[dth], flatten=bool(fl), c=c, lam=lam)
+        except ValueError as e:
+            raise PayloadError(str(e)) from None
+
+    def norm_scale(self, norm: float, d: int) -> float:
+        """lambda of the ``norm`` rule for a vector of 2-norm ``norm`` and length d."""
+        if d == 0:
+            return 0.0
+        n = hadamard.rotation_block(d) if self.flatten else d
+        return self.c * norm * math.sqrt(2 * math.log(2 * n) / n)
+
+    def _encode(self, ctx: EncodeContext) -> Payload:
+        v = ctx.f32()
+        sq, mx, _ = ctx.stats()
+        y = hadamard.rotate(v, ctx.key(rng.STREAM_ROTATION)) if self.flatten and ctx.d else v
+        if self.scale == "max":
+            lam = float(y.abs().max()) if self.flatten and ctx.d else mx
+        elif self.scale == "norm":
+            lam = self.norm_scale(math.sqrt(sq), ctx.d)
+        else:
+            lam = self.lam
+        lam = _f32_up(lam)
+        w = ctx.writer(self.section_lengths(ctx.d))
+        if self.scale != "fixed":
+            w.sections[0].copy_(torch.frombuffer(bytearray(pack_f32(lam)), dtype=torch.uint8))
+        quantize_(y, lam, ctx.key(rng.STREAM_DITHER), w.sections[-1])
+        return w.finish()
+
+    def _decode(self, p: Payload, device) -> torch.Tensor:
+        h = p.header
+        d = h.numel
+        lam = self.lam if self.scale == "fixed" else read_f32(p.section(0), 1, "onebit scale")[0]
+        key = rng.derive_key(h.seed, h.step, h.worker, rng.STREAM_DITHER)
+        z = dequantize(p.section(-1 if self.scale == "fixed" else 1), d, lam,
+                       key if self.dither == "subtractive" else None, device)  # fmt: skip
+        if self.flatten and d:
+            z = hadamard.unrotate(z, rng.derive_key(h.seed, h.step, h.worker, rng.STREAM_ROTATION))
+        return z
+
+
+def onebit(scale="max", dither="standard", flatten=False, c=1.0, lam=0.0) -> OneBit:
+    """Dithered one-bit quantizer without flattening (by default)."""
+    return OneBit(scale=scale, dither=dither, flatten=flatten, c=c, lam=lam)
+
+
+def fosgd(scale="norm", dither="standard", c=1.0, lam=0.0) -> OneBit:
+    """FO-SGD's compressor: Hadamard flattening, then dithered one-bit (``norm`` scale)."""
+    return OneBit(scale=scale, dither=dither, flatten=True, c=c, lam=lam)

@@ -1,0 +1,1 @@
+"""Experiments: benchmarks, studies and paper reproductions behind the CLI."""

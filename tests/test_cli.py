@@ -1,0 +1,53 @@
+"""The command line: flags reach the run, bad input is a one-line error, JSON is written."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from gradzip.cli import main
+
+
+def test_bench_writes_table_and_json(tmp_path, capsys):
+    out = tmp_path / "b.json"
+    rc = main(["bench", "--sizes", "2^10,3000", "--compressors", "fosgd;sign", "--out", str(out)])
+    assert rc == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["compressor"], r["d"]) for r in rows] == [
+        ("fosgd", 1024), ("sign", 1024), ("fosgd", 3000), ("sign", 3000),
+    ]  # fmt: skip
+    for r in rows:
+        assert r["encode_ratio"] > 0 and r["decode_ratio"] > 0 and r["copy_ms"] > 0
+        # one bit per coordinate plus a header of under 100 bytes
+        assert 1.0 <= r["bits_per_coord"] <= 1.0 + 800 / r["d"]
+    text = capsys.readouterr().out
+    assert "enc/copy" in text and "fosgd" in text
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["bench", "--sizes", "2^x"], "not a size"),
+        (["bench", "--sizes", "0"], "sizes must be"),
+        (["bench", "--compressors", "nope"], "unknown compressor"),
+        (["bench", "--compressors", "fosgd:zz=1"], "no parameter"),
+    ],
+)
+def test_bad_arguments_are_clear(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_compressors_lists_registry(capsys):
+    assert main(["compressors", "--d", "1000"]) == 0
+    out = capsys.readouterr().out
+    for name in ("identity", "fosgd", "drive", "scaled_sign"):
+        assert name in out
+
+
+def test_python_m_gradzip_help():
+    r = subprocess.run([sys.executable, "-m", "gradzip", "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "bench" in r.stdout

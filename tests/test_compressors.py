@@ -1,0 +1,134 @@
+"""Conformance: every registered compressor, whatever it is, keeps these promises.
+
+A compressor added to the registry is covered here without new tests.
+"""
+
+import pytest
+import torch
+
+import gradzip as gz
+from gradzip.compressors import names
+
+DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+SHAPES = [(0,), (1,), (2,), (3,), (1000,), (1024,), (1025,), (2, 3, 4, 5)]
+ALL = names()
+
+
+def _x(shape, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=g).to(dtype)
+
+
+def expected_bytes(c, p):
+    h = p.header
+    return h.size + sum(c.expected_sections(h))
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_round_trip_shape_dtype_and_size(name, dtype):
+    c = gz.compressor(name)
+    for shape in SHAPES:
+        x = _x(shape, dtype)
+        p = c.encode(x, seed=3, step=1, worker=2)
+        y = c.decode(p)
+        assert y.shape == x.shape and y.dtype == x.dtype, (name, shape, dtype)
+        assert torch.isfinite(y).all()
+        # the payload is exactly header + declared sections, bits counted from its bytes
+        assert p.nbytes == expected_bytes(c, p) and p.nbits == 8 * p.data.numel()
+        # payload bits beyond the header follow the declared per-coordinate formula
+        d = x.numel()
+        if dtype == torch.float32 and d:
+            assert (p.nbytes - p.header.size) * 8 == pytest.approx(c.bits_per_coordinate(d) * d)
+        # self-describing: decoding from the bytes alone gives the same tensor
+        z = gz.decode(p.to_bytes())
+        assert torch.equal(z, y)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_deterministic_given_the_integers(name):
+    c = gz.compressor(name)
+    x = _x((3000,), torch.float32)
+    a = c.encode(x, seed=5, step=2, worker=1).to_bytes()
+    b = c.encode(x, seed=5, step=2, worker=1).to_bytes()
+    assert a == b
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_non_contiguous_input(name):
+    c = gz.compressor(name)
+    x = _x((40, 30), torch.float32)
+    assert not x.t().is_contiguous()
+    y1 = c.decode(c.encode(x.t(), seed=1))
+    y2 = c.decode(c.encode(x.t().contiguous(), seed=1))
+    assert torch.equal(y1, y2)
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_input_is_a_clear_error(name, bad):
+    x = _x((100,), torch.float32)
+    x[17] = bad
+    with pytest.raises(ValueError, match="non-finite"):
+        gz.compressor(name).encode(x)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_wrong_input_types(name):
+    c = gz.compressor(name)
+    with pytest.raises(TypeError):
+        c.encode(torch.arange(10))
+    with pytest.raises(TypeError):
+        c.encode([1.0, 2.0])
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_payload_of_another_codec_is_rejected(name):
+    other = "identity" if name != "identity" else "sign"
+    p = gz.compressor(other).encode(_x((64,), torch.float32))
+    with pytest.raises(gz.PayloadError, match="codec"):
+        gz.compressor(name).decode(p)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_declares_properties(name):
+    c = gz.compressor(name)
+    assert isinstance(c.unbiased, bool)
+    assert 0 < c.bits_per_coordinate(1 << 20) <= 64
+    assert gz.compressor(c.spec) == c  # the spec string round-trips
+
+
+def test_registry_errors_list_valid_choices():
+    with pytest.raises(ValueError, match="available: .*fosgd"):
+        gz.compressor("nope")
+    with pytest.raises(ValueError, match="valid: .*scale"):
+        gz.compressor("onebit:bogus=1")
+    with pytest.raises(ValueError, match="not a valid float"):
+        gz.compressor("fosgd:c=abc")
+    with pytest.raises(ValueError, match="scale must be one of"):
+        gz.compressor("onebit:scale=median")
+    with pytest.raises(ValueError, match="malformed"):
+        gz.compressor("onebit:scale")
+    assert gz.compressor("onebit(scale=norm, flatten=true)") == gz.compressor(
+        "onebit:scale=norm,flatten=1"
+    )
+
+
+def test_available_compressors_lists_everything():
+    infos = {i["name"]: i for i in gz.available_compressors()}
+    assert set(infos) == set(ALL)
+    assert infos["fosgd"]["unbiased"] is False and infos["onebit"]["unbiased"] is True
+    assert infos["identity"]["bits_per_coordinate"] == 32
+
+
+def test_fp16_overflow_is_an_error_not_inf():
+    with pytest.raises(ValueError, match="float16"):
+        gz.compressor("fp16").encode(torch.tensor([1e6, 1.0]))
+    y = gz.decode(gz.compressor("bf16").encode(torch.tensor([1e6, 1.0])).data)
+    assert torch.isfinite(y).all()
+
+
+def test_identity_is_lossless_in_every_dtype():
+    for dtype in DTYPES:
+        x = _x((333,), dtype)
+        assert torch.equal(gz.decode(gz.compressor("identity").encode(x).data), x)

@@ -1,0 +1,82 @@
+"""rng: the counter-based streams are deterministic, well spread, and identical in both paths."""
+
+import numpy as np
+import pytest
+import torch
+
+from gradzip import rng
+from gradzip._numba import rng as nrng
+
+
+def test_key_depends_on_every_integer():
+    keys = {
+        rng.derive_key(s, t, w, st)
+        for s in range(3)
+        for t in range(3)
+        for w in range(3)
+        for st in range(3)
+    }
+    assert len(keys) == 81
+    assert rng.derive_key(5, 1, 2, 3) == rng.derive_key(5, 1, 2, 3)
+
+
+@pytest.mark.parametrize("bad", [-1, 1 << 64, 1.5, True])
+def test_key_rejects_bad_integers(bad):
+    with pytest.raises((ValueError, TypeError)):
+        rng.derive_key(bad)
+
+
+@pytest.mark.parametrize("n", [0, 1, 31, 32, 33, 1000, 65537])
+def test_numba_matches_torch(n):
+    for seed in (0, 7, (1 << 64) - 1):
+        k = rng.derive_key(seed, 2, 1, rng.STREAM_DITHER)
+        assert np.array_equal(rng.symmetric_uniform(k, n).numpy(), nrng.symmetric_uniform(k, n))
+        assert np.array_equal(rng.rademacher(k, n).numpy(), nrng.rademacher(k, n))
+
+
+def test_global_rng_untouched():
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    rng.symmetric_uniform(rng.derive_key(1), 1000)
+    rng.rademacher(rng.derive_key(1), 1000)
+    assert torch.equal(before, torch.get_rng_state())
+
+
+def test_uniform_moments_and_range():
+    n = 1 << 20
+    u = rng.symmetric_uniform(rng.derive_key(42), n).double()
+    assert -1 < float(u.min()) and float(u.max()) < 1
+    # mean 0, variance 1/3; tolerances are 6 standard errors
+    assert abs(float(u.mean())) < 6 * (1 / 3 / n) ** 0.5
+    assert abs(float(u.var()) - 1 / 3) < 6 * (1 / 45 / n) ** 0.5 * 2
+    # the 16 bins of a histogram are flat (chi-square, 15 dof, 0.1% quantile about 37.7)
+    counts = torch.histc(u, bins=16, min=-1, max=1)
+    chi2 = float(((counts - n / 16) ** 2 / (n / 16)).sum())
+    assert chi2 < 37.7
+
+
+def test_rademacher_balanced_and_independent_across_streams():
+    n = 1 << 18
+    a = rng.rademacher(rng.derive_key(1, 0, 0, 1), n)
+    b = rng.rademacher(rng.derive_key(1, 0, 0, 2), n)
+    c = rng.rademacher(rng.derive_key(1, 1, 0, 1), n)
+    for s in (a, b, c):
+        assert set(s.unique().tolist()) == {-1.0, 1.0}
+        assert abs(float(s.mean())) < 6 / n**0.5
+    # correlations between streams are at the 1/sqrt(n) level
+    for u, v in ((a, b), (a, c), (b, c)):
+        assert abs(float((u * v).mean())) < 6 / n**0.5
+    # consecutive signs are uncorrelated (the 32 signs of one hash word included)
+    assert abs(float((a[1:] * a[:-1]).mean())) < 6 / n**0.5
+
+
+def test_stream_too_long_is_an_error():
+    with pytest.raises(ValueError, match="2\\*\\*32"):
+        rng.symmetric_uniform(rng.derive_key(0), (1 << 32) + 1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu():
+    k = rng.derive_key(3, 4, 5, 6)
+    assert torch.equal(rng.symmetric_uniform(k, 4097, "cuda").cpu(), rng.symmetric_uniform(k, 4097))
+    assert torch.equal(rng.rademacher(k, 4097, "cuda").cpu(), rng.rademacher(k, 4097))
