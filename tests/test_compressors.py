@@ -107,8 +107,11 @@ def test_registry_errors_list_valid_choices():
         gz.compressor("fosgd:c=abc")
     with pytest.raises(ValueError, match="scale must be one of"):
         gz.compressor("onebit:scale=median")
-    with pytest.raises(ValueError, match="malformed"):
+    with pytest.raises(ValueError, match="key=value"):
         gz.compressor("onebit:scale")
+    for bad in ("onebit:", "onebit(scale=max", "onebit)", "1bit", "onebit:scale=max,,"):
+        with pytest.raises(ValueError, match="malformed"):
+            gz.compressor(bad)
     assert gz.compressor("onebit(scale=norm, flatten=true)") == gz.compressor(
         "onebit:scale=norm,flatten=1"
     )

@@ -50,14 +50,21 @@ def cmd_bench(args) -> int:
 def cmd_compressors(args) -> int:
     from .compressors import available_compressors
 
+    def num(v):
+        return "-" if v is None else f"{v:.4g}"
+
     d = args.d
-    print(f"{'name':<14}{'unbiased':>9}{'bits/coord':>12}  parameters / summary   (d = {d})")
+    print(f"Registered compressors; omega, delta and bits/coord at d = {d} (header excluded).")
+    print("omega: E||C(x)-x||^2 <= omega ||x||^2 (unbiased ones); delta: class B3 constant.\n")
+    print(f"{'name':<18}{'unbiased':>9}{'omega':>10}{'delta':>10}{'bits/coord':>12}  bits formula")
     for info in available_compressors(d):
-        params = ", ".join(f"{k}={v}" for k, v in info["params"].items()) or "-"
+        unb = {True: "yes", False: "no", None: "-"}[info["unbiased"]]
         print(
-            f"{info['name']:<14}{'yes' if info['unbiased'] else 'no':>9}"
-            f"{info['bits_per_coordinate']:12.4f}  {info['summary']}\n{'':35}[{params}]"
+            f"{info['name']:<18}{unb:>9}{num(info['omega']):>10}{num(info['delta']):>10}"
+            f"{num(info['bits_per_coordinate']):>12}  {info['bits_formula']}"
         )
+        params = ", ".join(f"{k}={v}" for k, v in info["params"].items())
+        print(f"{'':18}{info['summary']}" + (f"  [{params}]" if params else ""))
     return 0
 
 
@@ -117,3 +124,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # e.g. `gradzip compressors | head`
+        sys.stderr.close()
+        return 0

@@ -85,11 +85,27 @@ class Compressor:
     name: ClassVar[str] = "?"
     codec_id: ClassVar[int] = 0
     summary: ClassVar[str] = ""
+    #: payload bits per coordinate as a formula of d (and parameters), header excluded
+    bits_formula: ClassVar[str] = "?"
 
     # --- properties a subclass states -------------------------------------------------
     @property
     def unbiased(self) -> bool:
         raise NotImplementedError(f"{type(self).__name__} must state whether it is unbiased")
+
+    def omega(self, d: int) -> float | None:
+        """Variance bound of an unbiased compressor: E||C(x) - x||^2 <= omega ||x||^2.
+
+        ``None`` when the compressor is biased or no bound is stated.
+        """
+        return None
+
+    def delta(self, d: int) -> float | None:
+        """Class B3 constant: E||C(x) - x||^2 <= (1 - 1/delta) ||x||^2 for every x.
+
+        ``None`` when the compressor is in no class B3 (or no constant is stated).
+        """
+        return None
 
     def bits_per_coordinate(self, d: int) -> float:
         """Payload bits per coordinate for a d-vector, header excluded (exact)."""
@@ -116,7 +132,7 @@ class Compressor:
     def spec(self) -> str:
         """The registry spec string that makes this compressor."""
         args = ",".join(f"{f.name}={_fmt(getattr(self, f.name))}" for f in fields(self))
-        return f"{self.name}:{args}" if args else self.name
+        return f"{self.name}({args})" if args else self.name
 
     def __str__(self) -> str:
         return self.spec
@@ -165,7 +181,7 @@ class Compressor:
 def _fmt(v) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
-    return str(v)
+    return v.spec if isinstance(v, Compressor) else str(v)
 
 
 def pack_f32(*values: float) -> bytes:

@@ -40,10 +40,17 @@ class Identity(Compressor):
     name: ClassVar[str] = "identity"
     codec_id: ClassVar[int] = 1
     summary: ClassVar[str] = "no compression (the input dtype's bits)"
+    bits_formula: ClassVar[str] = "8 * itemsize (32 for float32)"
 
     @property
     def unbiased(self) -> bool:
         return True
+
+    def omega(self, d: int) -> float:
+        return 0.0
+
+    def delta(self, d: int) -> float:
+        return 1.0
 
     def bits_per_coordinate(self, d: int, dtype: torch.dtype = torch.float32) -> float:
         return 8.0 * _ITEMSIZE[dtype]
@@ -66,10 +73,16 @@ class Identity(Compressor):
 @dataclass(frozen=True)
 class _HalfCast(Compressor):
     target: ClassVar[torch.dtype] = torch.float16
+    bits_formula: ClassVar[str] = "16"
 
     @property
     def unbiased(self) -> bool:
         return False
+
+    def delta(self, d: int) -> float:
+        # round to nearest: |C(x)_i - x_i| <= u |x_i| with u the unit roundoff (normal range)
+        u = torch.finfo(self.target).eps / 2
+        return 1.0 / (1.0 - u * u)
 
     def section_lengths(self, d: int) -> list[int]:
         return [2 * d]
@@ -107,3 +120,10 @@ class BF16(_HalfCast):
     codec_id: ClassVar[int] = 3
     summary: ClassVar[str] = "cast to bfloat16"
     target: ClassVar[torch.dtype] = torch.bfloat16
+
+
+ENTRIES = [
+    ("identity", Identity, Identity.summary),
+    ("fp16", FP16, FP16.summary),
+    ("bf16", BF16, BF16.summary),
+]

@@ -128,6 +128,17 @@ class OneBit(Compressor):
     def unbiased(self) -> bool:
         return self.scale == "max"
 
+    @property
+    def bits_formula(self) -> str:
+        return "1" if self.scale == "fixed" else "1 + 32/d"
+
+    def omega(self, d: int) -> float | None:
+        # lambda = ||y||_inf <= ||x||_2: standard Var = d lambda^2 - ||x||^2 <= (d - 1)||x||^2,
+        # subtractive Var = d lambda^2 / 3 <= (d / 3)||x||^2 (worst cases: 1-sparse y)
+        if not self.unbiased:
+            return None
+        return d - 1.0 if self.dither == "standard" else d / 3.0
+
     def section_lengths(self, d: int) -> list[int]:
         packed = bits.packed_size(d)
         return [packed] if self.scale == "fixed" else [4, packed]
@@ -194,3 +205,10 @@ def onebit(scale="max", dither="standard", flatten=False, c=1.0, lam=0.0) -> One
 def fosgd(scale="norm", dither="standard", c=1.0, lam=0.0) -> OneBit:
     """FO-SGD's compressor: Hadamard flattening, then dithered one-bit (``norm`` scale)."""
     return OneBit(scale=scale, dither=dither, flatten=True, c=c, lam=lam)
+
+
+ENTRIES = [
+    ("onebit", onebit, "dithered one-bit quantizer, no flattening by default"),
+    ("fosgd", fosgd, "FO-SGD: Hadamard flattening + dithered one-bit, norm scale"),
+]
+CODEC_CLASSES = [OneBit]

@@ -41,6 +41,7 @@ class Sign(Compressor):
     name: ClassVar[str] = "sign"
     codec_id: ClassVar[int] = 11
     summary: ClassVar[str] = "sign(x), decoded as +-1 (signSGD)"
+    bits_formula: ClassVar[str] = "1"
 
     @property
     def unbiased(self) -> bool:
@@ -63,10 +64,15 @@ class ScaledSign(Compressor):
     name: ClassVar[str] = "scaled_sign"
     codec_id: ClassVar[int] = 12
     summary: ClassVar[str] = "||x||_1/d * sign(x) (EF-signSGD)"
+    bits_formula: ClassVar[str] = "1 + 32/d"
 
     @property
     def unbiased(self) -> bool:
         return False
+
+    def delta(self, d: int) -> float:
+        # ||C(x) - x||^2 = ||x||^2 - ||x||_1^2 / d <= (1 - 1/d)||x||^2
+        return float(max(d, 1))
 
     def section_lengths(self, d: int) -> list[int]:
         return [4, bits.packed_size(d)]
@@ -87,6 +93,7 @@ class Drive(Compressor):
     name: ClassVar[str] = "drive"
     codec_id: ClassVar[int] = 13
     summary: ClassVar[str] = "Hadamard-rotated sign, scale ||Phi x||^2/||Phi x||_1 (DRIVE)"
+    bits_formula: ClassVar[str] = "1 + 32/d"
 
     @property
     def unbiased(self) -> bool:
@@ -109,3 +116,10 @@ class Drive(Compressor):
         if h.numel == 0:
             return z
         return hadamard.unrotate(z, rng.derive_key(h.seed, h.step, h.worker, rng.STREAM_ROTATION))
+
+
+ENTRIES = [
+    ("sign", Sign, Sign.summary),
+    ("scaled_sign", ScaledSign, ScaledSign.summary),
+    ("drive", Drive, Drive.summary),
+]
