@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -68,15 +69,21 @@ def cmd_compressors(args) -> int:
     return 0
 
 
+DEMO_METHODS = ["sgd", "fosgd", "memsgd-topk", "ef-signsgd", "qsgd"]
+
+
 def cmd_demo(args) -> int:
-    from .experiments import bench, variance
+    from .experiments import compare, variance
+    from .experiments.config import RunConfig
 
     out: Path = args.out
     t0 = time.perf_counter()
-    print("== 1. compressor benchmark (quick) ==")
-    rows = bench.bench(None, bench.QUICK_SIZES, quick=True, progress=None)
-    print(bench.format_table(rows))
-    bench.write_json(rows, out / "bench.json")
+    print("== 1. training: MLP on scikit-learn's digits, 4 workers, parameter server ==")
+    cfg = RunConfig(problem="mlp-digits", workers=4, steps=300, lr=0.1, eval_every=25,
+                    out=str(out / "compare"))  # fmt: skip
+    md, fig = compare.compare(cfg, DEMO_METHODS)
+    print(md)
+    print(f"figure: {fig}")
     print("\n== 2. the FO-SGD contrast: one-bit quantization of a 1-sparse vector ==")
     dims = [1 << k for k in range(6, 17, 2)]
     by_dim = variance.dimension_sweep(dims, seeds=10)
@@ -87,9 +94,68 @@ def cmd_demo(args) -> int:
     d_fixed = 1 << 14
     ks = [1, 4, 16, 64, 256, 1024, 4096, d_fixed]
     by_k = variance.sparsity_sweep(d_fixed, ks, seeds=10)
-    fig = variance.plot(dims, by_dim, d_fixed, ks, by_k, out / "variance.png")
-    print(f"\nwrote {out / 'bench.json'} and {fig} in {time.perf_counter() - t0:.1f} s")
+    fig2 = variance.plot(dims, by_dim, d_fixed, ks, by_k, out / "variance.png")
+    print(f"figure: {fig2}\ndone in {time.perf_counter() - t0:.1f} s")
     return 0
+
+
+def _config_from(args):
+    from .experiments import config
+
+    flags = {k: getattr(args, k) for k in config.RunConfig.__dataclass_fields__}
+    return config.load(args.config, args.set or [], **flags)
+
+
+def cmd_train(args) -> int:
+    from .experiments.runner import train
+
+    summary = train(_config_from(args), resume=args.resume, progress=not args.quiet)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from .experiments import compare
+
+    names = [m.strip() for m in args.methods.split(",") if m.strip()]
+    from .methods import method
+
+    for n in names:
+        method(n)  # a bad name fails here, before any run
+    md, fig = compare.compare(_config_from(args), names, progress=not args.quiet)
+    print(md)
+    print(f"figure: {fig}")
+    return 0
+
+
+def cmd_methods(args) -> int:
+    from .methods import DESCRIPTIONS, PRESETS
+
+    print(f"{'method':<16}{'uplink (rule)':<56}{'downlink (rule)'}")
+    for name, (up, up_rule, down, down_rule) in PRESETS.items():
+        print(f"{name:<16}{up + ' (' + up_rule + ')':<56}{down} ({down_rule})")
+        print(f"{'':16}{DESCRIPTIONS[name]}")
+    return 0
+
+
+def cmd_classes(args) -> int:
+    from .experiments import classes
+
+    return classes.main(args.rest)
+
+
+def _add_run_flags(p: argparse.ArgumentParser) -> None:
+    from .experiments.config import RunConfig
+
+    p.add_argument("--config", help="TOML file with config keys")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    for name, f in RunConfig.__dataclass_fields__.items():
+        kind = type(f.default)
+        p.add_argument(
+            "--" + name.replace("_", "-"), dest=name, type=kind, default=None,
+            help=f"(default {f.default!r})",
+        )  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -111,9 +177,26 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--d", type=int, default=1 << 20, help="length for bits per coordinate")
     c.set_defaults(func=cmd_compressors)
 
-    d = sub.add_parser("demo", help="quick benchmark and the flattening variance figure")
+    d = sub.add_parser("demo", help="training comparison on digits and the flattening figure")
     d.add_argument("--out", type=Path, default=Path("results/demo"), help="output folder")
     d.set_defaults(func=cmd_demo)
+
+    t = sub.add_parser("train", help="one training run (writes a run folder)")
+    _add_run_flags(t)
+    t.add_argument("--resume", action="store_true", help="continue from the run's checkpoint")
+    t.set_defaults(func=cmd_train)
+
+    c = sub.add_parser("compare", help="several methods on one problem: figure and table")
+    _add_run_flags(c)
+    c.add_argument("--methods", default=",".join(DEMO_METHODS), help="comma-separated presets")
+    c.set_defaults(func=cmd_compare)
+
+    m = sub.add_parser("methods", help="list method presets")
+    m.set_defaults(func=cmd_methods)
+
+    k = sub.add_parser("classes", help="estimate the B1/B2/B3 class constants of compressors")
+    k.add_argument("rest", nargs=argparse.REMAINDER, help="arguments (see `classes --help`)")
+    k.set_defaults(func=cmd_classes)
     return p
 
 
@@ -121,6 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
+    except (ValueError, TypeError, OSError) as e:  # bad input: one clear line, no traceback
+        print(f"gradzip {args.command}: error: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

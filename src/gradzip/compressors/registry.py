@@ -26,10 +26,10 @@ from dataclasses import dataclass
 import torch
 
 from ..wire import MAX_NUMEL, Payload, PayloadError
-from . import casts, onebit, quantize, signs, sparse
+from . import casts, onebit, quantize, signs, sparse, uniform
 from .base import Compressor
 
-_MODULES = (casts, onebit, signs, sparse, quantize)
+_MODULES = (casts, onebit, signs, sparse, quantize, uniform)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,92 @@
+"""Run configuration: one frozen dataclass with flat keys (nanoGPT style).
+
+Sources, later ones winning: the defaults, a TOML file, ``--set key=value`` pairs, and
+explicit CLI flags. An unknown key or a value of the wrong type is an error naming the key;
+every run folder holds the resolved configuration.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    problem: str = "mlp-digits"  # see gradzip.problems.PROBLEMS
+    data: str = ""  # dataset path, where the problem reads one ("" = its default)
+    method: str = "sgd"  # a preset of gradzip.methods
+    uplink: str = ""  # overrides of the preset ("" = keep)
+    uplink_rule: str = ""
+    downlink: str = ""
+    downlink_rule: str = ""
+    dq_range: float = 0.0  # DQ-GD range r_0 and decay (0 = keep the preset's)
+    dq_decay: float = 0.0
+    workers: int = 4
+    split: str = "iid"  # iid | label
+    batch_size: int = 32  # 0 = full gradients
+    hidden: int = 128  # MLP width
+    l2: float = -1.0  # L2 regularization (-1 = the problem's default)
+    steps: int = 300
+    schedule: str = "constant"  # constant | memsgd | bottou | cosine
+    lr: float = 0.1
+    lam: float = 0.0  # schedule's lambda (0 = the problem's L2 constant)
+    shift: float = 1.0  # memsgd's a
+    momentum: float = 0.0  # server heavy-ball momentum
+    seed: int = 0
+    eval_every: int = 25
+    engine: str = "simulated"  # simulated | torchdist
+    checkpoint_every: int = 0  # steps between checkpoints (0 = only at the end)
+    out: str = "results/run"
+
+    def replace(self, **changes) -> RunConfig:
+        return dataclasses.replace(self, **_typed(changes))
+
+
+_FIELDS = {f.name: f for f in fields(RunConfig)}
+
+
+def _convert(key: str, value):
+    if key not in _FIELDS:
+        raise ValueError(f"unknown config key {key!r}; valid keys: {', '.join(_FIELDS)}")
+    kind = type(_FIELDS[key].default)
+    if isinstance(value, str) and kind is not str:
+        try:
+            return kind(float(value)) if kind is int and "." not in value else kind(value)
+        except ValueError:
+            raise ValueError(f"config key {key!r} needs a {kind.__name__}, got {value!r}") from None
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise ValueError(f"config key {key!r} needs a {kind.__name__}, got {value!r}")
+    return value
+
+
+def _typed(changes: dict) -> dict:
+    return {k: _convert(k, v) for k, v in changes.items()}
+
+
+def load(path: str | Path | None = None, sets: list[str] = (), **flags) -> RunConfig:
+    """Defaults < TOML file < ``key=value`` strings < flags (None flags are ignored)."""
+    cfg = RunConfig()
+    if path:
+        p = Path(path)
+        if not p.exists():
+            raise ValueError(f"config file not found: {p}")
+        try:
+            data = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ValueError(f"malformed TOML in {p}: {e}") from None
+        cfg = cfg.replace(**data)
+    for item in sets:
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ValueError(f"--set takes key=value, got {item!r}")
+        cfg = cfg.replace(**{key.strip(): value.strip()})
+    return cfg.replace(**{k: v for k, v in flags.items() if v is not None})
+
+
+def as_dict(cfg: RunConfig) -> dict:
+    return dataclasses.asdict(cfg)

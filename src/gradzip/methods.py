@@ -1,0 +1,108 @@
+"""Method presets: a name expands to uplink and downlink compressors and feedback rules.
+
+A method is the four choices of DESIGN 3.4: the workers' compressor and rule (uplink) and
+the server's compressor and rule (downlink). Every part can be overridden:
+``method("memsgd-topk", uplink="topk:k=0.001")``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+
+from . import feedback
+from .compressors import Compressor, compressor
+
+
+@dataclass(frozen=True)
+class Method:
+    """Who sends what. Compressors are spec strings (see gradzip.compressors.registry)."""
+
+    uplink: str = "identity"  # workers -> server
+    uplink_rule: str = "none"  # none | ef | dq
+    downlink: str = "identity"  # server -> workers
+    downlink_rule: str = "none"  # none | ef
+    # DQ-GD only: the quantizer's range r_t = dq_range * dq_decay**t, fixed in advance
+    dq_range: float = 1.0
+    dq_decay: float = 1.0
+
+    def __post_init__(self):
+        feedback._check(self.uplink_rule)
+        if feedback._check(self.downlink_rule) == "dq":
+            raise ValueError("the dq rule applies to the uplink only")
+        up = compressor(self.uplink)  # validates the specs early, with a clear error
+        compressor(self.downlink)
+        if self.uplink_rule == "dq" and "range" not in {f.name for f in fields(up)}:
+            raise ValueError(
+                f"the dq rule needs a quantizer with a fixed range (e.g. uniform), "
+                f"got {self.uplink!r}"
+            )
+        if not (self.dq_range > 0 and 0 < self.dq_decay <= 1):
+            raise ValueError("dq_range must be > 0 and dq_decay in (0, 1]")
+
+    def uplink_at(self, t: int) -> Compressor:
+        """The uplink compressor at step t (DQ-GD: its range r_t, fixed in advance)."""
+        c = compressor(self.uplink)
+        if self.uplink_rule == "dq":
+            c = replace(c, range=self.dq_range * self.dq_decay**t)
+        return c
+
+    def downlink_compressor(self) -> Compressor:
+        return compressor(self.downlink)
+
+    def as_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+# name -> (uplink, uplink_rule, downlink, downlink_rule); built (and validated) on use
+PRESETS: dict[str, tuple[str, str, str, str]] = {
+    "sgd": ("identity", "none", "identity", "none"),
+    "fosgd": ("fosgd", "none", "fosgd", "none"),
+    "fosgd-up": ("fosgd", "none", "identity", "none"),
+    "onebit": ("onebit:scale=max", "none", "onebit:scale=max", "none"),
+    "memsgd-topk": ("topk:k=0.01", "ef", "identity", "none"),
+    "memsgd-randk": ("randk:k=0.01", "ef", "identity", "none"),
+    "ef-signsgd": ("scaled_sign", "ef", "identity", "none"),
+    "signsgd": ("sign", "none", "sign", "none"),
+    "qsgd": ("qsgd:levels=16", "none", "identity", "none"),
+    "natural": ("natural", "none", "natural", "none"),
+    "topk-natural-ef": (
+        "compose(topk(k=0.01),natural_dithering(levels=8))",
+        "ef",
+        "identity",
+        "none",
+    ),
+    "drive": ("drive", "none", "drive", "none"),
+    "dqgd": ("uniform(bits=2.0,flatten=true)", "dq", "identity", "none"),
+}
+
+DESCRIPTIONS = {
+    "sgd": "uncompressed parameter-server SGD (float32 both ways)",
+    "fosgd": "FO-SGD: flattened one-bit both directions (Stollenwerk & Jacques)",
+    "fosgd-up": "FO-SGD on the uplink only",
+    "onebit": "dithered one-bit without flattening, both directions",
+    "memsgd-topk": "Mem-SGD: top-1% with error feedback (Stich et al.)",
+    "memsgd-randk": "Mem-SGD: rand-1% with error feedback",
+    "ef-signsgd": "EF-signSGD: scaled sign with error feedback (Karimireddy et al.)",
+    "signsgd": "signSGD with majority vote (Bernstein et al.)",
+    "qsgd": "QSGD, 16 levels (Alistarh et al.)",
+    "natural": "natural compression both directions (Horvath et al.)",
+    "topk-natural-ef": "top-1% + natural dithering with error feedback (Beznosikov et al.)",
+    "drive": "DRIVE rotated sign both directions (Vargaftik et al.)",
+    "dqgd": "DQ-GD: 2 bits/dim flattened uniform quantizer, shrinking range (Lin et al.)",
+}
+
+
+def method(name: str | Method, **overrides) -> Method:
+    """A preset by name, with any field overridden."""
+    if isinstance(name, Method):
+        return replace(name, **overrides) if overrides else name
+    if name not in PRESETS:
+        raise ValueError(f"unknown method {name!r}; available: {', '.join(PRESETS)}")
+    valid = {f.name for f in fields(Method)}
+    bad = set(overrides) - valid
+    if bad:
+        raise ValueError(f"unknown method field(s) {sorted(bad)}; valid: {sorted(valid)}")
+    parts = dict(
+        zip(("uplink", "uplink_rule", "downlink", "downlink_rule"), PRESETS[name], strict=True)
+    )
+    return Method(**(parts | overrides))

@@ -1,0 +1,187 @@
+"""Datasets: read from paths (the project ships none), validated, as float32 tensors.
+
+- LIBSVM files (``../shared/data/libsvm/a9a`` and friends), binary labels mapped to {0, 1};
+- Fashion-MNIST IDX files (Debian's ``dataset-fashion-mnist``:
+  ``/usr/share/datasets/fashion-mnist``);
+- scikit-learn's bundled sets (digits, diabetes): no download;
+- synthetic least squares with a chosen condition number.
+
+Every loader raises :class:`DataError` with a one-line message naming the path and what is
+wrong (missing file, malformed line, wrong magic number, ...).
+"""
+
+from __future__ import annotations
+
+import gzip
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+DEFAULT_LIBSVM = "../shared/data/libsvm/a9a"
+DEFAULT_FASHION = "/usr/share/datasets/fashion-mnist"
+
+
+class DataError(ValueError):
+    """A dataset that cannot be read; the message says which and why."""
+
+
+@dataclass
+class Dataset:
+    X: torch.Tensor  # (n, ...) float32 features
+    y: torch.Tensor  # (n,) int64 labels or float32 targets
+    X_test: torch.Tensor
+    y_test: torch.Tensor
+    n_classes: int  # 0 for regression
+    name: str
+
+
+def _exists(path: Path, what: str) -> Path:
+    if not path.exists():
+        raise DataError(f"{what} not found: {path}")
+    return path
+
+
+def _read_svmlight(path: Path, n_features: int | None):
+    from sklearn.datasets import load_svmlight_file
+
+    _exists(path, "LIBSVM file")
+    try:
+        X, y = load_svmlight_file(str(path), n_features=n_features)
+    except (ValueError, OSError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DataError(f"malformed LIBSVM file {path}: {msg}") from None
+    if X.shape[0] == 0:
+        raise DataError(f"LIBSVM file {path} holds no rows")
+    return X, y
+
+
+def _binary_labels(y: np.ndarray, path: Path) -> np.ndarray:
+    values = np.unique(y)
+    if len(values) != 2:
+        raise DataError(f"{path}: expected 2 classes, found labels {values[:10].tolist()}")
+    return (y == values[1]).astype(np.int64)
+
+
+def load_libsvm(
+    path: str | Path = DEFAULT_LIBSVM,
+    test_path: str | Path | None = None,
+    n_features: int | None = None,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+) -> Dataset:
+    """A binary LIBSVM set as dense tensors; labels mapped to {0, 1}.
+
+    With no ``test_path``, ``path + ".t"`` is used when it exists, else a seeded split.
+    """
+    path = Path(path)
+    X, y = _read_svmlight(path, n_features)
+    tp = Path(test_path) if test_path else path.with_name(path.name + ".t")
+    if tp.exists():
+        Xt, yt = _read_svmlight(tp, X.shape[1])
+        if Xt.shape[1] != X.shape[1]:
+            raise DataError(f"{tp}: {Xt.shape[1]} features, {path} has {X.shape[1]}")
+        y_all = _binary_labels(np.concatenate([y, yt]), path)
+        y, yt = y_all[: len(y)], y_all[len(y) :]
+    else:
+        y = _binary_labels(y, path)
+        perm = np.random.default_rng(seed).permutation(X.shape[0])
+        cut = int(X.shape[0] * (1 - test_fraction))
+        X, Xt, y, yt = X[perm[:cut]], X[perm[cut:]], y[perm[:cut]], y[perm[cut:]]
+    t = lambda a: torch.from_numpy(np.asarray(a.todense(), dtype=np.float32))  # noqa: E731
+    return Dataset(t(X), torch.from_numpy(y), t(Xt), torch.from_numpy(yt), 2, path.name)
+
+
+def _read_idx(path: Path, magic: int, dims: int) -> np.ndarray:
+    _exists(path, "IDX file")
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            head = f.read(4 + 4 * dims)
+            if len(head) < 4 + 4 * dims:
+                raise DataError(f"{path}: truncated IDX header")
+            m, *shape = struct.unpack(f">I{dims}I", head)
+            if m != magic:
+                raise DataError(f"{path}: IDX magic {m}, expected {magic}")
+            count = int(np.prod(shape))
+            if count > 1 << 31:
+                raise DataError(f"{path}: IDX header declares {count} bytes")
+            data = np.frombuffer(f.read(count), dtype=np.uint8)
+    except (OSError, EOFError, gzip.BadGzipFile) as e:
+        raise DataError(f"cannot read {path}: {e}") from None
+    if data.size != count:
+        raise DataError(f"{path}: truncated IDX data ({data.size} of {count} bytes)")
+    return data.reshape(shape)
+
+
+def load_fashion_mnist(root: str | Path = DEFAULT_FASHION) -> Dataset:
+    """Fashion-MNIST from the four original IDX files (gzipped or not) in ``root``."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(
+            f"Fashion-MNIST folder not found: {root} "
+            "(install it with `apt-get install -y dataset-fashion-mnist`, or pass --data)"
+        )
+
+    def find(stem: str) -> Path:
+        for name in (stem + ".gz", stem):
+            if (root / name).exists():
+                return root / name
+        raise DataError(f"Fashion-MNIST file {stem}(.gz) not found in {root}")
+
+    X = _read_idx(find("train-images-idx3-ubyte"), 2051, 3)
+    y = _read_idx(find("train-labels-idx1-ubyte"), 2049, 1)
+    Xt = _read_idx(find("t10k-images-idx3-ubyte"), 2051, 3)
+    yt = _read_idx(find("t10k-labels-idx1-ubyte"), 2049, 1)
+    if len(X) != len(y) or len(Xt) != len(yt):
+        raise DataError(f"{root}: image and label counts differ")
+    img = lambda a: torch.from_numpy(a.astype(np.float32) / 255.0).unsqueeze(1)  # noqa: E731
+    lab = lambda a: torch.from_numpy(a.astype(np.int64))  # noqa: E731
+    return Dataset(img(X), lab(y), img(Xt), lab(yt), 10, "fashion-mnist")
+
+
+def load_digits(test_fraction: float = 0.25, seed: int = 0) -> Dataset:
+    """scikit-learn's bundled 8x8 digits (1797 images, 10 classes), features in [0, 1]."""
+    from sklearn.datasets import load_digits as sk_digits
+
+    X, y = sk_digits(return_X_y=True)
+    perm = np.random.default_rng(seed).permutation(len(X))
+    cut = int(len(X) * (1 - test_fraction))
+    X = torch.from_numpy((X / 16.0).astype(np.float32))
+    y = torch.from_numpy(y.astype(np.int64))
+    tr, te = torch.from_numpy(perm[:cut]), torch.from_numpy(perm[cut:])
+    return Dataset(X[tr], y[tr], X[te], y[te], 10, "digits")
+
+
+def load_diabetes(test_fraction: float = 0.2, seed: int = 0) -> Dataset:
+    """scikit-learn's bundled diabetes regression set, standardized features and target."""
+    from sklearn.datasets import load_diabetes as sk_diabetes
+
+    X, y = sk_diabetes(return_X_y=True)
+    X = (X - X.mean(0)) / X.std(0)
+    y = (y - y.mean()) / y.std()
+    perm = np.random.default_rng(seed).permutation(len(X))
+    cut = int(len(X) * (1 - test_fraction))
+    f = lambda a: torch.from_numpy(a.astype(np.float32))  # noqa: E731
+    return Dataset(
+        f(X[perm[:cut]]), f(y[perm[:cut]]), f(X[perm[cut:]]), f(y[perm[cut:]]), 0, "diabetes"
+    )
+
+
+def synthetic_least_squares(
+    m: int = 500, n: int = 100, cond: float = 100.0, noise: float = 0.0, seed: int = 0
+) -> Dataset:
+    """A = U diag(s) V^T with ||A||_2 = 1 and cond(A^T A) = cond; b = A x* + noise."""
+    if m < n or cond < 1:
+        raise ValueError(f"need m >= n and cond >= 1, got m={m}, n={n}, cond={cond}")
+    g = torch.Generator().manual_seed(seed)
+    U, _ = torch.linalg.qr(torch.randn(m, n, generator=g, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    s = torch.logspace(0, -0.5 * np.log10(cond), n, dtype=torch.float64)
+    A = (U * s) @ V.T * np.sqrt(m)  # rows of unit scale: the mean loss has L = 1
+    x_star = torch.randn(n, generator=g, dtype=torch.float64)
+    b = A @ x_star + noise * torch.randn(m, generator=g, dtype=torch.float64)
+    A, b = A.float(), b.float()
+    return Dataset(A, b, A, b, 0, f"lsq-{m}x{n}-cond{cond:g}")
