@@ -41,6 +41,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from . import _alloc
+
 MAGIC = b"GZPW"
 VERSION = 1
 PREFIX = struct.Struct("<4sBBBBQQIHBBI")  # up to and including the CRC
@@ -232,7 +234,7 @@ class PayloadWriter:
                 f"got seed={seed}, step={step}, worker={worker}"
             )
         size = PREFIX.size + 8 * len(shape) + len(params) + 8 * len(section_lengths)
-        self.data = torch.empty(size + sum(section_lengths), dtype=torch.uint8)
+        self.data = _alloc.empty(size + sum(section_lengths), torch.uint8)
         raw = self.data.numpy()
         PREFIX.pack_into(
             raw, 0, MAGIC, VERSION, codec, DTYPE_CODES[dtype], len(shape), seed, step, worker,

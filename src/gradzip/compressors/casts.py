@@ -13,6 +13,7 @@ from typing import ClassVar
 
 import torch
 
+from .. import _alloc
 from ..wire import Payload, PayloadError
 from .base import Compressor, EncodeContext
 
@@ -66,7 +67,10 @@ class Identity(Compressor):
 
     def _decode(self, p: Payload, device) -> torch.Tensor:
         # clone first: the section may sit at an offset not aligned for the dtype
-        out = _finite(self.name, p.section(0).clone().view(p.header.dtype))
+        sec = p.section(0)
+        out = _finite(
+            self.name, _alloc.empty(sec.numel(), torch.uint8).copy_(sec).view(p.header.dtype)
+        )
         return out if device is None else out.to(device)
 
 
@@ -98,7 +102,10 @@ class _HalfCast(Compressor):
         return _send(ctx, ctx.flat.to(self.target).cpu())
 
     def _decode(self, p: Payload, device) -> torch.Tensor:
-        out = _finite(self.name, p.section(0).clone().view(self.target))
+        sec = p.section(0)
+        out = _finite(
+            self.name, _alloc.empty(sec.numel(), torch.uint8).copy_(sec).view(self.target)
+        )
         return out if device is None else out.to(device)
 
 

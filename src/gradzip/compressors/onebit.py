@@ -29,7 +29,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from .. import bits, hadamard, rng
+from .. import _alloc, bits, hadamard, rng
 from ..wire import Payload, PayloadError
 from .base import Compressor, EncodeContext, pack_f32, read_f32
 
@@ -72,7 +72,9 @@ def quantize_(y: torch.Tensor, lam: float, key: int | None, out: torch.Tensor) -
 
 def dequantize_reference(data, n, lam, key, device=None) -> torch.Tensor:
     """``lam * b`` from packed bits, minus ``lam * u`` when ``key`` is given (subtractive)."""
-    z = bits.unpack_signs(data.to(device) if device else data, n, scale=lam)
+    on_cpu = device is None or torch.device(device).type == "cpu"
+    out = _alloc.empty(n) if on_cpu else None
+    z = bits.unpack_signs(data.to(device) if device else data, n, scale=lam, out=out)
     if key is not None:
         z = z - lam * rng.symmetric_uniform(key, n, z.device)
     return z
@@ -83,7 +85,7 @@ def dequantize(data, n, lam, key, device=None) -> torch.Tensor:
         from .._numba.quantize import unpack_subtract_dither
         from .._numba.rng import split_key
 
-        out = torch.empty(n, dtype=torch.float32)
+        out = _alloc.empty(n)
         unpack_subtract_dither(data.numpy(), lam, *split_key(key), out.numpy())
         return out
     return dequantize_reference(data, n, lam, key, device)
@@ -171,7 +173,10 @@ class OneBit(Compressor):
     def _encode(self, ctx: EncodeContext) -> Payload:
         v = ctx.f32()
         sq, mx, _ = ctx.stats()
-        y = hadamard.rotate(v, ctx.key(rng.STREAM_ROTATION)) if self.flatten and ctx.d else v
+        y = v
+        if self.flatten and ctx.d:
+            out = _alloc.empty(ctx.d) if v.device.type == "cpu" else None
+            y = hadamard.rotate(v, ctx.key(rng.STREAM_ROTATION), out=out)
         if self.scale == "max":
             lam = float(y.abs().max()) if self.flatten and ctx.d else mx
         elif self.scale == "norm":
@@ -193,7 +198,8 @@ class OneBit(Compressor):
         z = dequantize(p.section(-1 if self.scale == "fixed" else 1), d, lam,
                        key if self.dither == "subtractive" else None, device)  # fmt: skip
         if self.flatten and d:
-            z = hadamard.unrotate(z, rng.derive_key(h.seed, h.step, h.worker, rng.STREAM_ROTATION))
+            key = rng.derive_key(h.seed, h.step, h.worker, rng.STREAM_ROTATION)
+            z = hadamard.unrotate(z, key, out=z)  # in place
         return z
 
 

@@ -19,7 +19,7 @@ from typing import ClassVar
 
 import torch
 
-from .. import bits, hadamard, rng
+from .. import _alloc, bits, hadamard, rng
 from ..wire import Payload
 from .base import Compressor, EncodeContext, pack_f32, read_f32
 from .onebit import quantize_
@@ -105,17 +105,21 @@ class Drive(Compressor):
     def _encode(self, ctx: EncodeContext) -> Payload:
         if ctx.d == 0:
             return _write(ctx, ctx.f32(), 0.0)
-        y = hadamard.rotate(ctx.f32(), ctx.key(rng.STREAM_ROTATION))
+        v = ctx.f32()
+        out = _alloc.empty(ctx.d) if v.device.type == "cpu" else None
+        y = hadamard.rotate(v, ctx.key(rng.STREAM_ROTATION), out=out)
         l1 = float(y.abs().sum(dtype=torch.float64))
         return _write(ctx, y, ctx.stats()[0] / l1 if l1 > 0 else 0.0)
 
     def _decode(self, p: Payload, device) -> torch.Tensor:
         h = p.header
         (s,) = read_f32(p.section(0), 1, "drive scale")
-        z = bits.unpack_signs(p.section(1), h.numel, scale=s).to(device or "cpu")
+        z = bits.unpack_signs(p.section(1), h.numel, scale=s, out=_alloc.empty(h.numel))
+        z = z.to(device or "cpu")
         if h.numel == 0:
             return z
-        return hadamard.unrotate(z, rng.derive_key(h.seed, h.step, h.worker, rng.STREAM_ROTATION))
+        key = rng.derive_key(h.seed, h.step, h.worker, rng.STREAM_ROTATION)
+        return hadamard.unrotate(z, key, out=z)
 
 
 ENTRIES = [
