@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+import numpy as np
 import torch
 
 from .. import _alloc
@@ -22,7 +23,11 @@ _ITEMSIZE = {torch.float32: 4, torch.float64: 8, torch.float16: 2, torch.bfloat1
 
 def _finite(name: str, values: torch.Tensor) -> torch.Tensor:
     """Untrusted bytes may spell NaN or inf; a gradient never does, so refuse them."""
-    if not bool(torch.isfinite(values).all()):
+    if values.dtype == torch.bfloat16:
+        ok = bool(torch.isfinite(values).all())
+    else:  # numpy: torch's multithreaded reduction stalls when another job holds a core
+        ok = bool(np.isfinite(values.numpy()).all())
+    if not ok:
         raise PayloadError(f"{name}: payload carries non-finite values")
     return values
 
@@ -30,7 +35,8 @@ def _finite(name: str, values: torch.Tensor) -> torch.Tensor:
 def _send(ctx: EncodeContext, values: torch.Tensor) -> Payload:
     nbytes = values.numel() * values.element_size()
     w = ctx.writer([nbytes])
-    w.sections[0].copy_(values.reshape(-1).view(torch.uint8))
+    if nbytes:
+        w.sections[0].copy_(values.reshape(-1).contiguous().view(torch.uint8))
     return w.finish()
 
 
