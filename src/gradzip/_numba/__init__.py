@@ -1,1 +1,1 @@
-"""Fast CPU kernels (numba). Each has a pure-torch reference elsewhere that tests compare against."""
+"""Fast CPU kernels (numba); each has a pure-torch reference that the tests compare against."""
