@@ -26,10 +26,10 @@ from dataclasses import dataclass
 import torch
 
 from ..wire import MAX_NUMEL, Payload, PayloadError
-from . import casts, compose, onebit, quantize, signs, sparse, uniform
+from . import casts, compose, onebit, quantize, scaled, signs, sparse, uniform
 from .base import Compressor
 
-_MODULES = (casts, onebit, signs, sparse, quantize, uniform, compose)
+_MODULES = (casts, onebit, signs, sparse, quantize, scaled, uniform, compose)
 
 
 @dataclass(frozen=True)
