@@ -222,6 +222,13 @@ def _prepare(
     return x2, out, out.detach().view(-1, d)
 
 
+def _split_key(key: int) -> tuple[int, int]:
+    if isinstance(key, bool) or not isinstance(key, int | np.integer) or not 0 <= key <= rng.MASK64:
+        raise ValueError(f"key must be an integer in [0, 2**64), got {key!r}")
+    key = int(key)
+    return key & rng.MASK32, key >> 32
+
+
 def _use_fast(x: torch.Tensor) -> bool:
     return x.device.type == "cpu"
 
@@ -244,7 +251,7 @@ def rotate(x: torch.Tensor, key: int, out: torch.Tensor | None = None) -> torch.
     B = rotation_block(d)
     m = B.bit_length() - 1
     k = _kernel()
-    k0, k1 = key & rng.MASK32, key >> 32
+    k0, k1 = _split_key(key)
     scale = _np_scalar(1.0 / math.sqrt(B), out.dtype)
     tab = _table(out.dtype)
     a, o = x2.view(-1).numpy(), o2.view(-1).numpy()
@@ -269,7 +276,7 @@ def unrotate(y: torch.Tensor, key: int, out: torch.Tensor | None = None) -> torc
     B = rotation_block(d)
     m = B.bit_length() - 1
     k = _kernel()
-    k0, k1 = key & rng.MASK32, key >> 32
+    k0, k1 = _split_key(key)
     scale = _np_scalar(1.0 / math.sqrt(B), out.dtype)
     tab = _table(out.dtype)
     a, o = y2.view(-1).numpy(), o2.view(-1).numpy()
