@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from .. import methods
-from ..engines import Algorithm, SimulatedEngine
+from ..engines import Algorithm, SimulatedEngine, torchdist
 from ..problems import build
 from .config import RunConfig, as_dict
 from .schedules import Schedule
@@ -71,6 +71,8 @@ class Progress:
 
 
 def train(cfg: RunConfig, resume: bool = False, progress: bool = True) -> dict:
+    if cfg.engine in torchdist.ENGINES and torchdist.worker_rank() > 0:
+        return torchdist.serve(cfg)  # a torchrun rank > 0: a worker; rank 0 writes the run
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     problem = make_problem(cfg)
@@ -79,8 +81,19 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True) -> dict:
     algo = Algorithm(method, problem.dim, seed=cfg.seed, momentum=cfg.momentum)
     if cfg.engine == "simulated":
         engine = SimulatedEngine(problem, algo, cfg.workers, seed=cfg.seed)
+    elif cfg.engine in torchdist.ALL:
+        engine = torchdist.make_engine(cfg, problem, algo)  # starts the worker processes
     else:
-        raise ValueError(f"engine {cfg.engine!r} is not available here; valid: simulated")
+        valid = ", ".join(("simulated", *torchdist.ALL))
+        raise ValueError(f"unknown engine {cfg.engine!r}; valid: {valid}")
+    try:
+        return _run(cfg, resume, progress, out, problem, method, schedule, engine)
+    finally:  # stop the workers: at the end, on an error, on Ctrl-C
+        if hasattr(engine, "close"):
+            engine.close()
+
+
+def _run(cfg, resume, progress, out, problem, method, schedule, engine) -> dict:
     resolved = {"config": as_dict(cfg), "method": method.as_dict(), "dim": problem.dim}
     (out / "config.json").write_text(json.dumps(resolved, indent=2))
 
