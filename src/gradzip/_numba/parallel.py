@@ -30,14 +30,19 @@ def ranges(n: int, align: int = 64) -> list[tuple[int, int]]:
     return [(a, min(n, a + step)) for a in range(0, n, step)]
 
 
+def thread_pool() -> ThreadPoolExecutor:
+    """The shared pool (created on first use)."""
+    global _pool
+    if _pool is None:
+        _pool = ThreadPoolExecutor(_THREADS, thread_name_prefix="gradzip")
+    return _pool
+
+
 def run(kernel, n: int, *args, align: int = 64) -> list:
     """``[kernel(*args, start, stop) for each piece]``, the pieces run concurrently."""
-    global _pool
     parts = ranges(n, align)
     if len(parts) == 1:
         return [kernel(*args, *parts[0])]
-    if _pool is None:
-        _pool = ThreadPoolExecutor(_THREADS, thread_name_prefix="gradzip")
-    futures = [_pool.submit(kernel, *args, a, b) for a, b in parts[1:]]
+    futures = [thread_pool().submit(kernel, *args, a, b) for a, b in parts[1:]]
     first = kernel(*args, *parts[0])  # the calling thread does a share of the work
     return [first] + [f.result() for f in futures]

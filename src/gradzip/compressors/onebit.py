@@ -175,7 +175,7 @@ class OneBit(Compressor):
         sq, mx, _ = ctx.stats()
         y = v
         if self.flatten and ctx.d:
-            out = _alloc.empty(ctx.d) if v.device.type == "cpu" else None
+            out = _alloc.scratch(ctx.d) if v.device.type == "cpu" else None  # quantized below
             y = hadamard.rotate(v, ctx.key(rng.STREAM_ROTATION), out=out)
         if self.scale == "max":
             lam = float(y.abs().max()) if self.flatten and ctx.d else mx

@@ -106,9 +106,14 @@ class Drive(Compressor):
         if ctx.d == 0:
             return _write(ctx, ctx.f32(), 0.0)
         v = ctx.f32()
-        out = _alloc.empty(ctx.d) if v.device.type == "cpu" else None
+        out = _alloc.scratch(ctx.d) if v.device.type == "cpu" else None  # packed below
         y = hadamard.rotate(v, ctx.key(rng.STREAM_ROTATION), out=out)
-        l1 = float(y.abs().sum(dtype=torch.float64))
+        if y.device.type == "cpu":
+            from .._numba.quantize import stats32
+
+            l1 = float(stats32(y.numpy())[2])
+        else:
+            l1 = float(y.abs().sum(dtype=torch.float64))
         return _write(ctx, y, ctx.stats()[0] / l1 if l1 > 0 else 0.0)
 
     def _decode(self, p: Payload, device) -> torch.Tensor:
