@@ -8,6 +8,7 @@ nearest is biased, though the bias is below the format's resolution).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -21,23 +22,60 @@ from .base import Compressor, EncodeContext
 _ITEMSIZE = {torch.float32: 4, torch.float64: 8, torch.float16: 2, torch.bfloat16: 2}
 
 
+def _all_finite(values: torch.Tensor) -> bool:
+    if values.dtype == torch.float32 and values.device.type == "cpu" and values.numel():
+        from .._numba.quantize import stats32
+
+        sq, mx, _ = stats32(values.numpy())  # one parallel pass; NaN/inf make these non-finite
+        return math.isfinite(sq) and math.isfinite(mx)
+    if values.dtype == torch.bfloat16:
+        return bool(torch.isfinite(values).all())
+    # numpy: torch's multithreaded reduction stalls when another job holds a core
+    return bool(np.isfinite(values.numpy()).all())
+
+
 def _finite(name: str, values: torch.Tensor) -> torch.Tensor:
     """Untrusted bytes may spell NaN or inf; a gradient never does, so refuse them."""
-    if values.dtype == torch.bfloat16:
-        ok = bool(torch.isfinite(values).all())
-    else:  # numpy: torch's multithreaded reduction stalls when another job holds a core
-        ok = bool(np.isfinite(values.numpy()).all())
-    if not ok:
+    if not _all_finite(values):
         raise PayloadError(f"{name}: payload carries non-finite values")
     return values
 
 
-def _send(ctx: EncodeContext, values: torch.Tensor) -> Payload:
-    nbytes = values.numel() * values.element_size()
-    w = ctx.writer([nbytes])
-    if nbytes:
-        w.sections[0].copy_(values.reshape(-1).contiguous().view(torch.uint8))
+def _typed(sec: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The uint8 section ``sec`` read as ``dtype``: a view when aligned, else a copy."""
+    if not _aligned(sec, dtype):
+        sec = _alloc.empty(sec.numel(), torch.uint8).copy_(sec)
+    return sec.view(dtype)
+
+
+def _aligned(sec: torch.Tensor, dtype: torch.dtype) -> bool:
+    size = _ITEMSIZE[dtype]  # torch checks the offset; the CPU wants the address aligned
+    return sec.storage_offset() % size == 0 and sec.data_ptr() % size == 0
+
+
+def _send(ctx: EncodeContext, dtype: torch.dtype) -> Payload:
+    """Write the input, cast to ``dtype``, straight into the payload's section."""
+    w = ctx.writer([ctx.d * _ITEMSIZE[dtype]])
+    sec = w.sections[0]
+    if not ctx.d:
+        pass
+    elif _aligned(sec, dtype):
+        sec.view(dtype).copy_(ctx.flat)  # cast and write in one pass
+    else:  # e.g. float64 after a 52-byte header
+        sec.copy_(ctx.flat.to(dtype).cpu().view(torch.uint8))
     return w.finish()
+
+
+def _receive(name: str, p: Payload, wire_dtype: torch.dtype, device) -> torch.Tensor:
+    """Decode a cast payload to the sender's dtype in one pass, refusing NaN and inf."""
+    sec = p.section(0)
+    want = p.header.dtype
+    if wire_dtype == want:
+        out = _alloc.empty(sec.numel(), torch.uint8).copy_(sec).view(want)
+    else:
+        out = _alloc.empty(p.header.numel, want).copy_(_typed(sec, wire_dtype))
+    _finite(name, out)
+    return out if device is None else out.to(device)
 
 
 @dataclass(frozen=True)
@@ -66,18 +104,13 @@ class Identity(Compressor):
         return [d * _ITEMSIZE[dtype]]
 
     def _encode(self, ctx: EncodeContext) -> Payload:
-        return _send(ctx, ctx.flat.cpu())
+        return _send(ctx, ctx.dtype)
 
     def expected_sections(self, header) -> list[int]:
         return self.section_lengths(header.numel, header.dtype)
 
     def _decode(self, p: Payload, device) -> torch.Tensor:
-        # clone first: the section may sit at an offset not aligned for the dtype
-        sec = p.section(0)
-        out = _finite(
-            self.name, _alloc.empty(sec.numel(), torch.uint8).copy_(sec).view(p.header.dtype)
-        )
-        return out if device is None else out.to(device)
+        return _receive(self.name, p, p.header.dtype, device)
 
 
 @dataclass(frozen=True)
@@ -105,14 +138,10 @@ class _HalfCast(Compressor):
                     f"fp16: |x| reaches {ctx.stats()[1]:.3g}, beyond float16's range "
                     f"({limit}); it would become inf. Use bf16, or scale the gradient."
                 )
-        return _send(ctx, ctx.flat.to(self.target).cpu())
+        return _send(ctx, self.target)
 
     def _decode(self, p: Payload, device) -> torch.Tensor:
-        sec = p.section(0)
-        out = _finite(
-            self.name, _alloc.empty(sec.numel(), torch.uint8).copy_(sec).view(self.target)
-        )
-        return out if device is None else out.to(device)
+        return _receive(self.name, p, self.target, device)
 
 
 @dataclass(frozen=True)

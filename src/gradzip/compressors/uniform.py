@@ -21,9 +21,10 @@ import struct
 from dataclasses import dataclass
 from typing import ClassVar
 
+import numpy as np
 import torch
 
-from .. import bits, hadamard, rng
+from .. import _alloc, bits, hadamard, rng
 from ..wire import Payload, PayloadError
 from .base import Compressor, EncodeContext
 
@@ -86,37 +87,80 @@ class Uniform(Compressor):
         except ValueError as e:
             raise PayloadError(str(e)) from None
 
+    @property
+    def r32(self) -> float:
+        """The range as the float32 the payload carries: encoder and decoder both use it."""
+        return float(np.float32(self.range))
+
+    def codes_reference(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reference: the cell indices of the ``lo``-bit and the ``hi``-bit coordinates."""
+        d = y.numel()
+        r = torch.tensor(self.r32, dtype=torch.float32, device=y.device)
+        w = _widths(d, self.bits, y.device)
+        levels = (1 << w).to(torch.float32)
+        cell = 2 * r / levels
+        idx = torch.floor((torch.minimum(torch.maximum(y, -r), r) + r) / cell)
+        idx = torch.minimum(idx, levels - 1).clamp_min(0).to(torch.int64)
+        lo, hi, _ = allocation(d, self.bits)
+        return idx[w == lo], idx[w == hi]
+
+    def decode_reference(self, codes_lo, codes_hi, d: int) -> torch.Tensor:
+        """Reference: cell centres from the code arrays (before rotating back)."""
+        lo, hi, _ = allocation(d, self.bits)
+        r = torch.tensor(self.r32, dtype=torch.float32)
+        w = _widths(d, self.bits)
+        idx = torch.zeros(d, dtype=torch.int64)
+        idx[w == lo] = codes_lo.to(torch.int64)
+        idx[w == hi] = codes_hi.to(torch.int64)
+        cell = 2 * r / (1 << w).to(torch.float32)
+        z = (idx.to(torch.float32) + 0.5) * cell - r
+        return torch.where(w > 0, z, torch.zeros(())).to(torch.float32)
+
+    def _codes(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        d = y.numel()
+        if y.device.type != "cpu":
+            return self.codes_reference(y)
+        from .._numba import uniform as nb
+
+        lo, _, n_hi = allocation(d, self.bits)
+        codes_lo = np.zeros(d - n_hi, np.uint32)
+        codes_hi = np.zeros(n_hi, np.uint32)
+        nb.encode(y.numpy(), self.bits, lo, self.r32, codes_lo, codes_hi)
+        return torch.from_numpy(codes_lo), torch.from_numpy(codes_hi)
+
     def _encode(self, ctx: EncodeContext) -> Payload:
         d = ctx.d
         v = ctx.f32()
-        y = hadamard.rotate(v, ctx.key(rng.STREAM_ROTATION)) if self.flatten and d else v
-        w = _widths(d, self.bits, y.device)
-        levels = (1 << w).to(torch.float32)
-        cell = 2 * self.range / levels
-        idx = torch.floor((y.clamp(-self.range, self.range) + self.range) / cell)
-        idx = torch.minimum(idx, levels - 1).clamp_min(0).to(torch.int64)
+        if self.flatten and d:
+            out = _alloc.scratch(d) if v.device.type == "cpu" else None  # quantized below
+            v = hadamard.rotate(v, ctx.key(rng.STREAM_ROTATION), out=out)
+        codes_lo, codes_hi = self._codes(v)
         lo, hi, _ = allocation(d, self.bits)
         writer = ctx.writer(self.section_lengths(d))
         if lo:
-            writer.sections[0].copy_(bits.pack_uints(idx[w == lo].cpu(), lo))
-        writer.sections[1].copy_(bits.pack_uints(idx[w == hi].cpu(), hi))
+            writer.sections[0].copy_(bits.pack_uints(codes_lo.cpu(), lo))
+        writer.sections[1].copy_(bits.pack_uints(codes_hi.cpu(), hi))
         return writer.finish()
 
     def _decode(self, p: Payload, device) -> torch.Tensor:
         h = p.header
         d = h.numel
         lo, hi, n_hi = allocation(d, self.bits)
-        w = _widths(d, self.bits)
-        idx = torch.zeros(d, dtype=torch.int64)
+        codes_hi = bits.unpack_uints(p.section(1), n_hi, hi)
         if lo:
-            idx[w == lo] = bits.unpack_uints(p.section(0), d - n_hi, lo)
-        idx[w == hi] = bits.unpack_uints(p.section(1), n_hi, hi)
-        cell = 2 * self.range / (1 << w).to(torch.float32)
-        z = torch.where(w > 0, -self.range + (idx.to(torch.float32) + 0.5) * cell, 0.0)
+            codes_lo = bits.unpack_uints(p.section(0), d - n_hi, lo)
+        else:
+            codes_lo = torch.zeros(d - n_hi, dtype=torch.int64)
+        from .._numba import uniform as nb
+
+        z = _alloc.empty(d)
+        nb.decode(codes_lo.numpy(), codes_hi.numpy(), self.bits, lo, self.r32, z.numpy())
         if device is not None:
             z = z.to(device)
         if self.flatten and d:
-            z = hadamard.unrotate(z, rng.derive_key(h.seed, h.step, h.worker, rng.STREAM_ROTATION))
+            z = hadamard.unrotate(
+                z, rng.derive_key(h.seed, h.step, h.worker, rng.STREAM_ROTATION), out=z
+            )
         return z
 
 
