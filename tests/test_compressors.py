@@ -153,3 +153,75 @@ def test_casts_decode_misaligned_payloads(spec, dtype):
         assert torch.equal(y, x)
     else:
         assert torch.equal(y, x.to(c.target).to(dtype))
+
+
+# --- declared properties, verified by Monte Carlo over the whole registry -------------------
+
+VARIANTS = [
+    "randk:unbiased=true",
+    "onebit:dither=subtractive",
+    "scaled(qsgd(levels=4))",
+    "compose:topk(k=0.1)+natural_dithering(levels=8)",
+]
+S = 300  # draws per compressor (fresh seeds)
+
+
+def _draws(c, x):
+    return torch.stack([c.decode(c.encode(x, seed=s, step=3)).double() for s in range(S)])
+
+
+@pytest.mark.parametrize("spec", ALL + VARIANTS)
+def test_declared_unbiasedness_and_omega_hold(spec):
+    """Where a compressor claims to be unbiased with variance omega, the mean of S draws
+    is within omega ||x||^2 / S of x (in squared norm, with a factor 4 of room: a sum of
+    d = 256 coordinates' errors hardly strays that far), and the measured vNMSE <= omega."""
+    c = gz.compressor(spec)
+    d = 256
+    x = _x((d,), torch.float32, seed=5) * torch.linspace(0.1, 2, d)
+    if not c.unbiased:
+        return  # nothing claimed (biased compressors are checked by their delta below)
+    omega = c.omega(d)
+    assert omega is not None, f"{spec} is unbiased but declares no omega"
+    ys = _draws(c, x)
+    x64, n2 = x.double(), float(x.double().square().sum())
+    bias2 = float((ys.mean(0) - x64).square().sum())
+    assert bias2 <= 4 * omega * n2 / S + 1e-12, (spec, bias2 / n2, omega / S)
+    errs = (ys - x64).square().sum(1) / n2
+    assert float(errs.mean()) <= omega + 4 * float(errs.std()) / S**0.5 + 1e-12
+
+
+@pytest.mark.parametrize("spec", ALL + VARIANTS)
+def test_declared_contraction_holds(spec):
+    """Where delta is declared: E||C(x) - x||^2 <= (1 - 1/delta) ||x||^2 (Monte Carlo
+    mean minus four standard errors), on a Gaussian and on a sparse heavy-tailed vector."""
+    c = gz.compressor(spec)
+    d = 256
+    delta = c.delta(d)
+    if delta is None:
+        return
+    g = torch.Generator().manual_seed(9)
+    sparse = torch.zeros(d)
+    sparse[torch.randperm(d, generator=g)[:8]] = torch.randn(8, generator=g) * 10
+    for x in (_x((d,), torch.float32, seed=6), sparse):
+        ys = _draws(c, x)
+        x64, n2 = x.double(), float(x.double().square().sum())
+        errs = (ys - x64).square().sum(1) / n2
+        bound = 1 - 1 / delta
+        assert float(errs.mean()) - 4 * float(errs.std()) / S**0.5 <= bound + 1e-9, (
+            spec,
+            float(errs.mean()),
+            bound,
+        )
+
+
+def test_the_property_checks_can_fail():
+    """A compressor that lies about omega or delta is caught by the checks above."""
+    x = _x((256,), torch.float32, seed=5)
+    c = gz.compressor("randk:k=0.1,unbiased=true")
+    ys = _draws(c, x)
+    errs = (ys - x.double()).square().sum(1) / float(x.double().square().sum())
+    assert float(errs.mean()) > 0.5 * c.omega(256)  # a claimed omega of half would fail
+    t = gz.compressor("topk:k=0.1")
+    y = t.decode(t.encode(x)).double()
+    err = float((y - x.double()).square().sum() / x.double().square().sum())
+    assert err > 1 - 1 / 1.05  # a claimed delta of 1.05 would fail

@@ -47,6 +47,34 @@ class RunConfig:
 
 _FIELDS = {f.name: f for f in fields(RunConfig)}
 
+HELP = {
+    "problem": "the training problem (see `gradzip train --problem x` for the list)",
+    "data": "dataset path for problems that read one (LIBSVM file, IDX folder)",
+    "method": "method preset (`gradzip methods` lists them)",
+    "uplink": "override the preset's uplink compressor spec, e.g. topk:k=0.01",
+    "uplink_rule": "override the uplink feedback rule: none | ef | dq",
+    "downlink": "override the preset's downlink compressor spec",
+    "downlink_rule": "override the downlink feedback rule: none | ef",
+    "dq_range": "DQ-GD: initial quantizer range r_0 (0 = the preset's)",
+    "dq_decay": "DQ-GD: geometric decay of the range per step (0 = the preset's)",
+    "workers": "number of workers",
+    "split": "how data is split across workers: iid | label",
+    "batch_size": "per-worker minibatch size (0 = full gradients)",
+    "hidden": "hidden width of the MLPs",
+    "l2": "L2 regularization (-1 = the problem's default)",
+    "steps": "number of steps",
+    "schedule": "step-size schedule: constant | memsgd | bottou | cosine",
+    "lr": "base step size (gamma for memsgd, gamma_0 for bottou)",
+    "lam": "lambda of the memsgd/bottou schedules (0 = the problem's L2 constant)",
+    "shift": "memsgd schedule's shift a in gamma / (lambda (t + a))",
+    "momentum": "server heavy-ball momentum (0 = none)",
+    "seed": "seed of data order, model init and all compressor randomness",
+    "eval_every": "steps between test evaluations",
+    "engine": "simulated | simulated-sharded | torchdist | torchdist-sharded",
+    "checkpoint_every": "steps between checkpoints (0 = only at the end)",
+    "out": "run folder (config.json, metrics.jsonl, summary.json, checkpoint.pt)",
+}
+
 
 def _convert(key: str, value):
     if key not in _FIELDS:
