@@ -14,23 +14,16 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import numpy as np
 import torch
 
 from gradzip import bits
+from gradzip.experiments.bench import time_ms as _time_ms
 
 
 def time_ms(fn, repeats: int, stat, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return stat(times) * 1e3
+    return _time_ms(fn, repeats, stat, warmup)
 
 
 def cases(n: int, reference: bool):

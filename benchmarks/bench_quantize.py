@@ -18,9 +18,10 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import time
 
 import torch
+
+from gradzip.experiments.bench import time_ms as _time_ms
 
 SPECS = [
     "qsgd",
@@ -36,14 +37,7 @@ SPECS = [
 
 
 def time_ms(fn, repeats: int, stat, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return stat(times) * 1e3
+    return _time_ms(fn, repeats, stat, warmup)
 
 
 def bench(log2d: int, specs, repeats: int, stat) -> None:

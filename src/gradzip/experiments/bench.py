@@ -39,7 +39,10 @@ class Row:
     bits_per_coord: float  # from the payload's bytes, header included
 
 
-def median_ms(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
+def time_ms(
+    fn: Callable[[], object], repeats: int, stat=statistics.median, warmup: int = 1
+) -> float:
+    """``stat`` (median by default) of ``repeats`` timed calls of ``fn``, in milliseconds."""
     for _ in range(warmup):
         fn()
     times = []
@@ -47,7 +50,11 @@ def median_ms(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
+    return 1e3 * stat(times)
+
+
+def median_ms(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
+    return time_ms(fn, repeats, statistics.median, warmup)
 
 
 def vnmse(c, x: torch.Tensor, seeds: Sequence[int], step: int = 0) -> float:
