@@ -167,3 +167,18 @@ def test_compare_writes_table_and_figure(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "| fosgd |" in text and "fewer" in text
     assert (out / "compare.png").stat().st_size > 10_000 and (out / "compare.md").exists()
+
+
+def test_a_diverging_method_is_reported_and_the_comparison_goes_on(tmp_path, capsys):
+    """A step size that blows one method up stops that run (recorded as diverged, nothing
+    raised) and the other methods of the comparison still run."""
+    out = tmp_path / "cmp"
+    argv = ["compare", "--quiet", "--methods", "onebit,sgd", "--problem", "mlp-digits",
+            "--lr", "1e6", "--steps", "30", "--eval-every", "10", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert "onebit: diverged at step" in captured.err
+    assert "| onebit |" in captured.out and "diverged at step" in captured.out
+    summary = json.loads((out / "onebit" / "summary.json").read_text())
+    assert 1 <= summary["diverged_at"] <= 30
+    assert (out / "sgd" / "summary.json").exists()

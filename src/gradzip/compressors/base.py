@@ -25,6 +25,10 @@ from ..wire import DTYPE_CODES, MAX_NUMEL, Payload, PayloadError, PayloadWriter
 _F32 = struct.Struct("<f")
 
 
+class NonFiniteError(ValueError):
+    """The input to ``encode`` holds NaN or inf (training uses it to detect divergence)."""
+
+
 class EncodeContext:
     """Everything about one ``encode`` call: the input and its shared randomness."""
 
@@ -63,7 +67,7 @@ class EncodeContext:
                 sq, mx, l1 = float(s.square().sum()), float(s.abs().max()), float(s.abs().sum())
             if not (math.isfinite(sq) and math.isfinite(mx)):
                 bad = int((~torch.isfinite(src)).sum())
-                raise ValueError(
+                raise NonFiniteError(
                     f"{self.compressor.name}: input has {bad} non-finite value(s) (NaN or inf) "
                     f"out of {self.d}; a gradient must be finite to be compressed"
                 )

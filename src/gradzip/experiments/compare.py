@@ -44,6 +44,8 @@ def table(cfg: RunConfig, results: list[dict]) -> str:
         total = s["cum_bits_up"] + s["cum_bits_down"]
         factor = f"{base / total:.1f}x fewer" if base else "-"
         acc = f"{100 * s['test_acc']:.2f}% | " if has_acc else ""
+        if "diverged_at" in s:
+            acc = f"diverged at step {s['diverged_at']} | " if has_acc else ""
         lines.append(
             f"| {r['method']} | {s['test_loss']:.4f} | {acc}{s['cum_bits_up']:.3g} | "
             f"{s['cum_bits_down']:.3g} | {factor} | {s['cum_time']:.1f} |"

@@ -11,6 +11,7 @@ uninterrupted run would (the randomness is a function of (seed, step, worker)).
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -18,6 +19,7 @@ from pathlib import Path
 import torch
 
 from .. import methods
+from ..compressors.base import NonFiniteError
 from ..engines import Algorithm, SimulatedEngine, torchdist
 from ..problems import build
 from .config import RunConfig, as_dict
@@ -131,9 +133,14 @@ def _run(cfg, resume, progress, out, problem, method, schedule, engine) -> dict:
 
     bar = Progress(cfg.steps, f"{cfg.method:>16}", progress)
     last = evaluate(start) if start == 0 else None
+    diverged = None
     for t in range(start, cfg.steps):
         lr = schedule(t)
-        s = engine.step(t, lr)
+        try:
+            s = engine.step(t, lr)
+        except NonFiniteError as e:  # a gradient overflowed: the run diverged
+            diverged = {"diverged_at": t, "reason": str(e)}
+            break
         totals["cum_bits_up"] += s.bits_up
         totals["cum_bits_down"] += s.bits_down
         totals["cum_time"] += s.t_compute + s.t_compress + s.t_comm
@@ -149,11 +156,27 @@ def _run(cfg, resume, progress, out, problem, method, schedule, engine) -> dict:
             "t_compute": s.t_compute, "t_compress": s.t_compress, "t_comm": s.t_comm,
         }  # fmt: skip
         metrics.write(json.dumps(row) + "\n")
+        if not (math.isfinite(s.loss) and bool(torch.isfinite(engine.x).all())):
+            diverged = {"diverged_at": t + 1, "reason": "loss or parameters not finite"}
+            break
         if (t + 1) % cfg.eval_every == 0 or t + 1 == cfg.steps:
             last = evaluate(t + 1)
         if cfg.checkpoint_every and (t + 1) % cfg.checkpoint_every == 0:
             save(t + 1)
         bar.update(t + 1, f"loss {s.loss:.4f}")
+    if diverged is not None:  # stop this run, keep what it measured; no checkpoint
+        last = evaluate(diverged["diverged_at"])
+        metrics.close()
+        bar.update(cfg.steps, f"diverged at step {diverged['diverged_at']}")
+        print(
+            f"{cfg.method}: diverged at step {diverged['diverged_at']} "
+            f"({diverged['reason']}); try a smaller --lr",
+            file=sys.stderr,
+        )
+        summary = {"method": cfg.method, "problem": cfg.problem, "steps": cfg.steps, **last}
+        summary.update(diverged)
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        return summary
     metrics.close()
     save(cfg.steps)
     if last is None:
