@@ -43,6 +43,8 @@ def table(cfg: RunConfig, results: list[dict]) -> str:
         s = r["summary"]
         total = s["cum_bits_up"] + s["cum_bits_down"]
         factor = f"{base / total:.1f}x fewer" if base else "-"
+        if r["method"] == "sgd":
+            factor = "baseline"
         acc = f"{100 * s['test_acc']:.2f}% | " if has_acc else ""
         if "diverged_at" in s:
             acc = f"diverged at step {s['diverged_at']} | " if has_acc else ""
