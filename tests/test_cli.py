@@ -51,3 +51,21 @@ def test_compressors_lists_registry(capsys):
 def test_python_m_gradzip_help():
     r = subprocess.run([sys.executable, "-m", "gradzip", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "bench" in r.stdout
+
+
+def test_every_config_key_has_a_help_text(capsys):
+    from gradzip.experiments.config import HELP, RunConfig
+
+    assert set(HELP) == set(RunConfig.__dataclass_fields__)
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    assert "step-size schedule" in out and "(default 'constant')" in out
+
+
+def test_classes_help_is_its_own(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["classes", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "--quick" in out and "--samples" in out

@@ -1,0 +1,69 @@
+"""``gradzip reproduce``: the seed papers' claims, checked with gradzip's own code.
+
+Each module reproduces one paper and returns a :class:`report.Section` (figures, the exact
+configuration, the runtime and a verdict per claim computed from the measured numbers by
+a stated rule). :func:`reproduce` writes ``OUT/NAME/report.md`` (and the figures beside
+it); ``all`` runs the four and writes one combined ``OUT/report.md``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import time
+from pathlib import Path
+
+from .report import Section, write_combined, write_section
+
+PAPERS = ("memsgd", "biased", "dqgd", "fosgd")
+CHOICES = (*PAPERS, "all")
+
+
+def run_paper(name: str, out: Path, quick: bool = False, progress=print) -> Section:
+    if name not in PAPERS:
+        raise ValueError(f"unknown reproduction {name!r}; valid: {', '.join(CHOICES)}")
+    mod = importlib.import_module(f".{name}", __name__)
+    t0 = time.perf_counter()
+    sec = mod.reproduce(Path(out), quick=quick, progress=progress)
+    sec.runtime_s = time.perf_counter() - t0
+    write_section(sec, Path(out))
+    return sec
+
+
+@contextlib.contextmanager
+def shared_data():
+    """Within the block, each data set is read once: ``all`` loads a9a, w8a and
+    Fashion-MNIST in several reproductions (the loaders' results are not modified)."""
+    from ..problems import datasets
+
+    names = ("load_libsvm", "load_fashion_mnist")
+    saved = {n: getattr(datasets, n) for n in names}
+    for n in names:
+        setattr(datasets, n, functools.cache(saved[n]))
+    try:
+        yield
+    finally:
+        for n, f in saved.items():
+            setattr(datasets, n, f)
+
+
+def combine(out: str | Path = "results/reproduce") -> Path:
+    """(Re)write the combined ``OUT/report.md`` from the four papers' folders in ``OUT``."""
+    return write_combined(Path(out), PAPERS)
+
+
+def reproduce(
+    name: str, out: str | Path = "results/reproduce", quick: bool = False, progress=print
+) -> tuple[Path, list[Section]]:
+    """Run one reproduction (or ``all``); returns (report path, sections)."""
+    out = Path(out)
+    if name == "all":
+        with shared_data():
+            secs = [run_paper(p, out / p, quick, progress) for p in PAPERS]
+        return combine(out), secs
+    sec = run_paper(name, out / name, quick, progress)
+    return out / name / "report.md", [sec]
+
+
+__all__ = ["CHOICES", "PAPERS", "Section", "combine", "reproduce", "run_paper"]
