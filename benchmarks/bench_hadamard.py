@@ -4,10 +4,13 @@
 
 For each d = 2**k (float32 by default) it times, in the same process and interleaved:
 ``y.copy_(x)`` (the yardstick), ``fwht_`` (in place), ``rotate`` and ``unrotate`` (fast path,
-``out=`` preallocated), and the pure-torch references. Each op is warmed up, then timed in
-several rounds of repeated calls; the table shows the median over all calls (ms) and the
-ratio of that median to the median of ``copy_``. The minimum is shown too: on a shared
-machine it is the better estimate of the uncontended time.
+``out=`` preallocated), the fused FO-SGD paths where they apply (float32, d >= 2**16:
+``rotate_quantize_``, the rotation with the norm and the dithered one-bit quantization, and
+``unrotate_signs``, the inverse rotation of packed signs), and the pure-torch references.
+Each op is warmed up, then timed in several rounds of repeated calls; the table shows the
+median over all calls (ms) and the ratio of that median to the median of ``copy_``. The
+minimum is shown too: on a shared machine it is the better estimate of the uncontended
+time.
 """
 
 from __future__ import annotations
@@ -46,8 +49,20 @@ def bench(d: int, dtype: torch.dtype, rounds: int, reps: int, ref_reps: int) -> 
         "rotate": (lambda: hadamard.rotate(x, KEY, out=y), None, reps),
         "unrotate": (lambda: hadamard.unrotate(x, KEY, out=y), None, reps),
         "fwht_reference": (lambda: hadamard.fwht_reference(x), None, ref_reps),
-        "rotate_reference": (lambda: hadamard.rotate_reference(x, KEY), None, ref_reps),
     }
+    if hadamard.can_rotate_quantize(x):
+        packed = torch.empty(d // 8, dtype=torch.uint8)
+        ops["rotate_quantize_"] = (
+            lambda: hadamard.rotate_quantize_(x, KEY, lambda sq, finite: 0.5, KEY + 1, packed),
+            None,
+            reps,
+        )
+        ops["unrotate_signs"] = (
+            lambda: hadamard.unrotate_signs(packed, d, 0.5, KEY, out=y),
+            None,
+            reps,
+        )
+    ops["rotate_reference"] = (lambda: hadamard.rotate_reference(x, KEY), None, ref_reps)
     times: dict[str, list[float]] = {name: [] for name in ops}
     for fn, setup, _ in ops.values():  # warm-up (JIT cache load, page faults)
         for _ in range(2):

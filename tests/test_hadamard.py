@@ -327,3 +327,124 @@ def test_cuda_matches_cpu(d):
     z = x.cuda()
     hadamard.fwht_(z[:, :512])
     torch.testing.assert_close(z[:, :512].cpu(), hadamard.fwht_reference(x[:, :512]))
+
+
+# ---------------------------------------------------------------------------------------
+# Small calls stay on the calling thread; the serial kernel equals the threaded one
+# ---------------------------------------------------------------------------------------
+
+
+def test_small_calls_never_enter_the_threaded_kernel(monkeypatch):
+    from gradzip._numba import fwht as kernel
+
+    def threaded(*args):
+        raise AssertionError("a small call entered the threaded kernel")
+
+    monkeypatch.setattr(kernel, "transform", threaded)
+    for rows, d in ((1, 1), (3, 5), (1, 1000), (2, 4097), (1, hadamard.SERIAL_BELOW - 1)):
+        x = _randn(rows, d, seed=d)
+        y = hadamard.rotate(x, KEY)
+        assert torch.equal(y, hadamard.rotate_reference(x, KEY))
+        assert torch.equal(hadamard.unrotate(y, KEY), hadamard.unrotate_reference(y, KEY))
+    z = _randn(4, 1024, seed=4)
+    assert torch.equal(hadamard.fwht_(z.clone()), hadamard.fwht_reference(z))
+    with pytest.raises(AssertionError, match="threaded"):
+        hadamard.rotate(_randn(hadamard.SERIAL_BELOW, seed=1), KEY)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("m,nseg", [(0, 3), (3, 2), (6, 5), (12, 1), (13, 2), (16, 1), (17, 1)])
+def test_serial_kernel_equals_threaded_kernel(m, nseg, dtype):
+    from gradzip._numba import fwht as kernel
+
+    n = 1 << m
+    x = _randn(nseg * n, seed=m, dtype=torch.float64).numpy().astype(dtype)
+    tab = kernel.sign_table(dtype)
+    scale = dtype(1 / math.sqrt(n))
+    for mode in (kernel.PLAIN, kernel.ROTATE, kernel.UNROTATE):
+        a, b = np.empty_like(x), np.empty_like(x)
+        kernel.transform(x, 0, n, a, 0, n, nseg, m, mode, 5, 6, 7, scale, tab)
+        kernel.transform_serial(x, 0, n, b, 0, n, nseg, m, mode, 5, 6, 7, scale, tab)
+        assert np.array_equal(a, b)
+
+
+# ---------------------------------------------------------------------------------------
+# The fused encoder: rotation + norm + dithered one-bit quantization
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("d", [1 << 16, 1 << 17, 1 << 18, 1 << 19, 1 << 21])
+def test_rotate_quantize_matches_reference(d):
+    from gradzip.compressors.onebit import quantize_reference
+
+    g = _gen(d)
+    for _ in range(2):
+        x = torch.randn(d, generator=g) * (10.0 ** int(torch.randint(-3, 4, (1,), generator=g)))
+        key, dkey = (int(v) for v in torch.randint(0, 2**62, (2,), generator=g))
+        lam = float(np.float32(float(torch.rand(1, generator=g)) * 3 * x.abs().max().item()))
+        out = torch.empty(d // 8, dtype=torch.uint8)
+        seen = []
+
+        def scale_of(sq, finite, seen=seen, lam=lam):
+            seen.append((sq, finite))
+            return lam
+
+        got = hadamard.rotate_quantize_(x, key, scale_of, dkey, out)
+        assert got == lam
+        ((sq, finite),) = seen
+        assert finite and sq == pytest.approx(float(x.double().square().sum()), rel=1e-12)
+        ref = quantize_reference(hadamard.rotate_reference(x, key), lam, dkey)
+        assert torch.equal(out, ref)
+    # lam = 0: the plain signs of Phi x
+    hadamard.rotate_quantize_(x, key, lambda sq, finite: 0.0, dkey, out)
+    assert torch.equal(out, quantize_reference(hadamard.rotate_reference(x, key), 0.0, None))
+
+
+def test_rotate_quantize_takes_only_what_it_can_fuse():
+    assert hadamard.can_rotate_quantize(torch.zeros(1 << 16))
+    for x in (
+        torch.zeros(1 << 15),
+        torch.zeros((1 << 17) + 1),
+        torch.zeros(1 << 17, dtype=torch.float64),
+        torch.zeros(2, 1 << 17),
+        torch.zeros(2 << 17)[::2],
+    ):
+        assert not hadamard.can_rotate_quantize(x)
+    with pytest.raises(ValueError, match="out must"):
+        hadamard.rotate_quantize_(
+            torch.zeros(1 << 17), 1, lambda s, f: 1.0, 2, torch.empty(3, dtype=torch.uint8)
+        )
+
+
+@pytest.mark.parametrize("n", [1 << 16, 1 << 17, 1 << 18, 1 << 20])
+def test_unrotate_signs_matches_reference(n):
+    from gradzip import bits
+
+    g = _gen(n)
+    data = torch.randint(0, 256, (n // 8,), dtype=torch.uint8, generator=g)
+    for lam in (0.75, 0.0, 3.3e-20, 1.7e30):
+        lam = float(np.float32(lam))
+        key = int(torch.randint(0, 2**62, (1,), generator=g))
+        ref = hadamard.unrotate_reference(bits.unpack_signs_reference(data, n, lam), key)
+        out = torch.empty(n)
+        assert hadamard.unrotate_signs(data, n, lam, key, out=out) is out
+        assert torch.equal(out, ref)
+    assert hadamard.can_unrotate_signs(n) and not hadamard.can_unrotate_signs(n + 8)
+    with pytest.raises(ValueError, match="power-of-two"):
+        hadamard.unrotate_signs(data, n // 2 + 8, 1.0, 1)
+    with pytest.raises(ValueError, match="data must"):
+        hadamard.unrotate_signs(data[1:], n, 1.0, 1)
+
+
+def test_run_pieces_covers_everything_once_and_raises():
+    seen = []
+    hadamard._run_pieces(1000, 64, lambda w, i, j: seen.append((i, j)))
+    assert sorted(seen) == [(i, min(1000, i + 64)) for i in range(0, 1000, 64)]
+    assert hadamard._piece(1 << 24, 1 << 15) % (1 << 15) == 0
+
+    def boom(w, i, j):
+        if i == 128:
+            raise RuntimeError("piece failed")
+
+    with pytest.raises(RuntimeError, match="piece failed"):
+        hadamard._run_pieces(1000, 64, boom)

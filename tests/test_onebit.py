@@ -7,8 +7,10 @@ import pytest
 import torch
 
 import gradzip as gz
-from gradzip import rng
+from gradzip import bits as bits_mod
+from gradzip import hadamard, rng
 from gradzip.compressors import onebit as ob
+from gradzip.compressors.base import read_f32
 from gradzip.experiments.bench import vnmse
 from gradzip.experiments.variance import sparse_vector
 
@@ -112,7 +114,7 @@ def test_zero_vector_decodes_to_zero():
         assert torch.equal(c.decode(c.encode(torch.zeros(100))), torch.zeros(100))
 
 
-@pytest.mark.parametrize("n", [1, 7, 8, 9, 1000, 65537])
+@pytest.mark.parametrize("n", [1, 7, 8, 9, 31, 32, 33, 1000, 4097, 65537, (1 << 17) + 3])
 def test_quantize_kernel_matches_reference(n):
     g = torch.Generator().manual_seed(n)
     y = torch.randn(n, generator=g)
@@ -122,7 +124,7 @@ def test_quantize_kernel_matches_reference(n):
         assert torch.equal(out, ob.quantize_reference(y, lam, key))
 
 
-@pytest.mark.parametrize("n", [1, 9, 4097])
+@pytest.mark.parametrize("n", [1, 9, 33, 4097, (1 << 17) + 5])
 def test_subtractive_dequantize_matches_reference(n):
     data = torch.randint(0, 256, ((n + 7) // 8,), dtype=torch.uint8)
     key = rng.derive_key(n)
@@ -136,3 +138,105 @@ def test_fixed_scale_clips_and_says_biased():
     assert not c.unbiased
     y = c.decode(c.encode(torch.tensor([10.0, -10.0])))
     assert set(np.abs(y.numpy()).tolist()) == {0.5}
+
+
+# --- the fused encoder (rotation + norm + quantization in two passes, CPU float32) ----------
+
+
+def _reference_bits(x, p):
+    """The payload's bits recomputed by the pure-torch path, with the payload's lambda."""
+    h = p.header
+    lam = read_f32(p.section(0), 1, "scale")[0]
+    y = hadamard.rotate_reference(x, rng.derive_key(h.seed, h.step, h.worker, rng.STREAM_ROTATION))
+    key = rng.derive_key(h.seed, h.step, h.worker, rng.STREAM_DITHER)
+    return lam, ob.quantize_reference(y, lam, key)
+
+
+@pytest.mark.parametrize("d", [1 << 16, 1 << 17, 1 << 18, 1 << 20])
+def test_fused_fosgd_encoder_matches_reference(d, monkeypatch):
+    g = torch.Generator().manual_seed(d)
+    spike = torch.zeros(d)
+    spike[int(torch.randint(d, (1,), generator=g))] = -3.0
+    c = gz.compressor("fosgd:c=1.5")
+    for trial, x in enumerate((torch.randn(d, generator=g), spike, 1e-30 * torch.randn(d))):
+        assert hadamard.can_rotate_quantize(x)
+        p = c.encode(x, seed=trial, step=d, worker=2)
+        lam, bits = _reference_bits(x, p)
+        assert torch.equal(p.section(1), bits)
+        assert lam == pytest.approx(c.norm_scale(float(x.double().norm()), d), rel=1e-6)
+        assert lam >= c.norm_scale(float(x.double().norm()), d) * (1 - 1e-12)
+        # the unfused path (stats, rotate, quantize) gives the same payload
+        with monkeypatch.context() as mp:
+            mp.setattr(hadamard, "can_rotate_quantize", lambda v: False)
+            q = c.encode(x, seed=trial, step=d, worker=2)
+        assert read_f32(q.section(0), 1, "scale")[0] == pytest.approx(lam, rel=2**-22)
+        if read_f32(q.section(0), 1, "scale")[0] == lam:
+            assert bytes(q.to_bytes()) == bytes(p.to_bytes())
+        # the fused decoder (unpacking inside the inverse rotation) equals the plain one
+        y = c.decode(p)
+        with monkeypatch.context() as mp:
+            mp.setattr(hadamard, "can_unrotate_signs", lambda n: False)
+            assert torch.equal(c.decode(p), y)
+        h = p.header
+        z = bits_mod.unpack_signs_reference(p.section(1), d, lam)
+        key = rng.derive_key(h.seed, h.step, h.worker, rng.STREAM_ROTATION)
+        assert torch.equal(y, hadamard.unrotate_reference(z, key))
+
+
+def test_fused_fosgd_rejects_non_finite_input_and_other_inputs_use_the_plain_path():
+    d = 1 << 17
+    for bad in (float("nan"), float("inf")):
+        x = torch.randn(d)
+        x[12345] = bad
+        with pytest.raises(ValueError, match="non-finite"):
+            gz.compressor("fosgd").encode(x)
+    # not fused: other lengths, dtypes, rules, or no flattening; all still match the reference
+    g = torch.Generator().manual_seed(0)
+    for spec, x in (
+        ("fosgd", torch.randn(d + 8, generator=g)),
+        ("fosgd", torch.randn(d, generator=g).double()),
+        ("fosgd:scale=max", torch.randn(d, generator=g)),
+        ("onebit:scale=norm", torch.randn(d, generator=g)),
+    ):
+        c = gz.compressor(spec)
+        p = c.encode(x, seed=3)
+        lam = read_f32(p.section(0), 1, "scale")[0]
+        h = p.header
+        y = x.float()
+        if c.flatten:
+            y = hadamard.rotate_reference(y, rng.derive_key(3, 0, 0, rng.STREAM_ROTATION))
+        key = rng.derive_key(h.seed, h.step, h.worker, rng.STREAM_DITHER)
+        assert torch.equal(p.section(1), ob.quantize_reference(y, lam, key)), spec
+
+
+def test_fused_encoder_leaves_out_untouched_when_refused():
+    d = 1 << 17
+    x = torch.randn(d)
+    out = torch.full((d // 8,), 7, dtype=torch.uint8)
+
+    def refuse(sq, finite):
+        assert finite and sq == pytest.approx(float(x.double().square().sum()), rel=1e-12)
+        raise ValueError("no")
+
+    with pytest.raises(ValueError, match="no"):
+        hadamard.rotate_quantize_(x, 1, refuse, 2, out)
+    assert bool((out == 7).all())
+    x[5] = float("nan")
+    seen = []
+    with pytest.raises(ZeroDivisionError):
+        hadamard.rotate_quantize_(x, 1, lambda sq, f: seen.append(f) or 1 / 0, 2, out)
+    assert seen == [False] and bool((out == 7).all())
+    with pytest.raises(ValueError, match="power-of-two"):
+        hadamard.rotate_quantize_(torch.randn(d + 1), 1, lambda sq, f: 1.0, 2, out)
+
+
+def test_non_finite_input_is_a_non_finite_error_on_every_path():
+    """The fused encoder (power-of-two d >= 2^16) and the plain one raise the same error
+    type, which training uses to tell divergence from a configuration mistake."""
+    from gradzip.compressors.base import NonFiniteError
+
+    for d in (1 << 16, 1000):
+        x = torch.randn(d)
+        x[d // 3] = float("nan")
+        with pytest.raises(NonFiniteError, match="non-finite"):
+            gz.compressor("fosgd").encode(x)

@@ -32,6 +32,35 @@ def test_numba_matches_torch(n):
         k = rng.derive_key(seed, 2, 1, rng.STREAM_DITHER)
         assert np.array_equal(rng.symmetric_uniform(k, n).numpy(), nrng.symmetric_uniform(k, n))
         assert np.array_equal(rng.rademacher(k, n).numpy(), nrng.rademacher(k, n))
+        assert np.array_equal(rng.dither16(k, n).numpy(), nrng.dither16(k, n))
+
+
+def test_dither16_layout_and_grid():
+    """Group g of 32 values: the low then the high 16-bit halves of hashes 16 g .. 16 g + 15."""
+    k = rng.derive_key(3, 1, 4, rng.STREAM_DITHER)
+    n = 32 * 5 + 7
+    u = rng.dither16(k, n)
+    h = rng.hash32(torch.arange(16 * 6), k)
+    t = torch.stack([h.reshape(6, 16) & 0xFFFF, h.reshape(6, 16) >> 16], dim=1).reshape(-1)[:n]
+    assert torch.equal(u, (2 * t + 1).float() / 65536 - 1)
+    # exact grid of spacing 2**-15, symmetric about 0, inside (-1, 1)
+    grid = (u.double() + 1) * 2**15
+    assert torch.equal(grid, grid.floor() + 0.5)
+    assert -1 < float(u.min()) and float(u.max()) < 1
+    assert rng.dither16(k, 1000)[:n].equal(u) and rng.dither16(k, 0).numel() == 0
+
+
+def test_dither16_moments_and_independence():
+    n = 1 << 20
+    u = rng.dither16(rng.derive_key(42), n).double()
+    assert abs(float(u.mean())) < 6 * (1 / 3 / n) ** 0.5
+    assert abs(float(u.var()) - 1 / 3) < 6 * (1 / 45 / n) ** 0.5 * 2
+    counts = torch.histc(u, bins=16, min=-1, max=1)
+    assert float(((counts - n / 16) ** 2 / (n / 16)).sum()) < 37.7
+    # the two halves of one hash (elements j and j + 16 of a group) are uncorrelated
+    g = u.reshape(-1, 2, 16)
+    assert abs(float((g[:, 0] * g[:, 1]).mean())) < 6 / 3 / (n / 2) ** 0.5
+    assert abs(float((u[1:] * u[:-1]).mean())) < 6 / 3 / n**0.5
 
 
 def test_global_rng_untouched():
@@ -80,3 +109,4 @@ def test_cuda_matches_cpu():
     k = rng.derive_key(3, 4, 5, 6)
     assert torch.equal(rng.symmetric_uniform(k, 4097, "cuda").cpu(), rng.symmetric_uniform(k, 4097))
     assert torch.equal(rng.rademacher(k, 4097, "cuda").cpu(), rng.rademacher(k, 4097))
+    assert torch.equal(rng.dither16(k, 4097, "cuda").cpu(), rng.dither16(k, 4097))

@@ -37,29 +37,44 @@ and the test oracle. :func:`fwht_`, :func:`rotate` and :func:`unrotate` use the 
 of :mod:`gradzip._numba.fwht` for CPU float32/float64 tensors and the reference otherwise.
 Both paths do the same floating-point operations in the same order (sign flip, multiply
 by ``fl(1/sqrt(B))``, butterflies ``(a + b, a - b)`` at stride 1, 2, 4, ...), so their
-results agree bit for bit.
+results agree bit for bit. Calls on fewer than :data:`SERIAL_BELOW` elements stay on the
+calling thread.
+
+Two fused CPU float32 paths serve FO-SGD (lengths a power of two, ``2**16`` and up; see
+:mod:`gradzip._numba.fwht`): :func:`rotate_quantize_` computes the dithered one-bit bits
+of ``Phi x`` in two passes over memory, taking ``||x||_2`` on the way (the ``norm`` scale
+rule needs nothing else), and :func:`unrotate_signs` computes ``Phi^T (lam * b)`` straight
+from the packed bits. Each equals its unfused composition of references bit for bit.
 """
 
 from __future__ import annotations
 
 import math
+import threading
+from collections.abc import Callable
 
 import numpy as np
 import torch
 
-from . import rng
+from . import _alloc, rng
 
 __all__ = [
+    "can_rotate_quantize",
+    "can_unrotate_signs",
     "fwht_",
     "fwht_reference",
     "rotate",
+    "rotate_quantize_",
     "rotate_reference",
     "rotation_block",
     "unrotate",
     "unrotate_reference",
+    "unrotate_signs",
 ]
 
 _FAST_DTYPES = (torch.float32, torch.float64)
+#: Below this many elements in one call, the fast path runs on the calling thread only.
+SERIAL_BELOW = 1 << 16
 
 
 def _log2_exact(n: int) -> int:
@@ -164,6 +179,16 @@ def _kernel():
     return fwht
 
 
+def _transform(numel: int):
+    """The numba kernel for a call on ``numel`` elements: threaded, or serial if small.
+
+    Small calls never enter a numba thread region: waking the pool costs more than their
+    whole transform, and under CPU contention a call can wait milliseconds for a worker.
+    """
+    k = _kernel()
+    return k.transform_serial if numel < SERIAL_BELOW else k.transform
+
+
 def _table(dtype: torch.dtype) -> np.ndarray:
     tab = _TABLES.get(dtype)
     if tab is None:
@@ -192,7 +217,8 @@ def fwht_(x: torch.Tensor) -> torch.Tensor:
             a = x.detach().view(-1).numpy()
             k = _kernel()
             one = _np_scalar(1.0, x.dtype)
-            k.transform(a, 0, n, a, 0, n, nseg, m, k.PLAIN, 0, 0, 0, one, _table(x.dtype))
+            t = _transform(a.size)
+            t(a, 0, n, a, 0, n, nseg, m, k.PLAIN, 0, 0, 0, one, _table(x.dtype))
         return x
     with torch.no_grad():
         x.copy_(fwht_reference(x))
@@ -256,11 +282,12 @@ def rotate(x: torch.Tensor, key: int, out: torch.Tensor | None = None) -> torch.
     tab = _table(out.dtype)
     a, o = x2.view(-1).numpy(), o2.view(-1).numpy()
     rows = x2.shape[0]
-    k.transform(a, 0, d, o, 0, d, rows, m, k.ROTATE, k0, k1, 0, scale, tab)
+    t = _transform(rows * d)
+    t(a, 0, d, o, 0, d, rows, m, k.ROTATE, k0, k1, 0, scale, tab)
     if d > B:
         if o2.data_ptr() != x2.data_ptr():
             o2[:, B:].copy_(x2[:, B:])
-        k.transform(o, d - B, d, o, d - B, d, rows, m, k.ROTATE, k0, k1, B, scale, tab)
+        t(o, d - B, d, o, d - B, d, rows, m, k.ROTATE, k0, k1, B, scale, tab)
     return out
 
 
@@ -281,11 +308,191 @@ def unrotate(y: torch.Tensor, key: int, out: torch.Tensor | None = None) -> torc
     tab = _table(out.dtype)
     a, o = y2.view(-1).numpy(), o2.view(-1).numpy()
     rows = y2.shape[0]
+    t = _transform(rows * d)
     if d > B:
-        k.transform(a, d - B, d, o, d - B, d, rows, m, k.UNROTATE, k0, k1, B, scale, tab)
+        t(a, d - B, d, o, d - B, d, rows, m, k.UNROTATE, k0, k1, B, scale, tab)
         if o2.data_ptr() != y2.data_ptr():
             o2[:, : d - B].copy_(y2[:, : d - B])
-        k.transform(o, 0, d, o, 0, d, rows, m, k.UNROTATE, k0, k1, 0, scale, tab)
+        t(o, 0, d, o, 0, d, rows, m, k.UNROTATE, k0, k1, 0, scale, tab)
     else:
-        k.transform(a, 0, d, o, 0, d, rows, m, k.UNROTATE, k0, k1, 0, scale, tab)
+        t(a, 0, d, o, 0, d, rows, m, k.UNROTATE, k0, k1, 0, scale, tab)
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# Fused encoder: rotation + norm + dithered one-bit quantization (CPU float32)
+# ---------------------------------------------------------------------------------------
+
+
+PIECES_PER_THREAD = 4  # work items per thread in the fused passes (for load balance)
+_buffers = threading.local()
+
+
+def _run_pieces(n: int, piece: int, call: Callable[[int, int, int], object]) -> None:
+    """``call(w, start, stop)`` over ``[0, n)`` in pieces of ``piece`` elements.
+
+    The calling thread (``w = 0``) and up to ``threads() - 1`` threads of the shared pool
+    (``w = 1, 2, ...``) pull the pieces in order until none is left: on a machine shared
+    with other jobs, a descheduled thread leaves its share to the others instead of holding
+    up the whole pass, as a static split would. ``call`` runs a ``nogil`` numba kernel.
+    """
+    from ._numba.parallel import thread_pool, threads
+
+    starts = range(0, n, piece)
+    workers = min(threads(), len(starts))
+    if workers <= 1:
+        call(0, 0, n)
+        return
+    todo = iter(starts)
+    lock = threading.Lock()
+
+    def work(w: int) -> None:
+        while True:
+            with lock:
+                start = next(todo, None)
+            if start is None:
+                return
+            call(w, start, min(n, start + piece))
+
+    futures = [thread_pool().submit(work, w) for w in range(1, workers)]
+    try:
+        work(0)
+    finally:
+        for f in futures:
+            f.result()
+
+
+def _piece(n: int, align: int) -> int:
+    """A piece of ``n`` for :func:`_run_pieces`: a multiple of ``align``, a few per thread."""
+    from ._numba.parallel import threads
+
+    per = max(1, n // align // (PIECES_PER_THREAD * threads()))
+    return per * align
+
+
+def _chunk_buffers(R: int, C: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per-worker chunk buffers of the fused encoder's pass 2, kept by the calling thread
+    (fresh memory would cost page faults on every call; other threads get their own)."""
+    from ._numba.parallel import threads
+
+    key = (R * C, threads())
+    bufs = getattr(_buffers, "chunks", None)
+    if bufs is None or bufs[0] != key:
+        pairs = [(np.empty(R * C, np.float32), np.zeros(R * C, np.uint8)) for _ in range(key[1])]
+        bufs = _buffers.chunks = (key, pairs)
+    return bufs[1]
+
+
+def can_rotate_quantize(x: torch.Tensor) -> bool:
+    """Whether :func:`rotate_quantize_` takes ``x``: a contiguous 1-D CPU float32 tensor whose
+    length is a power of two large enough for the two-pass (rows, column chunks) transform
+    (``2**16`` and up). Anything else goes the unfused way (rotate, then quantize)."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and x.dim() == 1
+        and x.is_contiguous()
+        and _kernel().fused_ok(x.numel())
+    )
+
+
+def rotate_quantize_(
+    x: torch.Tensor,
+    key: int,
+    scale_of: Callable[[float, bool], float],
+    dither_key: int,
+    out: torch.Tensor,
+    scratch: torch.Tensor | None = None,
+) -> float:
+    """The dithered one-bit quantization of ``Phi x``, fused with the rotation; returns lambda.
+
+    ``out`` (uint8, ``len(x) / 8`` bytes) receives the packed bits ``Phi x + lam * u < 0``
+    with ``u = rng.dither16(dither_key, len(x))`` (bit ``j`` of byte ``i`` for element
+    ``8 i + j``), exactly the bits of ``quantize_reference(rotate_reference(x, key), lam,
+    dither_key)`` in :mod:`gradzip.compressors.onebit`. ``lam = scale_of(sq, finite)`` is
+    chosen between the two passes from ``sq = ||x||_2**2`` (float64; the rotation preserves
+    it, so the ``norm`` scale rule needs nothing else) and ``finite`` (no NaN or inf in
+    ``x``, and ``sq`` did not overflow); ``scale_of`` raises to refuse the input, and then
+    ``out`` is left untouched. ``lam`` must be a float32 value.
+
+    Compared with ``stats``, ``rotate`` and ``quantize_`` in a row it saves three passes
+    over memory: the norm is taken in pass 1 of the rotation on rows already in L2, and
+    pass 2 quantizes each column chunk as it finishes it, so the rotated vector is never
+    written back (see :func:`gradzip._numba.fwht.cols_quantize`). ``scratch`` (float32, at
+    least ``len(x)`` elements; a reused per-thread buffer by default) holds pass 1's result.
+    ``x`` must satisfy :func:`can_rotate_quantize`.
+    """
+    if not can_rotate_quantize(x):
+        raise ValueError("rotate_quantize_ needs a contiguous 1-D CPU float32 power-of-two x")
+    d = x.numel()
+    if out.dtype != torch.uint8 or out.numel() != d // 8 or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous uint8 tensor of {d // 8} bytes")
+    if scratch is None:
+        scratch = _alloc.scratch(d)
+    k = _kernel()
+    m = d.bit_length() - 1
+    L, R, C = k.fused_grid(m)
+    k0, k1 = _split_key(key)
+    a = x.detach().numpy()
+    y = scratch.detach().view(-1)[:d].numpy()
+    sq = np.empty(R, np.float64)
+    mx = np.empty(R, np.uint32)
+    scale = np.float32(1.0 / math.sqrt(d))
+    tab = _table(torch.float32)
+    bits = a.view(np.uint32)
+
+    def pass1(w: int, i: int, j: int) -> None:
+        k.rotate_stats(a, bits, y, m, k0, k1, scale, tab, sq, mx, i, j)
+
+    _run_pieces(d, _piece(d, L), pass1)
+    total = float(sq.sum())
+    finite = int(mx.max()) < 0x7F800000 and math.isfinite(total)
+    lam = scale_of(total, finite)
+    d0, d1 = _split_key(dither_key)
+    lam32, o, bufs = np.float32(lam), out.numpy(), _chunk_buffers(R, C)
+    _run_pieces(
+        d,
+        _piece(d, d // (L // C)),
+        lambda w, i, j: k.cols_quantize(y, m, lam32, d0, d1, o, *bufs[w], i, j),
+    )
+    return lam
+
+
+def can_unrotate_signs(n: int) -> bool:
+    """Whether :func:`unrotate_signs` fuses for length ``n`` (a power of two >= ``2**16``)."""
+    return _kernel().fused_ok(n)
+
+
+def unrotate_signs(
+    data: torch.Tensor, n: int, lam: float, key: int, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``Phi^T (lam * b)`` for the ``n`` signs ``b`` packed in ``data``, fused (CPU float32).
+
+    Equals ``unrotate_reference(bits.unpack_signs_reference(data, n, lam), key)`` bit for
+    bit (``b = -1`` where the bit is set), without unpacking the signs into memory: the
+    first pass of the inverse rotation builds its input from the bits in registers
+    (:func:`gradzip._numba.fwht.unrotate_signs_rows`). ``lam`` is a float32 value; ``n``
+    must satisfy :func:`can_unrotate_signs`; ``out`` (float32, ``n`` elements, contiguous)
+    receives the result.
+    """
+    if not can_unrotate_signs(n):
+        raise ValueError(f"unrotate_signs needs a power-of-two n >= 2**16, got {n}")
+    if data.dtype != torch.uint8 or data.numel() != n // 8 or data.device.type != "cpu":
+        raise ValueError(f"data must be {n // 8} CPU uint8 bytes")
+    if out is None:
+        out = _alloc.empty(n)
+    elif out.dtype != torch.float32 or out.numel() != n or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous float32 tensor of {n} elements")
+    k = _kernel()
+    m = n.bit_length() - 1
+    L, R, C = k.fused_grid(m)
+    k0, k1 = _split_key(key)
+    c = np.float32(lam) * np.float32(1.0 / math.sqrt(n))
+    o = out.detach().view(-1).numpy()
+    tab = _table(torch.float32)
+    bits = data.contiguous().numpy()
+    _run_pieces(n, _piece(n, L), lambda w, i, j: k.unrotate_signs_rows(bits, o, m, c, tab, i, j))
+    _run_pieces(
+        n, _piece(n, n // (L // C)), lambda w, i, j: k.cols_unrotate(o, m, k0, k1, tab, i, j)
+    )
     return out

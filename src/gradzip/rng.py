@@ -17,6 +17,13 @@ The generator (documented so other implementations can match it):
 4. ``symmetric_uniform(key, n)[i] = (2 * (hash32(i, key) >> 9) + 1) * 2**-23 - 1``: a
    float32 on an exact grid in (-1, 1), symmetric about 0, so its mean is exactly 0.
    ``uniform = (symmetric_uniform + 1) / 2`` lies in (0, 1) with mean exactly 1/2.
+5. ``dither16(key, n)``: the cheaper dither of the one-bit quantizers, two values per hash.
+   Elements go in groups of 32; in group ``g`` the 16 hashes ``h_j = hash32(16 g + j, key)``
+   (``j < 16``) give element ``32 g + j`` their low 16 bits and element ``32 g + 16 + j``
+   their high 16 bits, and a 16-bit ``t`` becomes ``(2 t + 1) * 2**-16 - 1``: a float32 on
+   an exact grid of spacing ``2**-15`` in (-1, 1), symmetric about 0, so its mean is
+   exactly 0. (This layout makes both halves of a vector of hashes land on contiguous
+   elements, so the kernels need no shuffles.)
 """
 
 from __future__ import annotations
@@ -101,6 +108,20 @@ def symmetric_uniform(key: int, n: int, device=None) -> torch.Tensor:
     _check(key, n)
     h = hash32(_counters(n, device), key)
     return ((h >> 9) * 2 + 1).to(torch.float32) * 2.0**-23 - 1.0
+
+
+def dither16(key: int, n: int, device=None) -> torch.Tensor:
+    """``n`` float32 values on the grid ``(2 t + 1) 2**-16 - 1``, ``t < 2**16`` (module doc, 5).
+
+    Resolution ``2**-15``: a one-bit quantizer dithered with ``lam * dither16`` has its
+    probabilities rounded to multiples of ``2**-16``, i.e. a bias of at most ``2**-15 lam``
+    per coordinate, far below its standard deviation (of the order of ``lam``).
+    """
+    _check(key, n, 2)
+    groups = -(-n // 32)
+    h = hash32(_counters(16 * groups, device), key).reshape(groups, 1, 16)
+    t = torch.cat((h & 0xFFFF, h >> 16), dim=1).reshape(-1)[:n]
+    return (t * 2 + 1).to(torch.float32) * 2.0**-16 - 1.0
 
 
 def uniform(key: int, n: int, device=None) -> torch.Tensor:

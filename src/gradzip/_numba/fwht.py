@@ -22,18 +22,48 @@ How it is fast
 Unblocked, each of the ``m`` stages would stream the whole vector through memory. Here a
 large segment is transformed in place in ``dst`` in two passes over memory:
 
-1. *Rows* (pass 1). View the segment as ``R x L`` with a row of ``L`` elements (256 KiB)
+1. *Rows* (pass 1). View the segment as ``R x L`` with a row of ``L`` elements (128 KiB)
    fitting in L2. Each row is transformed completely: first L1-sized blocks (16 KiB, all
    their stages while in L1; the input is read, sign-flipped and scaled on the way in, and
    the next block is prefetched meanwhile), then the few stages between blocks while the
    row is still in L2.
 2. *Columns* (pass 2). The remaining ``log2 R`` stages act across rows. A chunk of ``C``
-   adjacent columns of all ``R`` rows fits in L2 (128 KiB, leaving room for the next chunk,
+   adjacent columns of all ``R`` rows fits in L2 (256 KiB, leaving room for the next chunk,
    prefetched during the first sweep), where butterflies between rows are contiguous
    vector operations. Post-transform signs are applied before the chunk leaves L2.
 
 Rows (pass 1) and column chunks (pass 2) are spread over the threads with ``prange``;
-many small segments are spread one segment per work item instead.
+many small segments are spread one segment per work item instead. Small calls (below
+``gradzip.hadamard.SERIAL_BELOW`` elements) use :func:`transform_serial`, the same work on
+the calling thread: waking numba's pool costs more than their whole transform, and under
+CPU contention a call can wait milliseconds for a descheduled worker.
+
+Fused encoder and decoder (FO-SGD, float32, ``n = 2**m >= 2**16``)
+------------------------------------------------------------------
+The one-bit FO-SGD encoder with the ``norm`` scale rule needs only ``||x||_2`` (the rotation
+preserves it) to quantize ``Phi x``. Done one after the other, the norm, the rotation and
+the quantizer cost five passes over memory (read x; rows; columns read and written back;
+read Phi x). :func:`rotate_stats` and :func:`cols_quantize` do it in two:
+
+1. Pass 1 takes each row's sum of squares and finiteness on the way in (the statistics
+   pull the row into L2, the transform then reads it from there).
+2. The caller picks lambda from the norm (and refuses non-finite input) between the passes.
+3. Pass 2 reads each column chunk once into a per-thread buffer, finishes its stages there
+   and quantizes it (dither, sign, bit packing into the payload) from L2. The chunk is
+   never written back: the rotated vector is never stored, and no dirty line of the
+   intermediate goes back to memory. The contiguous buffer also escapes the cache-set
+   conflicts of R rows ``4 L`` bytes apart.
+
+The decoder's inverse rotation of ``lam * b`` builds its pass-1 input from the payload's
+bits in registers (:func:`unrotate_signs_rows`, ``_hgroup_bits``) instead of unpacking
+them into a float vector first: one pass over ``4 n`` bytes less in each direction.
+
+Both run their passes as plain ``nogil`` kernels on pieces of the work that the calling
+thread and the pool of :mod:`gradzip._numba.parallel` pull one after another
+(:func:`gradzip.hadamard._run_pieces`), not with ``prange``: the statistics and the
+quantizer are loops that LLVM vectorizes, which it does much worse inside numba's parallel
+regions; and with a few pieces per thread, a thread that the OS deschedules on a busy
+machine leaves its remaining pieces to the others instead of holding up the pass.
 
 Vector code
 -----------
@@ -46,7 +76,9 @@ is spelled out in a handful of tiny LLVM "intrinsics" on 32-byte vectors of ``W`
   registers. Inside a vector, stage ``t`` is ``shuffle(x, c -> c ^ t) + sign_t * x`` (one
   shuffle and one exact FMA, ``sign_t`` being +-1); then a radix-8 butterfly across the 8
   vectors.
-- ``_bfly8/4/2(a, i, s)``: 3/2/1 stages across 8/4/2 vectors at ``a[i + k s]`` (``s >= W``).
+- ``_bfly8/4/2(a, i, s)``: 3/2/1 stages across 8/4/2 vectors at ``a[i + k s]`` (``s >= W``);
+  ``_bfly8/4/2_to`` read them from one array and write them to another.
+- ``_hgroup_bits``: ``_hgroup`` on a vector of ``+-c`` built from ``8 W`` packed bits.
 - ``_signs``: flip the signs of ``8 W`` elements given ``8 W`` bits (xor of the sign bit,
   with masks looked up ``W`` bits at a time in ``sign_table``).
 - ``_prefetch``: the LLVM prefetch hint for one cache line.
@@ -61,15 +93,20 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .rng import hash32
+from .quantize import _MAGIC, _S56, _stats32
+from .rng import U32, dither16_of, hash32
 
 PLAIN, ROTATE, UNROTATE = 0, 1, 2
 
 # Cache budgets (bytes). Measured on a 2-core AMD EPYC (32 KiB L1d, 512 KiB L2 per core);
-# anything of this order works on current x86 and ARM server cores.
+# anything of this order works on current x86 and ARM server cores. A float32 row of 2**15
+# has 15 = 6 + 3 + 3 + 3 stages (register group, two L1 sweeps, one L2 sweep), all radix 8:
+# a row of 2**16 needs a lone radix-2 sweep over the whole row for its 16th stage, and the
+# fused encoder at 2**24 measured about 10-20% slower with it (the column pass has 3 sweeps
+# either way; measured on a 2-core EPYC with 1 MiB L2 per core).
 L1_BYTES = 1 << 14  # a block transformed entirely in L1 (half of a 32 KiB L1d)
-L2_BYTES = 1 << 18  # a pass-1 row (half of a 512 KiB L2)
-CHUNK_BYTES = 1 << 17  # a pass-2 column chunk (room is left for the prefetched next one)
+L2_BYTES = 1 << 17  # a pass-1 row (a quarter of a 512 KiB L2)
+CHUNK_BYTES = 1 << 18  # a pass-2 column chunk (room is left for the prefetched next one)
 MIN_CHUNKS = 8  # pass 2 keeps at least this many column chunks, for the threads
 LINE = 64  # cache line, bytes
 PREFETCH_LOCALITY = 2  # llvm.prefetch locality: 3 = t0 (L1), 2 = t1, 1 = t2, 0 = nta
@@ -218,6 +255,39 @@ _bfly4 = _make_bfly(4)
 _bfly2 = _make_bfly(2)
 
 
+def _make_bfly_to(radix: int):
+    @intrinsic
+    def bfly_to(typingctx, a, i, s, b, j, t):
+        if not (_same_float_arrays(a, b) and _all_ints(i, s, j, t)):
+            return None
+
+        def codegen(context, builder, sig, args):
+            V = _Vec(context, builder, sig.args[0])
+            src = V.data(sig.args[0], args[0])
+            dst = V.data(sig.args[3], args[3])
+            i0, st = V.index(args[1], sig.args[1]), V.index(args[2], sig.args[2])
+            j0, tt = V.index(args[4], sig.args[4]), V.index(args[5], sig.args[5])
+
+            def at(data, base, stride, k):
+                return V.ptr(data, builder.add(base, builder.mul(stride, ir.Constant(_I64, k))))
+
+            v = [V.load(at(src, i0, st, k)) for k in range(radix)]
+            V.butterflies(v)
+            for k, x in enumerate(v):
+                V.store(x, at(dst, j0, tt, k))
+            return context.get_dummy_value()
+
+        return types.void(a, i, s, b, j, t), codegen
+
+    return bfly_to
+
+
+# bfly<r>_to(a, i, s, b, j, t): the same stages, read from a[i + k s], written to b[j + k t].
+_bfly8_to = _make_bfly_to(8)
+_bfly4_to = _make_bfly_to(4)
+_bfly2_to = _make_bfly_to(2)
+
+
 def _hgroup_codegen(signed: bool):
     def codegen(context, builder, sig, args):
         V = _Vec(context, builder, sig.args[0])
@@ -258,6 +328,33 @@ def _hgroup_signed(typingctx, src, i, dst, j, bits, tab, scale):
     if not (ok and scale == src.dtype):
         return None
     return types.void(src, i, dst, j, bits, tab, scale), _hgroup_codegen(True)
+
+
+@intrinsic
+def _hgroup_bits(typingctx, dst, j, bits, tab, c):
+    """``dst[j : j + 8W] <- H_{8W} v`` with ``v_e = -c`` if bit e of ``bits`` is set, else ``c``.
+
+    The input is generated from 8W packed sign bits instead of being loaded: the first
+    stages of the decoder's inverse rotation read the payload's bits, not a float vector.
+    """
+    ok = _is_float_array(dst) and _all_ints(j, bits) and isinstance(tab, types.Array)
+    if not (ok and c == dst.dtype):
+        return None
+
+    def codegen(context, builder, sig, args):
+        V = _Vec(context, builder, sig.args[0])
+        ddata = V.data(sig.args[0], args[0])
+        j0 = V.index(args[1], sig.args[1])
+        bits = context.cast(builder, args[2], sig.args[2], types.uint64)
+        tdata = context.make_array(sig.args[3])(context, builder, args[3]).data
+        base = V.splat(args[4])
+        v = [V.h_in_register(V.flip(base, tdata, bits, k)) for k in range(8)]
+        V.butterflies(v)
+        for k in range(8):
+            V.store(v[k], V.ptr(ddata, j0, k))
+        return context.get_dummy_value()
+
+    return types.void(dst, j, bits, tab, c), codegen
 
 
 @intrinsic
@@ -322,6 +419,8 @@ _U31 = np.uint64(31)
 _U32 = np.uint64(32)
 _ONE = np.uint64(1)
 _ZERO = np.uint64(0)
+_LOW16 = U32(0xFFFF)
+_S16 = U32(16)
 
 
 @numba.njit(inline="always", cache=True)
@@ -478,6 +577,28 @@ def _cols(a, off, L, R, c0, C, post, k0, k1, sbase, tab):
         h *= radix
 
 
+@numba.njit(inline="always", cache=True)
+def _budgets(itemsize):
+    """``(m1, m2)``: log2 of an L1 block and of a pass-1 row, in elements."""
+    m1 = 0
+    while (2 << m1) * itemsize <= L1_BYTES:
+        m1 += 1
+    m2 = 0
+    while (2 << m2) * itemsize <= L2_BYTES:
+        m2 += 1
+    return m1, m2
+
+
+@numba.njit(inline="always", cache=True)
+def _grid(m, m1, m2, G, itemsize):
+    """``(log2 L, L, R, C)`` of a large segment (2**m): R rows of L, column chunks of C."""
+    m_row = m1 if m <= m2 else m2
+    L = 1 << m_row
+    R = 1 << (m - m_row)
+    C = max(G, min(L // MIN_CHUNKS, CHUNK_BYTES // (R * itemsize)))
+    return m_row, L, R, C
+
+
 @numba.njit(parallel=True, cache=True)
 def transform(src, soff, sstride, dst, doff, dstride, nseg, m, mode, key0, key1, sbase, scale, tab):
     """For each segment t < nseg, with n = 2**m:
@@ -491,12 +612,7 @@ def transform(src, soff, sstride, dst, doff, dstride, nseg, m, mode, key0, key1,
     W = _lanes(dst)
     G = 8 * W
     itemsize = 32 // W
-    m1 = 0  # log2 of an L1 block, in elements
-    while (2 << m1) * itemsize <= L1_BYTES:
-        m1 += 1
-    m2 = 0  # log2 of a pass-1 row
-    while (2 << m2) * itemsize <= L2_BYTES:
-        m2 += 1
+    m1, m2 = _budgets(itemsize)
     n = 1 << m
     k0 = np.uint64(key0)
     k1 = np.uint64(key1)
@@ -512,15 +628,237 @@ def transform(src, soff, sstride, dst, doff, dstride, nseg, m, mode, key0, key1,
             _row(src, soff + t * sstride, dst, do, m, m1, mode, post, k0, k1, sbase, scale, tab)
     else:
         # Large segments: rows of L in parallel (pass 1), then column chunks (pass 2).
-        m_row = m1 if m <= m2 else m2
-        L = 1 << m_row
-        R = 1 << (m - m_row)
-        C = max(G, min(L // MIN_CHUNKS, CHUNK_BYTES // (R * itemsize)))
+        mr, L, R, C = _grid(m, m1, m2, G, itemsize)
         for t in range(nseg):
             so = soff + t * sstride
             do = doff + t * dstride
             for r in numba.prange(R):
                 i, j, sb = so + r * L, do + r * L, sbase + r * L
-                _row(src, i, dst, j, m_row, m1, mode, False, k0, k1, sb, scale, tab)
+                _row(src, i, dst, j, mr, m1, mode, False, k0, k1, sb, scale, tab)
             for c in numba.prange(L // C):
                 _cols(dst, do, L, R, c * C, C, post, k0, k1, sbase, tab)
+
+
+@numba.njit(cache=True)
+def transform_serial(
+    src, soff, sstride, dst, doff, dstride, nseg, m, mode, key0, key1, sbase, scale, tab
+):
+    """:func:`transform` on the calling thread only, with the same results bit for bit.
+
+    For small work (``nseg * 2**m`` below about 2**16 elements): entering a numba thread
+    region costs a wake-up of the pool, and under CPU contention each call then waits
+    milliseconds for a descheduled worker, far longer than the transform itself.
+    """
+    W = _lanes(dst)
+    G = 8 * W
+    itemsize = 32 // W
+    m1, m2 = _budgets(itemsize)
+    k0 = np.uint64(key0)
+    k1 = np.uint64(key1)
+    post = mode == UNROTATE
+    for t in range(nseg):
+        so = soff + t * sstride
+        do = doff + t * dstride
+        if (1 << m) < G:
+            _tiny(src, so, dst, do, m, mode, k0, k1, sbase, scale)
+        elif m <= m2:
+            _row(src, so, dst, do, m, m1, mode, post, k0, k1, sbase, scale, tab)
+        else:
+            mr, L, R, C = _grid(m, m1, m2, G, itemsize)
+            for r in range(R):
+                i, j, sb = so + r * L, do + r * L, sbase + r * L
+                _row(src, i, dst, j, mr, m1, mode, False, k0, k1, sb, scale, tab)
+            for c in range(L // C):
+                _cols(dst, do, L, R, c * C, C, post, k0, k1, sbase, tab)
+
+
+# ---------------------------------------------------------------------------------------
+# The fused encoder: rotation + norm + dithered one-bit quantization (FO-SGD, ``norm`` rule)
+# ---------------------------------------------------------------------------------------
+
+
+def fused_ok(n: int) -> bool:
+    """Whether the fused encoder takes a float32 vector of ``n`` elements: a power of two
+    longer than a pass-1 row (the two-pass route of :func:`transform`)."""
+    return n >= 1 and n & (n - 1) == 0 and 4 * n > L2_BYTES
+
+
+def fused_grid(m: int) -> tuple[int, int, int]:
+    """``(L, R, C)`` of the fused encoder for ``n = 2**m`` float32 (``fused_ok(n)``)."""
+    m1, m2 = _budgets(4)
+    return _grid(m, m1, m2, 64, 4)[1:]
+
+
+@numba.njit(nogil=True, cache=True)
+def rotate_stats(src, sbits, dst, m, key0, key1, scale, tab, sq, mx, start, stop):
+    """Pass 1 of the fused encoder (float32, ``n = 2**m``, ``fused_ok(n)``) on elements
+    ``start .. stop`` (whole rows of ``L``; one piece of the work, called from threads).
+
+    For each row ``r``: ``sq[r]`` (float64 sum of squares) and ``mx[r]`` (max of the bit
+    patterns ``& 0x7FFFFFFF``, >= 0x7F800000 iff some value is NaN or inf) of ``src``'s row,
+    as :func:`gradzip._numba.quantize.stats32` computes them; then the row's pass 1 of the
+    ROTATE transform into ``dst``. The statistics bring the row into L2 and the transform
+    reads it from there: the separate pass over the input for the norm and the finiteness
+    check is gone. ``sbits = src.view(uint32)``.
+
+    Not a ``prange`` loop: the statistics rely on LLVM's auto-vectorizer, which does much
+    worse inside numba's parallel regions (see :mod:`gradzip._numba.parallel`).
+    """
+    W = _lanes(dst)
+    m1, m2 = _budgets(4)
+    mr, L, R, C = _grid(m, m1, m2, 8 * W, 4)
+    k0 = np.uint64(key0)
+    k1 = np.uint64(key1)
+    for r in range(start // L, (stop + L - 1) // L):
+        s, _, b = _stats32(src, sbits, r * L, (r + 1) * L)
+        sq[r] = s
+        mx[r] = b
+        _row(src, r * L, dst, r * L, mr, m1, ROTATE, False, k0, k1, r * L, scale, tab)
+
+
+@numba.njit(cache=True)
+def _cols_quantize(a, L, R, c0, C, buf, lam, k0, k1, out, tmp):
+    """Pass 2 of the fused encoder on the column chunk ``c0 .. c0 + C`` of ``a`` (R x L).
+
+    Like :func:`_cols`, but the first sweep reads the chunk from ``a`` and writes it to the
+    thread's ``buf`` (R x C, contiguous, in L2), the other sweeps work in ``buf``, and the
+    finished chunk is quantized from there (:func:`_quantize_chunk`). ``a`` is only read:
+    no dirty cache line of the intermediate goes back to memory, the rotated vector is
+    never stored, and the contiguous ``buf`` does not suffer the cache-set conflicts of R
+    rows L apart.
+    """
+    W = _lanes(a)
+    per_line = LINE // (32 // W)
+    h = 1
+    while h < R:
+        radix = 8 if 8 * h <= R else R // h
+        for b in range(0, R, radix * h):
+            for r in range(b, b + h):
+                j = r * C
+                if h == 1:
+                    for k in range(radix):  # the same rows of the next chunk
+                        i = (r + k) * L + c0 + C
+                        for p in range(i, i + C, per_line):
+                            _prefetch(a, p)
+                    i = r * L + c0
+                    for c in range(0, C, W):
+                        if radix == 8:
+                            _bfly8_to(a, i + c, L, buf, j + c, C)
+                        elif radix == 4:
+                            _bfly4_to(a, i + c, L, buf, j + c, C)
+                        else:
+                            _bfly2_to(a, i + c, L, buf, j + c, C)
+                else:
+                    for c in range(j, j + C, W):
+                        if radix == 8:
+                            _bfly8(buf, c, h * C)
+                        elif radix == 4:
+                            _bfly4(buf, c, h * C)
+                        else:
+                            _bfly2(buf, c, h * C)
+        h *= radix
+    _quantize_chunk(buf, L, R, c0, C, lam, k0, k1, out, tmp)
+
+
+@numba.njit(inline="always", cache=True)
+def _quantize_chunk(buf, L, R, c0, C, lam, k0, k1, out, tmp):
+    """Row ``r`` of ``buf`` (R x C) holds elements ``r L + c0 ..``: ``out`` <- their bits.
+
+    The bits are ``y + lam * u < 0`` with ``u = dither16`` (one hash per two elements, see
+    :func:`gradzip.rng.dither16`), first as 0/1 bytes in ``tmp``, in one loop over the whole
+    chunk that LLVM vectorizes (hash included), then packed eight to a byte with a multiply
+    (as in :mod:`gradzip._numba.quantize`). ``C`` is a multiple of 64.
+    """
+    gpr = C // 32
+    for r in range(R):
+        cnt = U32(((r * L + c0) // 32) * 16)
+        for g in range(gpr):
+            e = (r * gpr + g) * 32
+            c = U32(cnt + U32(g * 16))
+            for j in range(16):
+                hv = hash32(U32(c + U32(j)), k0, k1)
+                lo = dither16_of(U32(hv & _LOW16))
+                hi = dither16_of(U32(hv >> _S16))
+                tmp[e + j] = buf[e + j] + lam * lo < np.float32(0)
+                tmp[e + 16 + j] = buf[e + 16 + j] + lam * hi < np.float32(0)
+    t64 = tmp.view(np.uint64)
+    bpr = C // 8
+    for r in range(R):
+        o = (r * L + c0) // 8
+        for b in range(bpr):
+            out[o + b] = (t64[r * bpr + b] * _MAGIC) >> _S56
+
+
+@numba.njit(nogil=True, cache=True)
+def cols_quantize(a, m, lam, key0, key1, out, buf, tmp, start, stop):
+    """Pass 2 of the fused encoder: ``out`` <- the packed bits of ``Phi x + lam * u < 0``.
+
+    ``a`` holds pass 1's result (:func:`rotate_stats`) for ``n = 2**m``, ``u`` is
+    ``dither16`` of the key ``(key0, key1)`` and ``lam`` a float32. Does the column chunks
+    ``start // (n / nchunks) ..`` up to ``stop``'s (a kernel over ``n`` elements aligned to
+    ``n / nchunks``), with the chunk buffers ``buf`` (float32) and ``tmp`` (uint8) of at
+    least ``R * C`` elements each (see :func:`fused_grid`).
+    """
+    W = _lanes(a)
+    m1, m2 = _budgets(4)
+    mr, L, R, C = _grid(m, m1, m2, 8 * W, 4)
+    per = (1 << m) // (L // C)
+    k0 = U32(key0)
+    k1 = U32(key1)
+    for c in range(start // per, (stop + per - 1) // per):
+        _cols_quantize(a, L, R, c * C, C, buf, lam, k0, k1, out, tmp)
+
+
+# ---------------------------------------------------------------------------------------
+# The fused decoder: unpacking of the signs + inverse rotation (FO-SGD, standard dither)
+# ---------------------------------------------------------------------------------------
+
+
+@numba.njit(inline="always", cache=True)
+def _load_u64(data, o):
+    """The little-endian uint64 of bytes ``data[o : o + 8]`` (LLVM makes it one load)."""
+    w = np.uint64(0)
+    for q in range(8):
+        w |= np.uint64(data[o + q]) << np.uint64(8 * q)
+    return w
+
+
+@numba.njit(nogil=True, cache=True)
+def unrotate_signs_rows(data, dst, m, c, tab, start, stop):
+    """Pass 1 of the fused decoder (float32, ``n = 2**m``, ``fused_ok(n)``) on elements
+    ``start .. stop`` (whole rows; one piece of the work, called from threads).
+
+    ``dst`` <- pass 1 of the UNROTATE transform of ``v = lam * b`` (``b = +-1`` from the
+    packed bits ``data``), given ``c = fl(lam * scale)``: since ``fl(+-lam * scale) =
+    +-c``, the scaled input of each register group is built from 8W bits in registers
+    (:func:`_hgroup_bits`). The decoded vector is never unpacked into memory: pass 1 reads
+    ``n / 8`` bytes instead of ``4 n``, and the separate unpacking pass is gone.
+    """
+    W = _lanes(dst)
+    G = 8 * W
+    m1, m2 = _budgets(4)
+    mr, L, R, C = _grid(m, m1, m2, G, 4)
+    nb = 1 << m1
+    for r in range(start // L, (stop + L - 1) // L):
+        off = r * L
+        for q in range(off, off + L, nb):
+            for g in range(q, q + nb, G):
+                _hgroup_bits(dst, g, _load_u64(data, g // 8), tab, c)
+            _sweeps(dst, q, nb, G, False, _ZERO, _ZERO, 0, tab)
+        if nb < L:
+            _sweeps(dst, off, L, nb, False, _ZERO, _ZERO, 0, tab)
+
+
+@numba.njit(nogil=True, cache=True)
+def cols_unrotate(a, m, key0, key1, tab, start, stop):
+    """Pass 2 of the UNROTATE transform, post-transform signs included, on the column chunks
+    of ``a`` (``n = 2**m``) that elements ``start .. stop`` select (a kernel over ``n``
+    elements aligned to ``n / nchunks``, like :func:`cols_quantize`)."""
+    W = _lanes(a)
+    m1, m2 = _budgets(4)
+    mr, L, R, C = _grid(m, m1, m2, 8 * W, 4)
+    per = (1 << m) // (L // C)
+    k0 = np.uint64(key0)
+    k1 = np.uint64(key1)
+    for c in range(start // per, (stop + per - 1) // per):
+        _cols(a, 0, L, R, c * C, C, True, k0, k1, 0, tab)

@@ -1,7 +1,9 @@
 """Fused CPU kernels of the one-bit quantizers (references in gradzip.compressors.onebit).
 
 Bit convention (as in :mod:`gradzip.bits`): bit ``j`` of byte ``i`` (LSB first) is 1 iff
-element ``8*i + j`` is negative. Dither ``u_i = symmetric_uniform(key)[i]`` in (-1, 1).
+element ``8*i + j`` is negative. Dither ``u_i = dither16(key)[i]`` in (-1, 1): two values per
+32-bit hash (see :func:`gradzip.rng.dither16`; resolution ``2**-15``), which halves the hashing
+that dominates these kernels.
 
 Each kernel works on chunks that fit in L1/L2: it first computes one 0/1 byte per element
 in a small scratch array (a loop LLVM vectorizes, hash included), then packs 8 such bytes
@@ -18,7 +20,7 @@ import numba
 import numpy as np
 
 from .parallel import run
-from .rng import U32, symmetric_uniform_at
+from .rng import U32, dither16_group
 
 CHUNK = 1 << 12  # elements per work item: a multiple of 64; scratch stays in L1
 _MAGIC = np.uint64(0x0102040810204080)
@@ -75,18 +77,29 @@ def _pack_chunk(tmp, m, out):
         out[full] = byte
 
 
+@numba.njit(inline="always", cache=True)
+def dither_sign_pack_chunk(ys, e0, lam, k0, k1, out, u, tmp):
+    """``out[e0//8 :]`` <- the packed bits ``ys[i] + lam * u[e0 + i] < 0``, ``i < ys.size``.
+
+    ``e0`` (the stream index of ``ys[0]``) is a multiple of 32 and ``ys.size <= u.size``;
+    ``u`` (float32) and ``tmp`` (uint8, ``>= u.size``) are scratch. (The rotation-fused
+    encoder of :mod:`gradzip._numba.fwht` does the same on its column chunks.)
+    """
+    g0 = e0 // 32
+    for g in range((ys.size + 31) // 32):
+        dither16_group(g0 + g, k0, k1, u, 32 * g)
+    for i in range(ys.size):
+        tmp[i] = ys[i] + lam * u[i] < np.float32(0)
+    _pack_chunk(tmp, ys.size, out[e0 // 8 : (e0 + ys.size + 7) // 8])
+
+
 @numba.njit(nogil=True, cache=True)
 def _dither_sign_pack(y, lam, k0, k1, out, start, stop):
     u = np.empty(CHUNK, np.float32)
     tmp = np.zeros(CHUNK, np.uint8)
     for base in range(start, stop, CHUNK):
         ys = y[base : min(stop, base + CHUNK)]
-        b32 = U32(base)
-        for i in range(ys.size):
-            u[i] = symmetric_uniform_at(U32(b32 + U32(i)), k0, k1)
-        for i in range(ys.size):
-            tmp[i] = ys[i] + lam * u[i] < np.float32(0)
-        _pack_chunk(tmp, ys.size, out[base // 8 : (base + ys.size + 7) // 8])
+        dither_sign_pack_chunk(ys, base, lam, k0, k1, out, u, tmp)
 
 
 @numba.njit(nogil=True, cache=True)
@@ -101,12 +114,15 @@ def _sign_pack(y, out, start, stop):
 
 @numba.njit(nogil=True, cache=True)
 def _unpack_subtract_dither(data, lam, k0, k1, out, start, stop):
+    u = np.empty(CHUNK, np.float32)
     for base in range(start, stop, CHUNK):
         os = out[base : min(stop, base + CHUNK)]
         ds = data[base // 8 : (base + os.size + 7) // 8]
-        b32 = U32(base)
+        g0 = base // 32
+        for g in range((os.size + 31) // 32):
+            dither16_group(g0 + g, k0, k1, u, 32 * g)
         for i in range(os.size):
-            os[i] = -lam * symmetric_uniform_at(U32(b32 + U32(i)), k0, k1)
+            os[i] = -lam * u[i]
         for i in range(os.size):
             bit = (ds[i >> 3] >> (i & 7)) & 1
             os[i] += lam * (np.float32(1.0) - np.float32(2.0) * np.float32(bit))

@@ -8,11 +8,21 @@ DESIGN.md sections 3.1-3.3. Encoding a gradient g of length d:
    lambda = c ||g||_2 sqrt(2 ln(2B) / B), B the rotation block (biased only where a
    flattened coordinate exceeds lambda, which flattening makes rare); ``fixed`` lambda
    given, and then nothing but the d bits is sent.
-3. Draw the dither xi = lambda u, u uniform on (-1, 1)^d from the shared seed, and send
-   the bits b = sign(y + xi).
+3. Draw the dither xi = lambda u from the shared seed, u uniform on (-1, 1)^d at a
+   resolution of 2^-15 (``rng.dither16``: two dither values per 32-bit hash, which halves
+   the hashing that dominates the quantizer; the probabilities are then multiples of
+   2^-16, a bias of at most 2^-15 lambda per coordinate, far below the standard deviation
+   of about lambda), and send the bits b = sign(y + xi).
 4. The receiver forms lambda b (``standard`` dither: E = y, Var = lambda^2 - y^2 where
    |y| <= lambda) or lambda b - xi (``subtractive``: unbiased, Var = lambda^2 / 3 whatever
    y is), and rotates back: g_hat = Phi^T(...).
+
+Fast paths (CPU float32, d a power of two >= 2^16): FO-SGD with the ``norm`` rule encodes
+in two passes over memory instead of five (``hadamard.rotate_quantize_``: the norm is taken
+during the rotation, the quantizer runs on each piece of the rotated vector as it is
+finished, which is never stored), and the ``standard`` dither decodes with the inverse
+rotation reading the bits directly (``hadamard.unrotate_signs``). Both give exactly the
+payload / output of the plain path, which the tests check against the pure-torch references.
 
 Without flattening the variance is d lambda^2 - ||g||^2 with lambda >= ||g||_inf: up to
 (d - 1)||g||^2 for a 1-sparse g. With flattening it is O(log d) ||g||^2: the paper's
@@ -30,8 +40,8 @@ import numpy as np
 import torch
 
 from .. import _alloc, bits, hadamard, rng
-from ..wire import Payload, PayloadError
-from .base import Compressor, EncodeContext, pack_f32, read_f32
+from ..wire import MAX_NUMEL, Payload, PayloadError
+from .base import Compressor, EncodeContext, NonFiniteError, pack_f32, read_f32
 
 SCALES = ("max", "norm", "fixed")
 DITHERS = ("standard", "subtractive")
@@ -52,7 +62,7 @@ def _f32_up(v: float) -> float:
 def quantize_reference(y: torch.Tensor, lam: float, key: int | None) -> torch.Tensor:
     """Packed bits of ``y + lam * u < 0`` (``key=None``: no dither, bits of ``y < 0``)."""
     if key is not None:
-        y = y + lam * rng.symmetric_uniform(key, y.numel(), y.device)
+        y = y + lam * rng.dither16(key, y.numel(), y.device)
     return bits.pack_bits(y < 0)
 
 
@@ -76,7 +86,7 @@ def dequantize_reference(data, n, lam, key, device=None) -> torch.Tensor:
     out = _alloc.empty(n) if on_cpu else None
     z = bits.unpack_signs(data.to(device) if device else data, n, scale=lam, out=out)
     if key is not None:
-        z = z - lam * rng.symmetric_uniform(key, n, z.device)
+        z = z - lam * rng.dither16(key, n, z.device)
     return z
 
 
@@ -170,8 +180,30 @@ class OneBit(Compressor):
         n = hadamard.rotation_block(d) if self.flatten else d
         return self.c * norm * math.sqrt(2 * math.log(2 * n) / n)
 
+    def encode(self, x: torch.Tensor, seed: int = 0, step: int = 0, worker: int = 0) -> Payload:
+        """:meth:`Compressor.encode`, minus its separate finiteness pass where the fused
+        encoder runs (:meth:`_encode_fused` checks finiteness itself, in its first pass,
+        before any payload exists); everything else goes through the base class."""
+        if not (
+            self.flatten
+            and self.scale == "norm"
+            and isinstance(x, torch.Tensor)
+            and x.dtype == torch.float32
+            and x.device.type == "cpu"
+            and x.numel() <= MAX_NUMEL
+        ):
+            return super().encode(x, seed, step, worker)
+        ctx = EncodeContext(self, x, seed, step, worker)
+        v = ctx.f32()
+        if not hadamard.can_rotate_quantize(v):
+            ctx.stats()  # validates finiteness before any work, as the base class does
+            return self._encode(ctx)
+        return self._encode_fused(ctx, v)
+
     def _encode(self, ctx: EncodeContext) -> Payload:
         v = ctx.f32()
+        if self.flatten and self.scale == "norm" and hadamard.can_rotate_quantize(v):
+            return self._encode_fused(ctx, v)
         sq, mx, _ = ctx.stats()
         y = v
         if self.flatten and ctx.d:
@@ -190,13 +222,41 @@ class OneBit(Compressor):
         quantize_(y, lam, ctx.key(rng.STREAM_DITHER), w.sections[-1])
         return w.finish()
 
+    def _encode_fused(self, ctx: EncodeContext, v: torch.Tensor) -> Payload:
+        """FO-SGD's default (``norm`` rule, CPU float32, d a power of two >= 2**16) in two
+        passes over memory instead of five: lambda needs only ||g||_2, which pass 1 of the
+        rotation takes on the way, and pass 2 quantizes the rotated vector as it finishes
+        it (:func:`gradzip.hadamard.rotate_quantize_`). Same payload as the unfused path,
+        bit for bit, up to the rounding of ||g||_2^2 (a float64 sum in another order)."""
+        w = ctx.writer(self.section_lengths(ctx.d))
+
+        def scale_of(sq: float, finite: bool) -> float:
+            if not finite:
+                bad = int((~torch.isfinite(v)).sum())
+                raise NonFiniteError(
+                    f"{self.name}: input has {bad} non-finite value(s) (NaN or inf) out of "
+                    f"{ctx.d}; a gradient must be finite to be compressed"
+                )
+            return _f32_up(self.norm_scale(math.sqrt(sq), ctx.d))
+
+        lam = hadamard.rotate_quantize_(
+            v, ctx.key(rng.STREAM_ROTATION), scale_of, ctx.key(rng.STREAM_DITHER), w.sections[-1]
+        )
+        w.sections[0].copy_(torch.frombuffer(bytearray(pack_f32(lam)), dtype=torch.uint8))
+        return w.finish()
+
     def _decode(self, p: Payload, device) -> torch.Tensor:
         h = p.header
         d = h.numel
         lam = self.lam if self.scale == "fixed" else read_f32(p.section(0), 1, "onebit scale")[0]
+        data = p.section(-1 if self.scale == "fixed" else 1)
+        on_cpu = device is None or torch.device(device).type == "cpu"
+        if self.flatten and self.dither == "standard" and on_cpu and hadamard.can_unrotate_signs(d):
+            # fused: the inverse rotation reads the bits, the signs are never unpacked
+            key = rng.derive_key(h.seed, h.step, h.worker, rng.STREAM_ROTATION)
+            return hadamard.unrotate_signs(data, d, lam, key)
         key = rng.derive_key(h.seed, h.step, h.worker, rng.STREAM_DITHER)
-        z = dequantize(p.section(-1 if self.scale == "fixed" else 1), d, lam,
-                       key if self.dither == "subtractive" else None, device)  # fmt: skip
+        z = dequantize(data, d, lam, key if self.dither == "subtractive" else None, device)
         if self.flatten and d:
             key = rng.derive_key(h.seed, h.step, h.worker, rng.STREAM_ROTATION)
             z = hadamard.unrotate(z, key, out=z)  # in place
