@@ -503,3 +503,14 @@ def test_cuda_matches_cpu():
         p = bits.pack_uints(v, width)
         assert torch.equal(bits.pack_uints(v.to(dev), width).cpu(), p)
         assert torch.equal(bits.unpack_uints(p.to(dev), n, width).cpu(), v)
+
+
+@pytest.mark.parametrize("width", [1, 7, 24, 31])
+def test_unpack_uints_to_int32(width):
+    g = torch.Generator().manual_seed(width)
+    v = torch.randint(0, 2**width, (5000,), generator=g, dtype=torch.int64)
+    data = bits.pack_uints(v, width)
+    out = bits.unpack_uints(data, v.numel(), width, torch.int32)
+    assert out.dtype == torch.int32 and torch.equal(out.to(torch.int64), v)
+    with pytest.raises(ValueError, match="cannot hold"):
+        bits.unpack_uints(bits.pack_uints(v[:3], 32), 3, 32, torch.int32)

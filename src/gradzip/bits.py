@@ -34,6 +34,8 @@ import operator
 
 import torch
 
+from . import _alloc
+
 __all__ = [
     "MAX_WIDTH",
     "pack_signs",
@@ -441,14 +443,19 @@ def pack_uints(values: torch.Tensor, width: int) -> torch.Tensor:
     return out
 
 
-def unpack_uints(data: torch.Tensor, n: int, width: int) -> torch.Tensor:
-    """Inverse of :func:`pack_uints`: an int64 tensor of ``n`` values."""
+def unpack_uints(
+    data: torch.Tensor, n: int, width: int, dtype: torch.dtype = torch.int64
+) -> torch.Tensor:
+    """Inverse of :func:`pack_uints`: a tensor of ``n`` values, int64 or (``dtype=
+    torch.int32``, for widths up to 31: half the memory traffic) int32."""
     n = _check_n(n)
     width = _check_width(width)
+    if dtype not in (torch.int64, torch.int32) or (dtype == torch.int32 and width > 31):
+        raise ValueError(f"unpack_uints: dtype {dtype} cannot hold {width}-bit values")
     data = _check_data(data, packed_size(n, width), f"{n} values of width {width}")
     if not _fast(data):
-        return unpack_uints_reference(data, n, width)
-    res = torch.empty(n, dtype=torch.int64)
+        return unpack_uints_reference(data, n, width).to(dtype)
+    res = _alloc.empty(n, dtype)
     if n:
         _nb().unpack_uints(_np(data), width, res.numpy())
     return res

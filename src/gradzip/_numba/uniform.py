@@ -33,9 +33,9 @@ def _encode(y, rate, lo, r, codes_lo, codes_hi, start, stop):
         t = np.floor((v + r) / (cell_hi if hi else cell_lo))
         t = max(min(t, top_hi if hi else top_lo), np.float32(0.0))
         if hi:
-            codes_hi[before_hi] = np.uint32(t)
+            codes_hi[before_hi] = np.int32(t)
         else:
-            codes_lo[i - before_hi] = np.uint32(t)
+            codes_lo[i - before_hi] = np.int32(t)
 
 
 @numba.njit(nogil=True, cache=True)
@@ -54,11 +54,35 @@ def _decode(codes_lo, codes_hi, rate, lo, r, out, start, stop):
             out[i] = (np.float32(codes_lo[i - before_hi]) + _HALF) * cell_lo - r
 
 
+@numba.njit(nogil=True, cache=True)
+def _encode_whole(y, b, r, codes, start, stop):
+    """The same when every coordinate has ``b`` bits (integer R): a branch-free loop."""
+    cell = np.float32(2.0) * r / np.float32(1 << b)
+    top = np.float32((1 << b) - 1)
+    for i in range(start, stop):
+        v = min(max(y[i], -r), r)
+        t = np.floor((v + r) / cell)
+        codes[i] = np.int32(max(min(t, top), np.float32(0.0)))
+
+
+@numba.njit(nogil=True, cache=True)
+def _decode_whole(codes, b, r, out, start, stop):
+    cell = np.float32(2.0) * r / np.float32(1 << b)
+    for i in range(start, stop):
+        out[i] = (np.float32(codes[i]) + _HALF) * cell - r
+
+
 def encode(y, rate: float, lo: int, r, codes_lo, codes_hi) -> None:
-    """Cell indices of float32 ``y`` into the uint32 arrays ``codes_lo`` and ``codes_hi``."""
-    run(_encode, y.size, y, float(rate), lo, np.float32(r), codes_lo, codes_hi)
+    """Cell indices of float32 ``y`` into the int32 arrays ``codes_lo`` and ``codes_hi``."""
+    if codes_hi.size == 0 and lo > 0:  # integer R: all coordinates in codes_lo
+        run(_encode_whole, y.size, y, lo, np.float32(r), codes_lo)
+    else:
+        run(_encode, y.size, y, float(rate), lo, np.float32(r), codes_lo, codes_hi)
 
 
 def decode(codes_lo, codes_hi, rate: float, lo: int, r, out) -> None:
     """Cell centres (float32 ``out``) from the code arrays; 0 where a coordinate has no bits."""
-    run(_decode, out.size, codes_lo, codes_hi, float(rate), lo, np.float32(r), out)
+    if codes_hi.size == 0 and lo > 0:
+        run(_decode_whole, out.size, codes_lo, lo, np.float32(r), out)
+    else:
+        run(_decode, out.size, codes_lo, codes_hi, float(rate), lo, np.float32(r), out)

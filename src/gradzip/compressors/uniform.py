@@ -123,8 +123,8 @@ class Uniform(Compressor):
         from .._numba import uniform as nb
 
         lo, _, n_hi = allocation(d, self.bits)
-        codes_lo = np.zeros(d - n_hi, np.uint32)
-        codes_hi = np.zeros(n_hi, np.uint32)
+        codes_lo = np.zeros(d - n_hi, np.int32)  # int32: what pack_uints takes fastest
+        codes_hi = np.zeros(n_hi, np.int32)
         nb.encode(y.numpy(), self.bits, lo, self.r32, codes_lo, codes_hi)
         return torch.from_numpy(codes_lo), torch.from_numpy(codes_hi)
 
@@ -146,11 +146,11 @@ class Uniform(Compressor):
         h = p.header
         d = h.numel
         lo, hi, n_hi = allocation(d, self.bits)
-        codes_hi = bits.unpack_uints(p.section(1), n_hi, hi)
+        codes_hi = bits.unpack_uints(p.section(1), n_hi, hi, torch.int32)
         if lo:
-            codes_lo = bits.unpack_uints(p.section(0), d - n_hi, lo)
+            codes_lo = bits.unpack_uints(p.section(0), d - n_hi, lo, torch.int32)
         else:
-            codes_lo = torch.zeros(d - n_hi, dtype=torch.int64)
+            codes_lo = torch.zeros(d - n_hi, dtype=torch.int32)
         from .._numba import uniform as nb
 
         z = _alloc.empty(d)
