@@ -1,0 +1,550 @@
+"""gradzip as a ``DistributedDataParallel`` communication hook.
+
+One line in an existing DDP job (gloo or NCCL)::
+
+    import gradzip.ddp
+    state = gradzip.ddp.register(model, "fosgd")  # model: the DDP-wrapped module
+
+or, in PyTorch's own terms::
+
+    model.register_comm_hook(gradzip.ddp.GradzipState(model, "fosgd"), gradzip.ddp.hook)
+
+The spec is a method preset (``gradzip methods``: ``fosgd``, ``memsgd-topk``,
+``ef-signsgd``, ...; each names an uplink and a downlink compressor and their feedback
+rules) or any compressor spec of the registry (``topk:k=0.001``, ``qsgd(levels=16)``, ...),
+which is then used in both directions with error feedback on each side where the
+compressor is biased and contractive (``rule="auto"``: top-k, rand-k, scaled sign, fp16;
+not plain sign or fosgd, whose error can exceed the input and would make the memory
+grow). Every part can be overridden (``downlink=``, ``uplink_rule=``, ``downlink_rule=``).
+
+Layout ``sharded`` (the default; DESIGN 3.4 with every rank a worker and the server of
+one shard). For each gradient bucket of d coordinates on n ranks, rank r:
+
+1. forms its uplink vector by its rule (``ef``: v = e + g; e <- v - decode(C_up(v))),
+   cuts it into n contiguous shards and compresses each (seed from the bucket, shard,
+   step and rank);
+2. sends shard j to rank j: an all-to-all of exact sizes (each rank's n payload lengths
+   are all-gathered first, as int64);
+3. decodes the n payloads of its own shard r, averages them, applies the server's rule
+   (``ef``: w = e_s + mean; e_s <- w - decode(C_down(w))) and compresses the result;
+4. sends that payload to every rank (an all-gather of exact sizes, again after the
+   lengths); every rank decodes all n shards: the bucket's new content. Every replica
+   decodes the same bytes, so the replicas never drift.
+
+Layout ``allgather``: no server: every rank's compressed bucket goes to every rank, which
+decodes and averages them (uplink compression and worker feedback only; n - 1 copies of
+each payload leave each rank instead of about 2 (n - 1) / n).
+
+Feedback works in gradient units (the step size is not known to a comm hook), as in
+PyTorch's PowerSGD hook. The ``dq`` rule needs the gradient at a corrected point and is
+not available here.
+
+Options: ``start_step`` (plain allreduce before that many steps: a warm-up),
+``min_numel`` (buckets smaller than that are allreduced uncompressed), and
+``allreduce_identity`` (the identity compressor in both directions without feedback is a
+plain fp32 allreduce, the same as DDP without a hook).
+
+Memories survive DDP's bucket rebuild (after the first iterations DDP regroups the
+parameters in the order their gradients became ready): they are kept per parameter, keyed
+by its name, never per bucket index, and each bucket is taken in a canonical order
+(parameters by decreasing index), so the payloads depend on which parameters share a
+bucket, not on the order DDP lists them in. A server memory lives, per parameter, as a full-size
+tensor that is zero outside the coordinates the rank serves; when the buckets change, the
+ranks sum their pieces once (an allreduce) and each keeps its new shard.
+
+Checkpoints: :meth:`GradzipState.state_dict` is a collective (every rank calls it); it
+returns, on every rank, the step, the configuration and every memory (the worker error of
+each rank, the server error summed over its owners), so rank 0 can save it beside the
+model. :meth:`GradzipState.load_state_dict` is called on every rank with that dict; the
+run then continues as if it had not been interrupted (same seeds, same memories): bit for
+bit when DDP groups the parameters as before the restart (always with one bucket); with
+several buckets, DDP's first step after a restart uses its initial grouping, so that
+step's compression draws differ (the memories are whole: migrated as above).
+
+Traffic: :meth:`GradzipState.traffic` counts, on this rank, the payload bytes actually
+sent and received (headers included), the framing (the int64 lengths), and the bytes of
+the dense allreduces (warm-up, small buckets, identity), the latter by the ring
+algorithm's count 2 (n - 1) / n of the buffer in each direction.
+
+Collectives are issued from the hook itself, in bucket order (gloo and NCCL both need
+every rank to issue the same collectives in the same order, which DDP's bucket order
+guarantees); the hook returns a completed future, so its communication does not overlap
+the rest of the backward pass (dense fallbacks do overlap).
+"""
+
+# no `from __future__ import annotations`: DDP checks the hook's annotations at runtime
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from . import feedback
+from .compressors import compressor, decode
+from .engines.core import SERVER
+from .engines.torchdist import shard_seed
+from .methods import PRESETS
+from .wire import PayloadError
+
+__all__ = ["GradzipState", "hook", "register", "LAYOUTS", "FORMAT"]
+
+LAYOUTS = ("sharded", "allgather")
+FORMAT = "gradzip.ddp/1"
+_RULES = ("none", "ef", "auto")
+_MASK = (1 << 64) - 1
+_BUCKET_MIX = 0xD1B54A32D192ED03
+_REPLICATED = "replicated"  # a server memory loaded from a checkpoint: the total, on every rank
+
+
+@dataclass(frozen=True)
+class Config:
+    """What the hook sends (the resolved spec)."""
+
+    uplink: str
+    uplink_rule: str
+    downlink: str
+    downlink_rule: str
+    layout: str
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def _resolve(spec, uplink_rule, downlink, downlink_rule, layout) -> Config:
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; valid: {', '.join(LAYOUTS)}")
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"expected a method preset or compressor spec, got {spec!r}")
+    if spec in PRESETS:
+        up, ur, down, dr = PRESETS[spec]
+    else:
+        up, ur, down, dr = spec, "auto", spec, "auto"
+    ur = ur if uplink_rule is None else uplink_rule
+    down = down if downlink is None else downlink
+    dr = dr if downlink_rule is None else downlink_rule
+    for what, rule in (("uplink_rule", ur), ("downlink_rule", dr)):
+        if rule == "dq":
+            raise ValueError(
+                f"{what}: the dq rule (DQ-GD) takes the gradient at a corrected point, which "
+                "a comm hook cannot do; use the gradzip train engines for it"
+            )
+        if rule not in _RULES:
+            raise ValueError(f"unknown {what} {rule!r}; valid: {', '.join(_RULES)}")
+    cu, cd = compressor(up), compressor(down)  # the registry's error for a bad spec
+    ur = _auto(cu) if ur == "auto" else ur
+    dr = _auto(cd) if dr == "auto" else dr
+    if layout == "allgather":
+        down, dr = "identity", "none"  # nothing is sent down
+    return Config(cu.spec, ur, cd.spec, dr, layout)
+
+
+def _auto(c) -> str:
+    """``ef`` for a biased compressor that is contractive (class B3: error feedback needs
+    E||C(x) - x||^2 < ||x||^2, e.g. top-k, scaled sign), ``none`` otherwise (unbiased ones,
+    and biased ones whose error can exceed the input, such as fosgd's rare clipping or
+    plain sign, with which the memory would grow)."""
+    return "ef" if not c.unbiased and c.delta(1 << 20) is not None else "none"
+
+
+def _split_sizes(d: int, n: int) -> list[int]:
+    """The shards of a d-vector on n ranks (torch.tensor_split boundaries, as ShardLayout)."""
+    return [d // n + (j < d % n) for j in range(n)]
+
+
+class _Memory(dict):
+    """Per-parameter flat memories (name -> 1-D float32 tensor). Those written together
+    are views of one flat tensor per bucket, so reading a bucket back copies nothing."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self._flat: dict[tuple, tuple[torch.Tensor, tuple]] = {}
+
+    def get_flat(self, names, sizes, dev) -> torch.Tensor | None:
+        """The bucket's memory as one vector (None if none of its parameters has one)."""
+        key = tuple(names)
+        hit = self._flat.get(key)
+        if hit is not None and all(
+            dict.get(self, nm) is v for nm, v in zip(names, hit[1], strict=True)
+        ):
+            return hit[0]
+        if not any(nm in self for nm in names):
+            return None
+        flat = torch.cat(
+            [
+                self[nm].to(dev, torch.float32) if nm in self else torch.zeros(s, device=dev)
+                for nm, s in zip(names, sizes, strict=True)
+            ]
+        )
+        self.put_flat(names, sizes, flat)
+        return flat
+
+    def put_flat(self, names, sizes, flat: torch.Tensor) -> None:
+        """Own ``flat`` (not copied) as the bucket's memory."""
+        views = tuple(flat.split(sizes))
+        for nm, v in zip(names, views, strict=True):
+            self[nm] = v
+        self._flat[tuple(names)] = (flat, views)
+
+
+class GradzipState:
+    """The hook's state: configuration, per-parameter memories, step, traffic counters.
+
+    Args:
+        model: the DDP-wrapped model (or its module): its parameter names key the memories.
+        spec: a method preset (``gradzip methods``) or a compressor spec.
+        uplink_rule, downlink, downlink_rule: overrides (rules: ``none``, ``ef``, ``auto``).
+        layout: ``sharded`` (default) or ``allgather``.
+        start_step: steps of plain allreduce before compressing.
+        min_numel: buckets with fewer coordinates are allreduced uncompressed.
+        allreduce_identity: identity both ways without feedback is a plain allreduce.
+        seed: the run's seed (payload randomness derives from it, the bucket and the step).
+        process_group: defaults to the world.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        spec: str = "fosgd",
+        *,
+        uplink_rule: str | None = None,
+        downlink: str | None = None,
+        downlink_rule: str | None = None,
+        layout: str = "sharded",
+        start_step: int = 0,
+        min_numel: int = 1024,
+        allreduce_identity: bool = True,
+        seed: int = 0,
+        process_group=None,
+    ):
+        self.config = _resolve(spec, uplink_rule, downlink, downlink_rule, layout)
+        if start_step < 0 or min_numel < 0:
+            raise ValueError("start_step and min_numel must be >= 0")
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError("GradzipState needs an initialized torch.distributed process group")
+        self.spec = spec
+        self.up = compressor(self.config.uplink)
+        self.down = compressor(self.config.downlink)
+        self.start_step = int(start_step)
+        self.min_numel = int(min_numel)
+        self.seed = int(seed) & _MASK
+        self.group = process_group if process_group is not None else dist.group.WORLD
+        self.n = dist.get_world_size(self.group)
+        self.rank = dist.get_rank(self.group)
+        self.backend = dist.get_backend(self.group)
+        c = self.config
+        self.dense = (
+            allreduce_identity
+            and self.up.name == "identity"
+            and self.down.name == "identity"
+            and c.uplink_rule == "none"
+            and c.downlink_rule == "none"
+        )
+        # parameter identity -> (index, name); names stable across restarts
+        module = model.module if hasattr(model, "module") else model
+        self.names: list[str] = []
+        self._index: dict[int, int] = {}
+        for name, p in module.named_parameters():
+            if p.requires_grad:
+                self._index[id(p)] = len(self.names)
+                self.names.append(name)
+        self._pos = {nm: i for i, nm in enumerate(self.names)}
+        self.step = 0
+        self.worker_error = _Memory()  # this rank's uplink memory
+        self.server_error = _Memory()  # per parameter, zero outside the coordinates served
+        self._owner: dict[str, object] = {}  # name -> bucket signature that placed it
+        self._traffic = dict.fromkeys(
+            ("sent", "received", "framing_sent", "framing_received", "dense_sent"), 0
+        )
+        self._traffic["dense_received"] = 0
+        self._traffic["compressed_buckets"] = 0
+        self._traffic["dense_buckets"] = 0
+
+    # --- small helpers ------------------------------------------------------------------
+    def warmup(self) -> None:
+        """Run the compressors once on small vectors, locally: numba compiles (or loads
+        from its cache) its kernels on first use, which otherwise lands in the first
+        training steps. Optional."""
+        for size in (300, 1 << 17):
+            x = torch.randn(size, generator=torch.Generator().manual_seed(size))
+            for c in (self.up, self.down):
+                c.decode(c.encode(x, seed=1, step=0, worker=0))
+
+    def traffic(self) -> dict:
+        """Bytes this rank sent and received so far (see the module docstring)."""
+        return dict(self._traffic)
+
+    def reset_traffic(self) -> None:
+        for k in self._traffic:
+            self._traffic[k] = 0
+
+    def _comm_device(self, like: torch.device) -> torch.device:
+        return like if self.backend == "nccl" else torch.device("cpu")
+
+    def _names_of(self, bucket) -> list[str]:
+        out = []
+        for p in bucket.parameters():
+            i = self._index.get(id(p))
+            if i is None:
+                raise ValueError(
+                    "a bucket holds a parameter the GradzipState does not know: build the "
+                    "state from the same model the hook is registered on"
+                )
+            out.append(self.names[i])
+        return out
+
+    def _bucket_seed(self, names: list[str]) -> int:
+        first = self._pos[names[0]]
+        return (self.seed + (first + 1) * _BUCKET_MIX) & _MASK
+
+    def _allgather_lengths(self, lens: list[int], dev) -> list[list[int]]:
+        t = torch.tensor(lens, dtype=torch.int64, device=dev)
+        out = [torch.empty_like(t) for _ in range(self.n)]
+        dist.all_gather(out, t, group=self.group)
+        self._traffic["framing_sent"] += 8 * len(lens) * (self.n - 1)
+        self._traffic["framing_received"] += 8 * len(lens) * (self.n - 1)
+        return [o.tolist() for o in out]
+
+    def _a2a(self, sends: list[torch.Tensor], sizes: list[int], dev) -> list[torch.Tensor]:
+        """Exact-size all-to-all: sends[j] goes to rank j, sizes[i] bytes come from rank i."""
+        out = torch.empty(sum(sizes), dtype=torch.uint8, device=dev)
+        inp = torch.cat([s.to(dev) for s in sends])
+        dist.all_to_all_single(out, inp, sizes, [s.numel() for s in sends], group=self.group)
+        self._traffic["sent"] += inp.numel()
+        self._traffic["received"] += out.numel()
+        return list(out.split(sizes))
+
+    @staticmethod
+    def _decode(data: torch.Tensor, numel: int, who: str, dev) -> torch.Tensor:
+        y = decode(data, device=dev).reshape(-1)
+        if y.numel() != numel:
+            raise PayloadError(f"{who} sent {y.numel()} coordinates, expected {numel}")
+        return y.to(device=dev, dtype=torch.float32)
+
+    # --- the hook's work ------------------------------------------------------------------
+    def _use_dense(self, d: int) -> bool:
+        return self.dense or self.step < self.start_step or d < max(self.min_numel, self.n)
+
+    def _migrate(self, names, sizes, sig, lo: int, hi: int, dev) -> None:
+        """Server memories placed by another bucket layout (or loaded): gather the total of
+        each and keep this rank's shard [lo, hi) of the bucket."""
+        parts = []
+        for nm, s in zip(names, sizes, strict=True):
+            m = self.server_error.get(nm)
+            if m is None or (self._owner.get(nm) == _REPLICATED and self.rank != 0):
+                parts.append(torch.zeros(s, device=dev))
+            else:
+                parts.append(m.to(dev, torch.float32))
+        full = torch.cat(parts)
+        dist.all_reduce(full, group=self.group)
+        full[:lo] = 0
+        full[hi:] = 0
+        self.server_error.put_flat(names, sizes, full)
+        for nm in names:
+            self._owner[nm] = sig
+
+    def reduce(self, bucket) -> torch.Tensor:
+        """The averaged (compressed) gradient of one bucket, written into its buffer.
+
+        The bucket's vector is taken in a canonical order (parameters by decreasing index in
+        the model, which is DDP's usual order), so that the payloads depend on which
+        parameters share the bucket, not on the order DDP put them in."""
+        buf = bucket.buffer()
+        names = self._names_of(bucket)
+        sizes = [p.numel() for p in bucket.parameters()]
+        d = buf.numel()
+        if sum(sizes) != d:
+            raise RuntimeError(f"bucket of {d} coordinates holds parameters of {sum(sizes)}")
+        order = sorted(range(len(names)), key=lambda k: -self._pos[names[k]])
+        views = buf.detach().split(sizes)
+        if order != list(range(len(names))):
+            names = [names[k] for k in order]
+            sizes = [sizes[k] for k in order]
+            views = [views[k] for k in order]
+            g = torch.cat([v.reshape(-1) for v in views]).to(torch.float32)
+        else:
+            g = buf.detach().to(torch.float32)  # no copy for a float32 bucket
+        self._reduce_flat(names, sizes, g)
+        if g is not buf:
+            for v, part in zip(views, g.split(sizes), strict=True):
+                v.copy_(part)
+        return buf
+
+    def _reduce_flat(self, names: list[str], sizes: list[int], g: torch.Tensor) -> None:
+        """Replace g (the bucket in canonical order, float32) by the decoded average."""
+        d = g.numel()
+        dev, cdev = g.device, self._comm_device(g.device)
+        n, r, t, c = self.n, self.rank, self.step, self.config
+        bseed = self._bucket_seed(names)
+
+        # 1. the uplink vector and its payloads
+        e = self.worker_error.get_flat(names, sizes, dev)
+        v = feedback.prepare(c.uplink_rule, g, 1.0, feedback.FeedbackState(e))
+        shards = _split_sizes(d, n) if c.layout == "sharded" else [d]
+        bounds = [sum(shards[:j]) for j in range(len(shards) + 1)]
+        vs = v.split(shards)
+        ups = [
+            self.up.encode(vj, seed=shard_seed(bseed, j), step=t, worker=r).data.reshape(-1)
+            for j, vj in enumerate(vs)
+        ]
+        if c.uplink_rule == "ef":  # e <- v - decode(C(v)), written over v when v is ours
+            new = v if v is not g else v.clone()
+            for j, u in enumerate(ups):
+                new[bounds[j] : bounds[j + 1]] -= self._decode(u, shards[j], "own uplink", dev)
+            self.worker_error.put_flat(names, sizes, new)
+        self._traffic["compressed_buckets"] += 1
+
+        if c.layout == "allgather":
+            lens = self._allgather_lengths([ups[0].numel()], cdev)
+            sizes_in = [lens[i][0] if i != r else 0 for i in range(n)]
+            got = self._a2a([ups[0] if j != r else ups[0][:0] for j in range(n)], sizes_in, cdev)
+            got[r] = ups[0]
+            acc = torch.zeros(d, device=dev)
+            for i, data in enumerate(got):
+                acc += self._decode(data, d, f"rank {i}", dev)
+            g.copy_(acc.div_(n))
+            return
+
+        # 2. shard j to rank j
+        lens = self._allgather_lengths([u.numel() for u in ups], cdev)
+        sizes_in = [lens[i][r] if i != r else 0 for i in range(n)]
+        mine = self._a2a([u if j != r else u[:0] for j, u in enumerate(ups)], sizes_in, cdev)
+        mine[r] = ups[r]
+
+        # 3. serve shard r: average, server rule, compress
+        lo, hi = bounds[r], bounds[r + 1]
+        sig = tuple(names)
+        if any(nm in self.server_error and self._owner.get(nm) != sig for nm in names):
+            self._migrate(names, sizes, sig, lo, hi, dev)
+        acc = torch.zeros(shards[r], device=dev)
+        for i, data in enumerate(mine):
+            acc += self._decode(data, shards[r], f"rank {i}", dev)
+        mean = acc.div_(n)
+        es_full = self.server_error.get_flat(names, sizes, dev)
+        es = None if es_full is None else es_full[lo:hi]
+        w = feedback.prepare(c.downlink_rule, mean, 1.0, feedback.FeedbackState(es))
+        down = self.down.encode(w, seed=shard_seed(bseed, r), step=t, worker=SERVER).data
+        down = down.reshape(-1)
+        if c.downlink_rule == "ef":
+            if es_full is None:
+                es_full = torch.zeros(d, device=dev)
+                self.server_error.put_flat(names, sizes, es_full)
+            es_full[lo:hi] = w - self._decode(down, shards[r], "own downlink", dev)
+            for nm in names:
+                self._owner[nm] = sig
+
+        # 4. every shard to every rank; all decode the same bytes
+        dl = [x[0] for x in self._allgather_lengths([down.numel()], cdev)]
+        downs = self._a2a(
+            [down if j != r else down[:0] for j in range(n)],
+            [dl[i] if i != r else 0 for i in range(n)],
+            cdev,
+        )
+        downs[r] = down
+        for j, x in enumerate(downs):  # every payload is decoded (and g read) before this
+            g[bounds[j] : bounds[j + 1]] = self._decode(x, shards[j], f"rank {j}", dev)
+
+    def _after(self, bucket) -> None:
+        if bucket.is_last():
+            self.step += 1
+
+    # --- checkpoints ----------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """The full state (every rank's memories). A collective: call it on every rank."""
+        n, dev = self.n, None
+        for m in (*self.worker_error.values(), *self.server_error.values()):
+            dev = m.device
+            break
+        cdev = self._comm_device(dev if dev is not None else torch.device("cpu"))
+        if self.backend == "nccl" and cdev.type == "cpu":
+            cdev = torch.device("cuda", torch.cuda.current_device())
+        wnames = [nm for nm in self.names if nm in self.worker_error]
+        snames = [nm for nm in self.names if nm in self.server_error]
+        flat = torch.cat(
+            [self.worker_error[nm].to(cdev, torch.float32) for nm in wnames]
+            or [torch.zeros(0, device=cdev)]
+        )
+        gathered = [torch.empty_like(flat) for _ in range(n)]
+        dist.all_gather(gathered, flat, group=self.group)
+        sparts = []
+        for nm in snames:
+            m = self.server_error[nm].to(cdev, torch.float32)
+            if self._owner.get(nm) == _REPLICATED and self.rank != 0:
+                m = torch.zeros_like(m)
+            sparts.append(m)
+        sflat = torch.cat(sparts or [torch.zeros(0, device=cdev)])
+        dist.all_reduce(sflat, group=self.group)
+        wsizes = [self.worker_error[nm].numel() for nm in wnames]
+        ssizes = [self.server_error[nm].numel() for nm in snames]
+        per_rank = [g.cpu().split(wsizes) for g in gathered]
+        return {
+            "format": FORMAT,
+            "world": n,
+            "step": self.step,
+            "seed": self.seed,
+            "config": self.config.as_dict(),
+            "worker_error": {
+                nm: torch.stack([pr[k] for pr in per_rank]).clone() for k, nm in enumerate(wnames)
+            },
+            "server_error": {
+                nm: part.clone() for nm, part in zip(snames, sflat.cpu().split(ssizes), strict=True)
+            },
+        }
+
+    def load_state_dict(self, sd: dict) -> None:
+        """Restore a :meth:`state_dict` (on every rank; no communication)."""
+        if not isinstance(sd, dict) or sd.get("format") != FORMAT:
+            raise ValueError(f"not a gradzip.ddp state dict (expected format {FORMAT!r})")
+        if sd["world"] != self.n:
+            raise ValueError(
+                f"the checkpoint holds the memories of {sd['world']} ranks, this run has "
+                f"{self.n}: error memories cannot be redistributed"
+            )
+        if sd["config"] != self.config.as_dict():
+            raise ValueError(
+                f"the checkpoint was made with {sd['config']}, this hook is {self.config.as_dict()}"
+            )
+        known = set(self.names)
+        for key in ("worker_error", "server_error"):
+            bad = set(sd[key]) - known
+            if bad:
+                raise ValueError(f"checkpoint memories for unknown parameters: {sorted(bad)[:5]}")
+        for nm, m in sd["worker_error"].items():
+            if m.shape[0] != self.n:
+                raise ValueError(f"worker memory of {nm!r} has {m.shape[0]} ranks")
+        self.step = int(sd["step"])
+        self.seed = int(sd["seed"])
+        self.worker_error = _Memory(
+            {nm: m[self.rank].clone().float() for nm, m in sd["worker_error"].items()}
+        )
+        self.server_error = _Memory({nm: m.clone().float() for nm, m in sd["server_error"].items()})
+        self._owner = dict.fromkeys(self.server_error, _REPLICATED)
+
+
+def hook(state: GradzipState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    """The DDP communication hook: ``model.register_comm_hook(state, hook)``."""
+    buf = bucket.buffer()
+    n = state.n
+    if state._use_dense(buf.numel()):
+        nbytes = buf.numel() * buf.element_size()
+        ring = math.ceil(2 * (n - 1) * nbytes / n)
+        state._traffic["dense_sent"] += ring
+        state._traffic["dense_received"] += ring
+        state._traffic["dense_buckets"] += 1
+        state._after(bucket)
+        buf.div_(n)
+        fut = dist.all_reduce(buf, group=state.group, async_op=True).get_future()
+        return fut.then(lambda f: f.value()[0])
+    try:
+        out = state.reduce(bucket)
+    finally:
+        state._after(bucket)
+    fut = torch.futures.Future()
+    fut.set_result(out)
+    return fut
+
+
+def register(model, spec: str = "fosgd", **options) -> GradzipState:
+    """Register the hook on a DDP model in one line; returns its state."""
+    state = GradzipState(model, spec, **options)
+    model.register_comm_hook(state, hook)
+    return state

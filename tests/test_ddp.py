@@ -1,0 +1,225 @@
+"""gradzip.ddp: the comm hook in real DistributedDataParallel processes over gloo.
+
+Each world size runs in one spawn (process start-up dominates the cost); the ranks run
+every scenario in turn and fail the test with their own assertion when one goes wrong.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+import torch.nn.functional as F
+
+import gradzip as gz
+from gradzip import ddp
+
+
+class _Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(12, 40)
+        self.b = nn.Linear(40, 30)
+        self.c = nn.Linear(30, 4)
+
+    def forward(self, x):
+        return self.c(F.relu(self.b(F.relu(self.a(x)))))
+
+
+def _batch(rank: int, step: int):
+    g = torch.Generator().manual_seed(1000 * step + rank)
+    return torch.randn(16, 12, generator=g), torch.randint(4, (16,), generator=g)
+
+
+def _model(bucket_cap_mb=None):
+    torch.manual_seed(0)
+    kw = {} if bucket_cap_mb is None else {"bucket_cap_mb": bucket_cap_mb}
+    return nn.parallel.DistributedDataParallel(_Net(), **kw)
+
+
+def _grads(model) -> torch.Tensor:
+    return torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+
+
+def _params(model) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def _train(model, opt, rank, steps, start=0, grads=None):
+    for t in range(start, start + steps):
+        x, y = _batch(rank, t)
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        if grads is not None:
+            grads.append(_grads(model).clone())
+        opt.step()
+
+
+def _same_everywhere(v: torch.Tensor, what: str) -> None:
+    out = [torch.empty_like(v) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, v)
+    for i, o in enumerate(out):
+        assert torch.equal(o, v), f"{what}: rank {i} differs from rank {dist.get_rank()}"
+
+
+def _differential(rank: int) -> None:
+    """Identity compressor == DDP without a hook (dense fallback and the sharded path)."""
+    for cap in (None, 0.001):  # one bucket; one bucket per parameter or so
+        ref, got = [], {}
+        m = _model(cap)
+        _train(m, torch.optim.SGD(m.parameters(), lr=0.1), rank, 4, grads=ref)
+        variants = {
+            "dense": dict(),
+            "sharded": dict(allreduce_identity=False, min_numel=0),
+            "allgather": dict(allreduce_identity=False, min_numel=0, layout="allgather"),
+        }
+        for name, kw in variants.items():
+            m = _model(cap)
+            st = ddp.register(m, "identity", **kw)
+            got[name] = []
+            _train(m, torch.optim.SGD(m.parameters(), lr=0.1), rank, 4, grads=got[name])
+            tr = st.traffic()
+            if name == "dense":
+                assert tr["compressed_buckets"] == 0 and tr["dense_sent"] > 0
+            else:
+                assert tr["compressed_buckets"] > 0 and tr["sent"] > 0 and tr["dense_sent"] == 0
+            for t, (a, b) in enumerate(zip(ref, got[name], strict=True)):
+                assert torch.allclose(a, b, rtol=1e-5, atol=1e-7), (
+                    f"{name} (bucket_cap_mb={cap}) step {t}: max diff {(a - b).abs().max()}"
+                )
+
+
+def _compressed(rank: int) -> None:
+    """Compressed methods: replicas agree, bytes are counted, warm-up and small buckets."""
+    n = dist.get_world_size()
+    for spec in ("fosgd", "memsgd-topk", "ef-signsgd", "topk:k=0.1"):
+        m = _model(0.001)
+        st = ddp.register(m, spec, min_numel=0)
+        _train(m, torch.optim.SGD(m.parameters(), lr=0.05), rank, 4)
+        _same_everywhere(_params(m), spec)
+        tr = st.traffic()
+        dense = 4 * sum(p.numel() for p in m.parameters()) * 4 * 2 * (n - 1) / n
+        assert tr["sent"] > 0, (spec, tr)
+        if spec == "fosgd":  # ~1 bit/coordinate both ways, but headers weigh on tiny buckets
+            assert tr["sent"] < dense / 2, (spec, tr)
+        assert tr["received"] > 0 and tr["framing_sent"] > 0
+    m = _model(0.001)  # no server: every rank decodes every rank's payload
+    st = ddp.register(m, "memsgd-topk", min_numel=0, layout="allgather")
+    _train(m, torch.optim.SGD(m.parameters(), lr=0.05), rank, 3)
+    _same_everywhere(_params(m), "allgather")
+    assert st.worker_error and not st.server_error
+    m = _model()
+    st = ddp.register(m, "fosgd", start_step=2, min_numel=0)
+    _train(m, torch.optim.SGD(m.parameters(), lr=0.05), rank, 3)
+    tr = st.traffic()
+    assert tr["dense_buckets"] == 2 and tr["compressed_buckets"] == 1, tr
+    m = _model()
+    st = ddp.register(m, "fosgd", min_numel=10**6)
+    _train(m, torch.optim.SGD(m.parameters(), lr=0.05), rank, 2)
+    assert st.traffic()["compressed_buckets"] == 0
+    assert st.config.uplink_rule == "none" and st.config.downlink_rule == "none"
+    st = ddp.GradzipState(_model(), "topk:k=0.1")  # biased and contractive: ef both ways
+    assert (st.config.uplink_rule, st.config.downlink_rule) == ("ef", "ef")
+
+
+def _checkpoint(rank: int, path: str) -> None:
+    """Checkpoint and restart mid-training: memories restored, the run continues exactly.
+
+    Exactly: with one bucket (as here) the restarted DDP groups the parameters as before.
+    With several buckets DDP's first step after a restart uses its initial grouping, so
+    that one step's compression draws differ (the memories are still whole: migrated)."""
+    for spec, cap in (("topk:k=0.1", None), ("memsgd-topk", None), ("topk:k=0.1", 0.001)):
+        # uninterrupted
+        m = _model(cap)
+        opt = torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9)
+        ddp.register(m, spec, min_numel=0)
+        _train(m, opt, rank, 8)
+        straight = _params(m)
+        # 4 steps, checkpoint (rank 0 writes one file), a new model, hook and optimizer
+        m = _model(cap)
+        opt = torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9)
+        st = ddp.register(m, spec, min_numel=0)
+        _train(m, opt, rank, 4)
+        sd = st.state_dict()  # a collective
+        assert sd["step"] == 4, sd["step"]
+        assert sd["worker_error"] and bool(sd["server_error"]) == spec.startswith("topk")
+        if rank == 0:
+            torch.save({"model": m.module.state_dict(), "opt": opt.state_dict(), "gz": sd}, path)
+        dist.barrier()
+        del m, opt, st
+        for restore in (True, False):
+            ck = torch.load(path, weights_only=True)
+            m = _model(cap)
+            m.module.load_state_dict(ck["model"])
+            opt = torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9)
+            opt.load_state_dict(ck["opt"])
+            st = ddp.register(m, spec, min_numel=0)
+            if restore:
+                st.load_state_dict(ck["gz"])
+                for nm, e in ck["gz"]["worker_error"].items():
+                    assert torch.equal(st.worker_error[nm], e[rank])
+                again = st.state_dict()  # round trip, before any step
+                for key in ("worker_error", "server_error"):
+                    for nm, v in ck["gz"][key].items():
+                        assert torch.equal(again[key][nm], v), (key, nm)
+            else:
+                st.step = ck["gz"]["step"]  # same seeds, memories lost
+            _train(m, opt, rank, 4, start=4)
+            resumed = _params(m)
+            _same_everywhere(resumed, f"{spec} after restart")
+            if restore and cap is None:
+                assert torch.allclose(resumed, straight, rtol=0, atol=1e-6), (
+                    f"{spec}: restarted run differs by {(resumed - straight).abs().max()}"
+                )
+            elif not restore:  # without its memories the run goes elsewhere: they matter
+                assert (resumed - straight).abs().max() > 1e-4, spec
+
+
+def _worker(rank: int, world: int, port: int, tmp: str) -> None:
+    os.environ["GRADZIP_THREADS"] = "1"
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
+    try:
+        _differential(rank)
+        _compressed(rank)
+        if world == 2:
+            _checkpoint(rank, os.path.join(tmp, "ckpt.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_ddp_hook_gloo(world, tmp_path, monkeypatch):
+    # one thread per rank for numba as for torch: oversubscribed pools spin
+    for var in ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "GRADZIP_THREADS"):
+        monkeypatch.setenv(var, "1")
+    mp.spawn(_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world)
+
+
+def test_bad_specs():
+    with pytest.raises(ValueError) as ours:
+        ddp.GradzipState(nn.Linear(2, 2), "nosuch")
+    with pytest.raises(ValueError) as registry:
+        gz.compressor("nosuch")
+    assert str(ours.value) == str(registry.value)
+    with pytest.raises(ValueError, match="dq"):
+        ddp.GradzipState(nn.Linear(2, 2), "dqgd")
+    with pytest.raises(ValueError, match="layout"):
+        ddp.GradzipState(nn.Linear(2, 2), "fosgd", layout="ring")
+    with pytest.raises(ValueError, match="uplink_rule"):
+        ddp.GradzipState(nn.Linear(2, 2), "fosgd", uplink_rule="sometimes")
+    with pytest.raises(RuntimeError, match="process group"):
+        ddp.GradzipState(nn.Linear(2, 2), "fosgd")
