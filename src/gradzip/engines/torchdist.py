@@ -210,7 +210,7 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
-THREAD_VARS = ("OMP_NUM_THREADS", "GRADZIP_THREADS")
+THREAD_VARS = ("OMP_NUM_THREADS", "GRADZIP_THREADS", "NUMBA_NUM_THREADS")
 
 
 @contextmanager
