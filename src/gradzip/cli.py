@@ -87,9 +87,10 @@ def cmd_demo(args) -> int:
     print("\n== 2. the FO-SGD contrast: one-bit quantization of a 1-sparse vector ==")
     dims = [1 << k for k in range(6, 17, 2)]
     by_dim = variance.dimension_sweep(dims, seeds=10)
-    print(f"{'d':>8}  {'d-1':>9}  " + "  ".join(f"{m[:30]:>30}" for m in by_dim))
+    width = max(len(m) for m in by_dim)
+    print(f"{'d':>8}  {'d-1':>9}  " + "  ".join(f"{m:>{width}}" for m in by_dim))
     for i, d in enumerate(dims):
-        vals = "  ".join(f"{by_dim[m][i]:30.3f}" for m in by_dim)
+        vals = "  ".join(f"{by_dim[m][i]:{width}.3f}" for m in by_dim)
         print(f"{d:>8}  {d - 1:>9}  {vals}")
     d_fixed = 1 << 14
     ks = [1, 4, 16, 64, 256, 1024, 4096, d_fixed]
