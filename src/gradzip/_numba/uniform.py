@@ -58,11 +58,11 @@ def _decode(codes_lo, codes_hi, rate, lo, r, out, start, stop):
 def _encode_whole(y, b, r, codes, start, stop):
     """The same when every coordinate has ``b`` bits (integer R): a branch-free loop."""
     cell = np.float32(2.0) * r / np.float32(1 << b)
-    top = np.float32((1 << b) - 1)
+    top = np.int32((1 << b) - 1)
     for i in range(start, stop):
         v = min(max(y[i], -r), r)
-        t = np.floor((v + r) / cell)
-        codes[i] = np.int32(max(min(t, top), np.float32(0.0)))
+        # v + r >= 0, so truncation is the floor (and vectorizes, unlike a floor call)
+        codes[i] = min(np.int32((v + r) / cell), top)
 
 
 @numba.njit(nogil=True, cache=True)
@@ -86,3 +86,55 @@ def decode(codes_lo, codes_hi, rate: float, lo: int, r, out) -> None:
         run(_decode_whole, out.size, codes_lo, lo, np.float32(r), out)
     else:
         run(_decode, out.size, codes_lo, codes_hi, float(rate), lo, np.float32(r), out)
+
+
+# --- integer R <= 8: quantize and pack in one pass ------------------------------------------
+# Eight b-bit codes fill exactly b bytes of pack_uints' LSB-first stream, so a group of eight
+# coordinates is quantized into one 64-bit accumulator and written out as b bytes: no code
+# array is ever written or read back.
+
+MAX_PACKED_BITS = 8
+
+
+@numba.njit(nogil=True, cache=True)
+def _encode_packed(y, b, r, out, start, stop):
+    cell = np.float32(2.0) * r / np.float32(1 << b)
+    top = (1 << b) - 1
+    n = y.size
+    for i in range(start, stop, 8):
+        m = min(8, n - i)
+        acc = np.uint64(0)
+        for j in range(m):
+            v = min(max(y[i + j], -r), r)
+            c = min(np.int64((v + r) / cell), top)  # v + r >= 0: truncation is the floor
+            acc |= np.uint64(c) << np.uint64(j * b)
+        base = (i * b) >> 3
+        for k in range((m * b + 7) >> 3):
+            out[base + k] = np.uint8((acc >> np.uint64(8 * k)) & np.uint64(0xFF))
+
+
+@numba.njit(nogil=True, cache=True)
+def _decode_packed(data, b, r, out, start, stop):
+    cell = np.float32(2.0) * r / np.float32(1 << b)
+    mask = np.uint64((1 << b) - 1)
+    n = out.size
+    for i in range(start, stop, 8):
+        m = min(8, n - i)
+        base = (i * b) >> 3
+        acc = np.uint64(0)
+        for k in range((m * b + 7) >> 3):
+            acc |= np.uint64(data[base + k]) << np.uint64(8 * k)
+        for j in range(m):
+            c = (acc >> np.uint64(j * b)) & mask
+            out[i + j] = (np.float32(c) + _HALF) * cell - r
+
+
+def encode_packed(y, b: int, r, out) -> None:
+    """Quantize float32 ``y`` with ``b`` bits each (1 <= b <= 8) straight into the packed
+    bytes ``out`` (``pack_uints``' layout)."""
+    run(_encode_packed, y.size, y, b, np.float32(r), out, align=64)
+
+
+def decode_packed(data, b: int, r, out) -> None:
+    """Inverse of :func:`encode_packed`: the cell centres into float32 ``out``."""
+    run(_decode_packed, out.size, data, b, np.float32(r), out, align=64)

@@ -134,18 +134,35 @@ class Uniform(Compressor):
         if self.flatten and d:
             out = _alloc.scratch(d) if v.device.type == "cpu" else None  # quantized below
             v = hadamard.rotate(v, ctx.key(rng.STREAM_ROTATION), out=out)
-        codes_lo, codes_hi = self._codes(v)
-        lo, hi, _ = allocation(d, self.bits)
+        lo, hi, n_hi = allocation(d, self.bits)
         writer = ctx.writer(self.section_lengths(d))
+        if self._packed_fast(v.device, lo, n_hi):  # integer R <= 8: one fused pass
+            from .._numba import uniform as nb
+
+            nb.encode_packed(v.numpy(), lo, self.r32, writer.sections[0].numpy())
+            return writer.finish()
+        codes_lo, codes_hi = self._codes(v)
         if lo:
             writer.sections[0].copy_(bits.pack_uints(codes_lo.cpu(), lo))
         writer.sections[1].copy_(bits.pack_uints(codes_hi.cpu(), hi))
         return writer.finish()
 
+    @staticmethod
+    def _packed_fast(device, lo: int, n_hi: int) -> bool:
+        from .._numba.uniform import MAX_PACKED_BITS
+
+        return torch.device(device).type == "cpu" and n_hi == 0 and 1 <= lo <= MAX_PACKED_BITS
+
     def _decode(self, p: Payload, device) -> torch.Tensor:
         h = p.header
         d = h.numel
         lo, hi, n_hi = allocation(d, self.bits)
+        if self._packed_fast("cpu", lo, n_hi) and d:
+            from .._numba import uniform as nb
+
+            z = _alloc.empty(d)
+            nb.decode_packed(p.section(0).numpy(), lo, self.r32, z.numpy())
+            return self._finish_decode(z, h, device)
         codes_hi = bits.unpack_uints(p.section(1), n_hi, hi, torch.int32)
         if lo:
             codes_lo = bits.unpack_uints(p.section(0), d - n_hi, lo, torch.int32)
@@ -155,6 +172,10 @@ class Uniform(Compressor):
 
         z = _alloc.empty(d)
         nb.decode(codes_lo.numpy(), codes_hi.numpy(), self.bits, lo, self.r32, z.numpy())
+        return self._finish_decode(z, h, device)
+
+    def _finish_decode(self, z: torch.Tensor, h, device) -> torch.Tensor:
+        d = h.numel
         if device is not None:
             z = z.to(device)
         if self.flatten and d:
