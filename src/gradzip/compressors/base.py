@@ -20,7 +20,7 @@ from typing import ClassVar
 import torch
 
 from .. import rng
-from ..wire import DTYPE_CODES, MAX_NUMEL, Payload, PayloadError, PayloadWriter
+from ..wire import DTYPE_CODES, MAX_NUMEL, PREFIX, Payload, PayloadError, PayloadWriter
 
 _F32 = struct.Struct("<f")
 
@@ -199,3 +199,31 @@ def read_f32(section: torch.Tensor, n: int, what: str) -> tuple[float, ...]:
         if not (math.isfinite(v) and v >= 0):
             raise PayloadError(f"{what}: scalar {v} must be finite and non-negative")
     return vals
+
+
+# --- payloads nested in another compressor's section (scaled, compose) ---------------------
+
+
+def nested_header_bytes(inner: Compressor) -> int:
+    """Header bytes of ``inner``'s payload for a 1-D vector, nested in a section."""
+    return PREFIX.size + 8 + len(inner.to_params()) + 8 * len(inner.section_lengths(0))
+
+
+def read_nested(raw: torch.Tensor, inner: Compressor, n: int, outer, who: str) -> Payload:
+    """Parse and check the payload of ``inner`` nested in ``raw``: ``inner``'s codec and
+    parameters, float32 of shape ``(n,)``, and the outer header's seed, step and worker.
+    Anything else is a ``PayloadError`` naming ``who``."""
+    nested = Payload.from_bytes(raw, max_numel=max(n, 1))
+    nh = nested.header
+    problems = []
+    if nh.codec != inner.codec_id:
+        problems.append(f"codec {nh.codec}, expected {inner.codec_id} ({inner.name})")
+    if nh.params != inner.to_params():
+        problems.append("parameters differ from the outer header's")
+    if nh.dtype != torch.float32 or nh.shape != (n,):
+        problems.append(f"{nh.dtype} of shape {nh.shape}, expected float32 of shape ({n},)")
+    if (nh.seed, nh.step, nh.worker) != (outer.seed, outer.step, outer.worker):
+        problems.append("seed, step or worker differ from the outer header's")
+    if problems:
+        raise PayloadError(f"{who}: nested payload: " + "; ".join(problems))
+    return nested

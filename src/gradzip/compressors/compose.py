@@ -41,8 +41,8 @@ from typing import ClassVar
 
 import torch
 
-from ..wire import MAX_PARAMS, PREFIX, Payload, PayloadError
-from .base import Compressor, EncodeContext
+from ..wire import MAX_PARAMS, Payload, PayloadError
+from .base import Compressor, EncodeContext, nested_header_bytes, read_nested
 from .sparse import Sparsifier, _all_finite, scatter
 
 MAX_DEPTH = 4
@@ -144,15 +144,12 @@ class Compose(Compressor):
 
     def nested_header_bytes(self) -> int:
         """Header bytes of the nested payload (shape (m,), Q's parameters and sections)."""
-        q = self.quantizer
-        return PREFIX.size + 8 + len(q.to_params()) + 8 * len(q.section_lengths(0))
+        return nested_header_bytes(self.quantizer)
 
     def section_lengths(self, d: int) -> list[int]:
         S, q = self.sparsifier, self.quantizer
         m = S.kept(d)
-        qs = q.section_lengths(m)
-        nested = PREFIX.size + 8 + len(q.to_params()) + 8 * len(qs) + sum(qs)
-        return [S.index_bytes(d), nested]
+        return [S.index_bytes(d), nested_header_bytes(q) + sum(q.section_lengths(m))]
 
     # --- header parameters ------------------------------------------------------------------
     def to_params(self) -> bytes:
@@ -218,19 +215,7 @@ class Compose(Compressor):
         d = h.numel
         m = S.kept(d)
         idx = S.unpack_indices(p.section(0), h)
-        nested = Payload.from_bytes(p.section(1), max_numel=max(m, 1))
-        nh = nested.header
-        problems = []
-        if nh.codec != Q.codec_id:
-            problems.append(f"codec {nh.codec}, expected {Q.codec_id} ({Q.name})")
-        if nh.params != Q.to_params():
-            problems.append("parameters differ from the outer header's")
-        if nh.dtype != torch.float32 or nh.shape != (m,):
-            problems.append(f"{nh.dtype} of shape {nh.shape}, expected float32 of shape ({m},)")
-        if (nh.seed, nh.step, nh.worker) != (h.seed, h.step, h.worker):
-            problems.append("seed, step or worker differ from the outer header's")
-        if problems:
-            raise PayloadError("compose: nested payload: " + "; ".join(problems))
+        nested = read_nested(p.section(1), Q, m, h, "compose")
         with _deeper():
             vals = Q.decode(nested)
         if vals.numel() and not _all_finite(vals):

@@ -32,8 +32,8 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from ..wire import MAX_PARAMS, PREFIX, Payload, PayloadError
-from .base import Compressor, EncodeContext
+from ..wire import MAX_PARAMS, Payload, PayloadError
+from .base import Compressor, EncodeContext, nested_header_bytes, read_nested
 
 _SUB = struct.Struct("<BH")  # inner codec id, length of its parameters
 _PROBE = (1, 1 << 20)  # lengths at which a wrapped compressor must state omega
@@ -100,8 +100,7 @@ class Scaled(Compressor):
         return f"{self.inner.bits_formula} + 8 * {self.nested_header_bytes()} / d"
 
     def nested_header_bytes(self) -> int:
-        c = self.inner
-        return PREFIX.size + 8 + len(c.to_params()) + 8 * len(c.section_lengths(0))
+        return nested_header_bytes(self.inner)
 
     def section_lengths(self, d: int) -> list[int]:
         return [self.nested_header_bytes() + sum(self.inner.section_lengths(d))]
@@ -156,19 +155,7 @@ class Scaled(Compressor):
         c = self.inner
         h = p.header
         d = h.numel
-        nested = Payload.from_bytes(p.section(0), max_numel=max(d, 1))
-        nh = nested.header
-        problems = []
-        if nh.codec != c.codec_id:
-            problems.append(f"codec {nh.codec}, expected {c.codec_id} ({c.name})")
-        if nh.params != c.to_params():
-            problems.append("parameters differ from the outer header's")
-        if nh.dtype != torch.float32 or nh.shape != (d,):
-            problems.append(f"{nh.dtype} of shape {nh.shape}, expected float32 of shape ({d},)")
-        if (nh.seed, nh.step, nh.worker) != (h.seed, h.step, h.worker):
-            problems.append("seed, step or worker differ from the outer header's")
-        if problems:
-            raise PayloadError("scaled: nested payload: " + "; ".join(problems))
+        nested = read_nested(p.section(0), c, d, h, "scaled")
         y = c.decode(nested, device=device).reshape(-1)
         if y.dtype != torch.float32:
             y = y.to(torch.float32)
