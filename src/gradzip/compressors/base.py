@@ -17,6 +17,7 @@ import struct
 from dataclasses import dataclass, fields
 from typing import ClassVar
 
+import numpy as np
 import torch
 
 from .. import rng
@@ -227,3 +228,28 @@ def read_nested(raw: torch.Tensor, inner: Compressor, n: int, outer, who: str) -
     if problems:
         raise PayloadError(f"{who}: nested payload: " + "; ".join(problems))
     return nested
+
+
+# --- decoded values from untrusted bytes ----------------------------------------------------
+
+
+def all_finite(values: torch.Tensor) -> bool:
+    """True when ``values`` holds no NaN or inf (fast paths for CPU float tensors)."""
+    if values.numel() == 0:
+        return True
+    if values.dtype == torch.float32 and values.device.type == "cpu":
+        from .._numba.quantize import stats32
+
+        sq, mx, _ = stats32(values.numpy())  # one parallel pass; NaN/inf make these non-finite
+        return math.isfinite(sq) and math.isfinite(mx)
+    if values.device.type == "cpu" and values.dtype in (torch.float64, torch.float16):
+        # numpy: torch's multithreaded reduction stalls when another job holds a core
+        return bool(np.isfinite(values.numpy()).all())
+    return bool(torch.isfinite(values).all())
+
+
+def check_finite(name: str, values: torch.Tensor) -> torch.Tensor:
+    """Untrusted bytes may spell NaN or inf; a gradient never does, so refuse them."""
+    if not all_finite(values):
+        raise PayloadError(f"{name}: payload carries non-finite values")
+    return values

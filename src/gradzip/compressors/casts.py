@@ -8,37 +8,16 @@ nearest is biased, though the bias is below the format's resolution).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import ClassVar
 
-import numpy as np
 import torch
 
 from .. import _alloc
-from ..wire import Payload, PayloadError
-from .base import Compressor, EncodeContext
+from ..wire import Payload
+from .base import Compressor, EncodeContext, check_finite
 
 _ITEMSIZE = {torch.float32: 4, torch.float64: 8, torch.float16: 2, torch.bfloat16: 2}
-
-
-def _all_finite(values: torch.Tensor) -> bool:
-    if values.dtype == torch.float32 and values.device.type == "cpu" and values.numel():
-        from .._numba.quantize import stats32
-
-        sq, mx, _ = stats32(values.numpy())  # one parallel pass; NaN/inf make these non-finite
-        return math.isfinite(sq) and math.isfinite(mx)
-    if values.dtype == torch.bfloat16:
-        return bool(torch.isfinite(values).all())
-    # numpy: torch's multithreaded reduction stalls when another job holds a core
-    return bool(np.isfinite(values.numpy()).all())
-
-
-def _finite(name: str, values: torch.Tensor) -> torch.Tensor:
-    """Untrusted bytes may spell NaN or inf; a gradient never does, so refuse them."""
-    if not _all_finite(values):
-        raise PayloadError(f"{name}: payload carries non-finite values")
-    return values
 
 
 def _typed(sec: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -74,7 +53,7 @@ def _receive(name: str, p: Payload, wire_dtype: torch.dtype, device) -> torch.Te
         out = _alloc.empty(sec.numel(), torch.uint8).copy_(sec).view(want)
     else:
         out = _alloc.empty(p.header.numel, want).copy_(_typed(sec, wire_dtype))
-    _finite(name, out)
+    check_finite(name, out)
     return out if device is None else out.to(device)
 
 

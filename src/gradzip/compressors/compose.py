@@ -42,8 +42,8 @@ from typing import ClassVar
 import torch
 
 from ..wire import MAX_PARAMS, Payload, PayloadError
-from .base import Compressor, EncodeContext, nested_header_bytes, read_nested
-from .sparse import Sparsifier, _all_finite, scatter
+from .base import Compressor, EncodeContext, all_finite, nested_header_bytes, read_nested
+from .sparse import Sparsifier, scatter
 
 MAX_DEPTH = 4
 _SUB = struct.Struct("<BH")  # codec id, length of its parameters
@@ -218,7 +218,7 @@ class Compose(Compressor):
         nested = read_nested(p.section(1), Q, m, h, "compose")
         with _deeper():
             vals = Q.decode(nested)
-        if vals.numel() and not _all_finite(vals):
+        if vals.numel() and not all_finite(vals):
             raise PayloadError("compose: the nested payload decodes to non-finite values")
         return scatter(idx, vals.reshape(-1), d, device)
 

@@ -55,7 +55,7 @@ import torch
 
 from .. import bits, rng
 from ..wire import MAX_NUMEL, Payload, PayloadError
-from .base import Compressor, EncodeContext
+from .base import Compressor, EncodeContext, all_finite, check_finite
 
 VALUE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _VALUE_NAMES = tuple(VALUE_DTYPES)
@@ -130,19 +130,6 @@ def scatter(idx: torch.Tensor, vals: torch.Tensor, d: int, device) -> torch.Tens
     out = torch.zeros(d, dtype=torch.float32, device=device)
     out[idx.to(device)] = vals.to(device, torch.float32)
     return out
-
-
-def _all_finite(v: torch.Tensor) -> bool:
-    # numpy, single-threaded: torch's multi-threaded reductions stall on a busy core
-    if v.device.type == "cpu" and v.dtype in (torch.float32, torch.float64):
-        return bool(np.isfinite(v.numpy()).all())
-    return bool(torch.isfinite(v).all())
-
-
-def _finite_values(name: str, vals: torch.Tensor) -> torch.Tensor:
-    if vals.numel() and not _all_finite(vals):
-        raise PayloadError(f"{name}: payload carries non-finite values")
-    return vals
 
 
 def _gather(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -374,7 +361,7 @@ class Sparsifier(Compressor):
                 out = torch.from_numpy(vals.numpy().astype(np.float16))
         else:
             out = vals.to(vt).contiguous()
-        if vals.numel() and not _all_finite(out if vt == torch.float32 else out.float()):
+        if vals.numel() and not all_finite(out if vt == torch.float32 else out.float()):
             big = float(vals.abs().max())
             raise ValueError(
                 f"{self.name}: a kept value ({big:.3g}) overflows {vt}; "
@@ -395,7 +382,7 @@ class Sparsifier(Compressor):
             vals = torch.from_numpy(raw.view(np.float16).astype(np.float32))
         else:
             vals = torch.from_numpy(raw.view(np.float32))
-        return scatter(idx, _finite_values(self.name, vals), d, device)
+        return scatter(idx, check_finite(self.name, vals), d, device)
 
 
 _KPARAMS = struct.Struct("<dB")  # k, a one-byte option
@@ -507,7 +494,7 @@ class RandK(Sparsifier):
             with np.errstate(over="ignore"):
                 scaled = (vals.numpy().astype(np.float64) * (d / idx.numel())).astype(np.float32)
             vals = torch.from_numpy(scaled)
-            if not _all_finite(vals):
+            if not all_finite(vals):
                 raise ValueError(
                     f"randk: a value scaled by d/k = {d / idx.numel():.3g} overflows float32"
                 )
@@ -568,7 +555,7 @@ class AdaptiveSparse(Sparsifier):
         x = ctx.f32().cpu()
         amax = ctx.stats()[1] if ctx.flat.dtype != torch.float64 else None  # that of x32
         idx, vals = adaptive_select(x, self.kept(ctx.d), ctx.key(rng.STREAM_INDICES), amax)
-        if vals.numel() and not _all_finite(vals):
+        if vals.numel() and not all_finite(vals):
             raise ValueError("adaptive_sparse: a value x_i / p_i overflows float32")
         return idx, vals
 
