@@ -9,6 +9,7 @@ True
 torch.Size([1000])
 """
 
+from ._alloc import empty_cache
 from .compressors import Compressor, available_compressors, compressor, decode
 from .wire import Payload, PayloadError
 
@@ -19,5 +20,6 @@ __all__ = [
     "available_compressors",
     "compressor",
     "decode",
+    "empty_cache",
 ]
 __version__ = "0.1.0"

@@ -336,7 +336,7 @@ def pack_signs(x: torch.Tensor) -> torch.Tensor:
     x = _check_signs_input(x)
     if not _fast(x):
         return pack_signs_reference(x)
-    out = torch.empty(packed_size(x.numel()), dtype=torch.uint8)
+    out = _alloc.empty(packed_size(x.numel()), torch.uint8)
     if x.numel():
         x = x.detach()
         nb = _nb()
@@ -391,7 +391,7 @@ def unpack_signs(
             return res
         out.detach().view(-1).copy_(res)
         return out
-    res = torch.empty(n, dtype=dtype) if out is None else out
+    res = _alloc.empty(n, dtype) if out is None else out
     if n:
         target = res.detach().view(-1)
         if dtype.itemsize == 2:
@@ -411,7 +411,7 @@ def pack_bits(bits: torch.Tensor) -> torch.Tensor:
     bits = _check_bits_input(bits)
     if not _fast(bits):
         return pack_bits_reference(bits)
-    out = torch.empty(packed_size(bits.numel()), dtype=torch.uint8)
+    out = _alloc.empty(packed_size(bits.numel()), torch.uint8)
     if bits.numel():
         _nb().pack_flags(_np(bits), out.numpy())
     return out
@@ -437,7 +437,7 @@ def pack_uints(values: torch.Tensor, width: int) -> torch.Tensor:
     values = _check_uints_input(values, width)
     if not _fast(values):
         return pack_uints_reference(values, width)
-    out = torch.empty(packed_size(values.numel(), width), dtype=torch.uint8)
+    out = _alloc.empty(packed_size(values.numel(), width), torch.uint8)
     if values.numel():
         _nb().pack_uints(_np(values), width, out.numpy())
     return out
