@@ -398,6 +398,12 @@ def test_rotate_quantize_matches_reference(d):
     # lam = 0: the plain signs of Phi x
     hadamard.rotate_quantize_(x, key, lambda sq, finite: 0.0, dkey, out)
     assert torch.equal(out, quantize_reference(hadamard.rotate_reference(x, key), 0.0, None))
+    # a scratch buffer of the caller's, aligned or not (pass 1 streams rows into an aligned one)
+    ref = quantize_reference(hadamard.rotate_reference(x, key), lam, dkey)
+    for skip in (0, 1, 8):
+        scratch = torch.empty(d + 8)[skip : skip + d]
+        hadamard.rotate_quantize_(x, key, lambda sq, finite: lam, dkey, out, scratch)
+        assert torch.equal(out, ref)
 
 
 def test_rotate_quantize_takes_only_what_it_can_fuse():

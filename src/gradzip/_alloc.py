@@ -108,6 +108,12 @@ def _take(nbytes: int) -> np.ndarray:
         return _aligned(owner, nbytes)
 
 
+def aligned_numpy(n: int, dtype) -> np.ndarray:
+    """A new (not pooled) numpy array of ``n`` elements starting on an ``ALIGN`` boundary."""
+    nbytes = n * np.dtype(dtype).itemsize
+    return _aligned(_fresh(nbytes), nbytes).view(dtype)
+
+
 def empty_cache() -> int:
     """Release the free blocks the pool holds (blocks still in use stay); returns the bytes
     released. Memory goes back to the system once nothing refers to it."""
@@ -146,5 +152,5 @@ def scratch(n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return torch.empty(n, dtype=dtype)
     buf = getattr(_scratch, "buf", None)
     if buf is None or buf.numel() < size:
-        buf = _scratch.buf = torch.from_numpy(_aligned(_fresh(size), size))
+        buf = _scratch.buf = torch.from_numpy(aligned_numpy(size, np.uint8))
     return buf[:size].view(dtype)

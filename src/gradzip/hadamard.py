@@ -370,16 +370,25 @@ def _piece(n: int, align: int) -> int:
     return per * align
 
 
-def _chunk_buffers(R: int, C: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Per-worker chunk buffers of the fused encoder's pass 2, kept by the calling thread
-    (fresh memory would cost page faults on every call; other threads get their own)."""
+def _chunk_buffers(L: int, R: int, C: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Per-worker buffers of the fused encoder, kept by the calling thread (fresh memory
+    would cost page faults on every call; other threads get their own): a pass-2 column
+    chunk (float32) and its bits (uint8), both ``R * C``, and a pass-1 row of ``L``
+    (float32, 32-byte aligned for the non-temporal stores that copy it out)."""
     from ._numba.parallel import threads
 
-    key = (R * C, threads())
+    key = (L, R * C, threads())
     bufs = getattr(_buffers, "chunks", None)
     if bufs is None or bufs[0] != key:
-        pairs = [(np.empty(R * C, np.float32), np.zeros(R * C, np.uint8)) for _ in range(key[1])]
-        bufs = _buffers.chunks = (key, pairs)
+        per = [
+            (
+                np.empty(R * C, np.float32),
+                np.zeros(R * C, np.uint8),
+                _alloc.aligned_numpy(L, np.float32),
+            )
+            for _ in range(key[2])
+        ]
+        bufs = _buffers.chunks = (key, per)
     return bufs[1]
 
 
@@ -427,7 +436,7 @@ def rotate_quantize_(
     d = x.numel()
     if out.dtype != torch.uint8 or out.numel() != d // 8 or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous uint8 tensor of {d // 8} bytes")
-    if scratch is None:
+    if scratch is None or scratch.data_ptr() % 32:  # pass 1 streams rows into it
         scratch = _alloc.scratch(d)
     k = _kernel()
     m = d.bit_length() - 1
@@ -441,19 +450,21 @@ def rotate_quantize_(
     tab = _table(torch.float32)
     bits = a.view(np.uint32)
 
+    bufs = _chunk_buffers(L, R, C)
+
     def pass1(w: int, i: int, j: int) -> None:
-        k.rotate_stats(a, bits, y, m, k0, k1, scale, tab, sq, mx, i, j)
+        k.rotate_stats(a, bits, y, bufs[w][2], m, k0, k1, scale, tab, sq, mx, i, j)
 
     _run_pieces(d, _piece(d, L), pass1)
     total = float(sq.sum())
     finite = int(mx.max()) < 0x7F800000 and math.isfinite(total)
     lam = scale_of(total, finite)
     d0, d1 = _split_key(dither_key)
-    lam32, o, bufs = np.float32(lam), out.numpy(), _chunk_buffers(R, C)
+    lam32, o = np.float32(lam), out.numpy()
     _run_pieces(
         d,
         _piece(d, d // (L // C)),
-        lambda w, i, j: k.cols_quantize(y, m, lam32, d0, d1, o, *bufs[w], i, j),
+        lambda w, i, j: k.cols_quantize(y, m, lam32, d0, d1, o, bufs[w][0], bufs[w][1], i, j),
     )
     return lam
 

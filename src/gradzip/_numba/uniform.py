@@ -89,44 +89,89 @@ def decode(codes_lo, codes_hi, rate: float, lo: int, r, out) -> None:
 
 
 # --- integer R <= 8: quantize and pack in one pass ------------------------------------------
-# Eight b-bit codes fill exactly b bytes of pack_uints' LSB-first stream, so a group of eight
-# coordinates is quantized into one 64-bit accumulator and written out as b bytes: no code
-# array is ever written or read back.
+# Eight b-bit codes fill exactly b bytes of pack_uints' LSB-first stream. Per chunk (in L1):
+# the codes go to one byte each (a loop LLVM vectorizes), then each group of eight bytes,
+# read as a little-endian uint64, is squeezed to 8b bits in three shift-and-mask steps
+# (pairs of bytes, pairs of 16-bit lanes, the two 32-bit halves; also vectorized), and its
+# b bytes are written out. Decoding runs the same steps backwards. No code array of the
+# whole vector is ever written or read back.
 
 MAX_PACKED_BITS = 8
+_PCH = 1 << 12  # elements per chunk: a multiple of 64, scratch stays in L1
+_M8 = np.uint64(0x00FF00FF00FF00FF)
+_M16 = np.uint64(0x0000FFFF0000FFFF)
+_M32 = np.uint64(0x00000000FFFFFFFF)
+_U8, _U16, _U32 = np.uint64(8), np.uint64(16), np.uint64(32)
+_LANES32 = np.uint64(0x0000000100000001)
+_LANES16 = np.uint64(0x0001000100010001)
+
+
+@numba.njit(inline="always", cache=True)
+def _squeeze(w, b):
+    """Eight codes < 2**b in the bytes of ``w`` -> the 8b-bit LSB-first stream of them."""
+    w = (w & _M8) | (((w >> _U8) & _M8) << np.uint64(b))
+    w = (w & _M16) | (((w >> _U16) & _M16) << np.uint64(2 * b))
+    return (w & _M32) | ((w >> _U32) << np.uint64(4 * b))
+
+
+@numba.njit(inline="always", cache=True)
+def _spread(a, b):
+    """Inverse of :func:`_squeeze`: eight b-bit codes, one per byte."""
+    a = (a & ((np.uint64(1) << np.uint64(4 * b)) - np.uint64(1))) | (
+        (a >> np.uint64(4 * b)) << _U32
+    )
+    m2 = ((np.uint64(1) << np.uint64(2 * b)) - np.uint64(1)) * _LANES32
+    a = (a & m2) | (((a >> np.uint64(2 * b)) & m2) << _U16)
+    m1 = ((np.uint64(1) << np.uint64(b)) - np.uint64(1)) * _LANES16
+    return (a & m1) | (((a >> np.uint64(b)) & m1) << _U8)
 
 
 @numba.njit(nogil=True, cache=True)
 def _encode_packed(y, b, r, out, start, stop):
     cell = np.float32(2.0) * r / np.float32(1 << b)
-    top = (1 << b) - 1
-    n = y.size
-    for i in range(start, stop, 8):
-        m = min(8, n - i)
-        acc = np.uint64(0)
-        for j in range(m):
-            v = min(max(y[i + j], -r), r)
-            c = min(np.int64((v + r) / cell), top)  # v + r >= 0: truncation is the floor
-            acc |= np.uint64(c) << np.uint64(j * b)
-        base = (i * b) >> 3
-        for k in range((m * b + 7) >> 3):
-            out[base + k] = np.uint8((acc >> np.uint64(8 * k)) & np.uint64(0xFF))
+    top = np.int32((1 << b) - 1)
+    tmp = np.zeros(_PCH, np.uint8)
+    t64 = tmp.view(np.uint64)
+    acc = np.empty(_PCH // 8, np.uint64)
+    for base in range(start, stop, _PCH):
+        ys = y[base : min(stop, base + _PCH)]
+        m = ys.size
+        for i in range(m):
+            v = min(max(ys[i], -r), r)
+            # v + r >= 0, so truncation is the floor (and vectorizes, unlike a floor call)
+            tmp[i] = np.uint8(min(np.int32((v + r) / cell), top))
+        for i in range(m, (m + 7) // 8 * 8):  # a partial last group (the vector's tail)
+            tmp[i] = 0
+        ng = (m + 7) // 8
+        for g in range(ng):
+            acc[g] = _squeeze(t64[g], b)
+        os = out[(base * b) >> 3 : ((base + m) * b + 7) >> 3]
+        for g in range(m // 8):
+            a = acc[g]
+            for k in range(b):
+                os[g * b + k] = np.uint8((a >> np.uint64(8 * k)) & np.uint64(0xFF))
+        if m % 8:
+            a = acc[m // 8]
+            for k in range(os.size - (m // 8) * b):
+                os[(m // 8) * b + k] = np.uint8((a >> np.uint64(8 * k)) & np.uint64(0xFF))
 
 
 @numba.njit(nogil=True, cache=True)
 def _decode_packed(data, b, r, out, start, stop):
     cell = np.float32(2.0) * r / np.float32(1 << b)
-    mask = np.uint64((1 << b) - 1)
-    n = out.size
-    for i in range(start, stop, 8):
-        m = min(8, n - i)
-        base = (i * b) >> 3
-        acc = np.uint64(0)
-        for k in range((m * b + 7) >> 3):
-            acc |= np.uint64(data[base + k]) << np.uint64(8 * k)
-        for j in range(m):
-            c = (acc >> np.uint64(j * b)) & mask
-            out[i + j] = (np.float32(c) + _HALF) * cell - r
+    tmp = np.zeros(_PCH, np.uint8)
+    t64 = tmp.view(np.uint64)
+    for base in range(start, stop, _PCH):
+        os = out[base : min(stop, base + _PCH)]
+        m = os.size
+        ds = data[(base * b) >> 3 : ((base + m) * b + 7) >> 3]
+        for g in range((m + 7) // 8):
+            a = np.uint64(0)
+            for k in range(min(b, ds.size - g * b)):
+                a |= np.uint64(ds[g * b + k]) << np.uint64(8 * k)
+            t64[g] = _spread(a, b)
+        for i in range(m):
+            os[i] = (np.float32(tmp[i]) + _HALF) * cell - r
 
 
 def encode_packed(y, b: int, r, out) -> None:
