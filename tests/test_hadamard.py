@@ -341,6 +341,7 @@ def test_small_calls_never_enter_the_threaded_kernel(monkeypatch):
         raise AssertionError("a small call entered the threaded kernel")
 
     monkeypatch.setattr(kernel, "transform", threaded)
+    monkeypatch.setattr(hadamard, "_transform_threaded", threaded)
     for rows, d in ((1, 1), (3, 5), (1, 1000), (2, 4097), (1, hadamard.SERIAL_BELOW - 1)):
         x = _randn(rows, d, seed=d)
         y = hadamard.rotate(x, KEY)
@@ -366,6 +367,32 @@ def test_serial_kernel_equals_threaded_kernel(m, nseg, dtype):
         kernel.transform(x, 0, n, a, 0, n, nseg, m, mode, 5, 6, 7, scale, tab)
         kernel.transform_serial(x, 0, n, b, 0, n, nseg, m, mode, 5, 6, 7, scale, tab)
         assert np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("m", [6, 12, 13, 16, 17, 20])
+def test_pooled_two_pass_route_equals_serial_kernel(m, dtype):
+    """One large segment runs by rows then columns on gradzip's pool (streaming rows out
+    when out of place and aligned): same bits as the serial kernel, in place or not,
+    aligned or not, at an offset or not."""
+    from gradzip import _alloc
+    from gradzip._numba import fwht as kernel
+
+    n = 1 << m
+    x = _randn(n + 3, seed=m + 100, dtype=torch.float64).numpy().astype(dtype)
+    tab = kernel.sign_table(dtype)
+    scale = dtype(1 / math.sqrt(n))
+    for mode in (kernel.PLAIN, kernel.ROTATE, kernel.UNROTATE):
+        ref = np.empty(n, dtype)
+        kernel.transform_serial(x, 3, n, ref, 0, n, 1, m, mode, 5, 6, 7, scale, tab)
+        for skip in (0, 1):  # dst aligned (streamed) or not (written in place)
+            dst = _alloc.aligned_numpy(n + 8, dtype)
+            dst[:] = 0
+            hadamard._transform_threaded(x, 3, n, dst, skip, n, 1, m, mode, 5, 6, 7, scale, tab)
+            assert np.array_equal(dst[skip : skip + n], ref)
+        inplace = x[3:].copy()
+        hadamard._transform_threaded(inplace, 0, n, inplace, 0, n, 1, m, mode, 5, 6, 7, scale, tab)
+        assert np.array_equal(inplace, ref)
 
 
 # ---------------------------------------------------------------------------------------

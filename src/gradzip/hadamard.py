@@ -180,13 +180,47 @@ def _kernel():
 
 
 def _transform(numel: int):
-    """The numba kernel for a call on ``numel`` elements: threaded, or serial if small.
+    """The kernel for a call on ``numel`` elements: threaded, or serial if small.
 
-    Small calls never enter a numba thread region: waking the pool costs more than their
-    whole transform, and under CPU contention a call can wait milliseconds for a worker.
+    Small calls never enter a thread region: waking a pool costs more than their whole
+    transform, and under CPU contention a call can wait milliseconds for a worker.
     """
     k = _kernel()
-    return k.transform_serial if numel < SERIAL_BELOW else k.transform
+    return k.transform_serial if numel < SERIAL_BELOW else _transform_threaded
+
+
+def _transform_threaded(src, soff, sstride, dst, doff, dstride, nseg, m, mode, k0, k1, sb, sc, tab):
+    """``fwht.transform`` (same arguments and results), with one large segment done by
+    :func:`_run_pieces` on gradzip's thread pool instead of numba's ``prange``.
+
+    numba's OpenMP workers spin for milliseconds after a parallel region and took a core
+    from the thread pool the quantizer that follows runs on (``uniform`` at 2.5 bits
+    measured 42 ms with them spinning, 37 ms without); one pool for every pass avoids that.
+    An out-of-place pass 1 streams its rows out (see ``fwht.rows_pass``).
+    """
+    k = _kernel()
+    if nseg != 1 or not k.two_pass(m, dst.itemsize):
+        k.transform(src, soff, sstride, dst, doff, dstride, nseg, m, mode, k0, k1, sb, sc, tab)
+        return
+    n = 1 << m
+    L, R, C = k.grid(m, dst.itemsize)
+    s_at = src.ctypes.data + soff * src.itemsize
+    d_at = dst.ctypes.data + doff * dst.itemsize
+    stream = s_at != d_at and d_at % 32 == 0
+    rows = _row_buffers(L, dst.dtype)
+    _run_pieces(
+        n,
+        _piece(n, L),
+        lambda w, i, j: k.rows_pass(
+            src, soff, dst, doff, rows[w], stream, m, mode, k0, k1, sb, sc, tab, i, j
+        ),
+    )
+    post = mode == k.UNROTATE
+    _run_pieces(
+        n,
+        _piece(n, n // (L // C)),
+        lambda w, i, j: k.cols_pass(dst, doff, m, post, k0, k1, sb, tab, i, j),
+    )
 
 
 def _table(dtype: torch.dtype) -> np.ndarray:
@@ -370,25 +404,27 @@ def _piece(n: int, align: int) -> int:
     return per * align
 
 
-def _chunk_buffers(L: int, R: int, C: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """Per-worker buffers of the fused encoder, kept by the calling thread (fresh memory
-    would cost page faults on every call; other threads get their own): a pass-2 column
-    chunk (float32) and its bits (uint8), both ``R * C``, and a pass-1 row of ``L``
-    (float32, 32-byte aligned for the non-temporal stores that copy it out)."""
+def _chunk_buffers(R: int, C: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per-worker chunk buffers of the fused encoder's pass 2, kept by the calling thread
+    (fresh memory would cost page faults on every call; other threads get their own)."""
     from ._numba.parallel import threads
 
-    key = (L, R * C, threads())
+    key = (R * C, threads())
     bufs = getattr(_buffers, "chunks", None)
     if bufs is None or bufs[0] != key:
-        per = [
-            (
-                np.empty(R * C, np.float32),
-                np.zeros(R * C, np.uint8),
-                _alloc.aligned_numpy(L, np.float32),
-            )
-            for _ in range(key[2])
-        ]
-        bufs = _buffers.chunks = (key, per)
+        pairs = [(np.empty(R * C, np.float32), np.zeros(R * C, np.uint8)) for _ in range(key[1])]
+        bufs = _buffers.chunks = (key, pairs)
+    return bufs[1]
+
+
+def _row_buffers(L: int, dtype) -> list[np.ndarray]:
+    """Per-worker pass-1 rows of ``L`` elements (32-byte aligned), kept by the calling thread."""
+    from ._numba.parallel import threads
+
+    key = (L, np.dtype(dtype).str, threads())
+    bufs = getattr(_buffers, "rows", None)
+    if bufs is None or bufs[0] != key:
+        bufs = _buffers.rows = (key, [_alloc.aligned_numpy(L, dtype) for _ in range(key[2])])
     return bufs[1]
 
 
@@ -450,10 +486,10 @@ def rotate_quantize_(
     tab = _table(torch.float32)
     bits = a.view(np.uint32)
 
-    bufs = _chunk_buffers(L, R, C)
+    rows, bufs = _row_buffers(L, np.float32), _chunk_buffers(R, C)
 
     def pass1(w: int, i: int, j: int) -> None:
-        k.rotate_stats(a, bits, y, bufs[w][2], m, k0, k1, scale, tab, sq, mx, i, j)
+        k.rotate_stats(a, bits, y, rows[w], m, k0, k1, scale, tab, sq, mx, i, j)
 
     _run_pieces(d, _piece(d, L), pass1)
     total = float(sq.sum())
@@ -464,7 +500,7 @@ def rotate_quantize_(
     _run_pieces(
         d,
         _piece(d, d // (L // C)),
-        lambda w, i, j: k.cols_quantize(y, m, lam32, d0, d1, o, bufs[w][0], bufs[w][1], i, j),
+        lambda w, i, j: k.cols_quantize(y, m, lam32, d0, d1, o, *bufs[w], i, j),
     )
     return lam
 
@@ -504,6 +540,8 @@ def unrotate_signs(
     bits = data.contiguous().numpy()
     _run_pieces(n, _piece(n, L), lambda w, i, j: k.unrotate_signs_rows(bits, o, m, c, tab, i, j))
     _run_pieces(
-        n, _piece(n, n // (L // C)), lambda w, i, j: k.cols_unrotate(o, m, k0, k1, tab, i, j)
+        n,
+        _piece(n, n // (L // C)),
+        lambda w, i, j: k.cols_pass(o, 0, m, True, k0, k1, 0, tab, i, j),
     )
     return out

@@ -719,8 +719,19 @@ def fused_ok(n: int) -> bool:
 
 def fused_grid(m: int) -> tuple[int, int, int]:
     """``(L, R, C)`` of the fused encoder for ``n = 2**m`` float32 (``fused_ok(n)``)."""
-    m1, m2 = _budgets(4)
-    return _grid(m, m1, m2, 64, 4)[1:]
+    return grid(m, 4)
+
+
+def grid(m: int, itemsize: int) -> tuple[int, int, int]:
+    """``(L, R, C)`` of :func:`transform`'s two-pass route for one segment of ``2**m``."""
+    m1, m2 = _budgets(itemsize)
+    return _grid(m, m1, m2, 8 * (32 // itemsize), itemsize)[1:]
+
+
+def two_pass(m: int, itemsize: int) -> bool:
+    """Whether :func:`transform` takes one segment of ``2**m`` by rows, then columns."""
+    m1, _ = _budgets(itemsize)
+    return (1 << m) >= 8 * (32 // itemsize) and m > m1
 
 
 @numba.njit(nogil=True, cache=True)
@@ -891,15 +902,44 @@ def unrotate_signs_rows(data, dst, m, c, tab, start, stop):
 
 
 @numba.njit(nogil=True, cache=True)
-def cols_unrotate(a, m, key0, key1, tab, start, stop):
-    """Pass 2 of the UNROTATE transform, post-transform signs included, on the column chunks
-    of ``a`` (``n = 2**m``) that elements ``start .. stop`` select (a kernel over ``n``
-    elements aligned to ``n / nchunks``, like :func:`cols_quantize`)."""
+def cols_pass(a, off, m, post, key0, key1, sbase, tab, start, stop):
+    """Pass 2 of :func:`transform`'s two-pass route for one segment of ``n = 2**m`` at
+    ``a[off:]`` (post-transform signs if ``post``), on the column chunks that elements
+    ``start .. stop`` select (a kernel over ``n`` elements aligned to ``n / nchunks``)."""
     W = _lanes(a)
-    m1, m2 = _budgets(4)
-    mr, L, R, C = _grid(m, m1, m2, 8 * W, 4)
+    itemsize = 32 // W
+    m1, m2 = _budgets(itemsize)
+    mr, L, R, C = _grid(m, m1, m2, 8 * W, itemsize)
     per = (1 << m) // (L // C)
     k0 = np.uint64(key0)
     k1 = np.uint64(key1)
     for c in range(start // per, (stop + per - 1) // per):
-        _cols(a, 0, L, R, c * C, C, True, k0, k1, 0, tab)
+        _cols(a, off, L, R, c * C, C, post, k0, k1, sbase, tab)
+
+
+@numba.njit(nogil=True, cache=True)
+def rows_pass(
+    src, soff, dst, doff, row, stream, m, mode, key0, key1, sbase, scale, tab, start, stop
+):
+    """Pass 1 of :func:`transform`'s two-pass route for one segment of ``n = 2**m`` (no
+    post-transform signs), on the rows that elements ``start .. stop`` select. With
+    ``stream`` (out of place, ``dst + doff`` 32-byte aligned) each row is transformed in
+    ``row`` (L elements, in L2) and streamed out with non-temporal stores, so the lines of
+    ``dst`` are never read first."""
+    W = _lanes(dst)
+    G = 8 * W
+    itemsize = 32 // W
+    m1, m2 = _budgets(itemsize)
+    mr, L, R, C = _grid(m, m1, m2, G, itemsize)
+    k0 = np.uint64(key0)
+    k1 = np.uint64(key1)
+    for r in range(start // L, (stop + L - 1) // L):
+        sb = sbase + r * L
+        if stream:
+            _row(src, soff + r * L, row, 0, mr, m1, mode, False, k0, k1, sb, scale, tab)
+            for g in range(0, L, G):
+                _stream8(row, g, dst, doff + r * L + g)
+        else:
+            _row(src, soff + r * L, dst, doff + r * L, mr, m1, mode, False, k0, k1, sb, scale, tab)
+    if stream:
+        _fence()

@@ -38,9 +38,11 @@ def thread_pool() -> ThreadPoolExecutor:
     return _pool
 
 
-def run(kernel, n: int, *args, align: int = 64) -> list:
-    """``[kernel(*args, start, stop) for each piece]``, the pieces run concurrently."""
-    parts = ranges(n, align)
+def run(kernel, n: int, *args, align: int = 64, parts=None) -> list:
+    """``[kernel(*args, start, stop) for each piece]``, the pieces run concurrently.
+
+    ``parts`` (``(start, stop)`` pairs) overrides the split (tests use it)."""
+    parts = ranges(n, align) if parts is None else list(parts)
     if len(parts) == 1:
         return [kernel(*args, *parts[0])]
     futures = [thread_pool().submit(kernel, *args, a, b) for a, b in parts[1:]]

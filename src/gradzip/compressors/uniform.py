@@ -136,10 +136,14 @@ class Uniform(Compressor):
             v = hadamard.rotate(v, ctx.key(rng.STREAM_ROTATION), out=out)
         lo, hi, n_hi = allocation(d, self.bits)
         writer = ctx.writer(self.section_lengths(d))
-        if self._packed_fast(v.device, lo, n_hi):  # integer R <= 8: one fused pass
+        if v.device.type == "cpu" and d:
             from .._numba import uniform as nb
 
-            nb.encode_packed(v.numpy(), lo, self.r32, writer.sections[0].numpy())
+            sec = [t.numpy() for t in writer.sections]
+            if self._packed_fast(v.device, lo, n_hi):  # integer R <= 8: whole groups of 8
+                nb.encode_packed(v.numpy(), lo, self.r32, sec[0])
+            else:  # quantized and appended to the two bit streams in one pass
+                nb.encode_streams(v.numpy(), self.bits, lo, self.r32, sec[0], sec[1])
             return writer.finish()
         codes_lo, codes_hi = self._codes(v)
         if lo:
@@ -157,21 +161,16 @@ class Uniform(Compressor):
         h = p.header
         d = h.numel
         lo, hi, n_hi = allocation(d, self.bits)
-        if self._packed_fast("cpu", lo, n_hi) and d:
-            from .._numba import uniform as nb
-
-            z = _alloc.empty(d)
-            nb.decode_packed(p.section(0).numpy(), lo, self.r32, z.numpy())
-            return self._finish_decode(z, h, device)
-        codes_hi = bits.unpack_uints(p.section(1), n_hi, hi, torch.int32)
-        if lo:
-            codes_lo = bits.unpack_uints(p.section(0), d - n_hi, lo, torch.int32)
-        else:
-            codes_lo = torch.zeros(d - n_hi, dtype=torch.int32)
         from .._numba import uniform as nb
 
         z = _alloc.empty(d)
-        nb.decode(codes_lo.numpy(), codes_hi.numpy(), self.bits, lo, self.r32, z.numpy())
+        if d == 0:
+            pass
+        elif self._packed_fast("cpu", lo, n_hi):
+            nb.decode_packed(p.section(0).numpy(), lo, self.r32, z.numpy())
+        else:
+            secs = p.section(0).numpy(), p.section(1).numpy()
+            nb.decode_streams(*secs, self.bits, lo, self.r32, z.numpy())
         return self._finish_decode(z, h, device)
 
     def _finish_decode(self, z: torch.Tensor, h, device) -> torch.Tensor:
