@@ -183,6 +183,20 @@ def _n_hi_before(i, rate, lo):
 
 
 @numba.njit(inline="always", cache=True)
+def _chunk_scratch():
+    """Per-piece scratch: floors, widths, stream indices, codes, the two staging buffers."""
+    return (
+        np.empty(_PCH + 1, np.float64),
+        np.empty(_PCH, np.uint32),
+        np.empty(_PCH, np.int64),
+        np.empty(_PCH, np.int64),
+        np.empty(_PCH, np.uint32),
+        np.zeros(8 * _GROUPS, np.uint32),
+        np.zeros(8 * _GROUPS, np.uint32),
+    )
+
+
+@numba.njit(inline="always", cache=True)
 def _chunk_layout(base, m, rate, lo, flo, wide, idx_lo, idx_hi):
     """For coordinates ``base .. base + m``: ``wide`` (1 if it has lo + 1 bits), its index
     among the chunk's lo codes and among its hi codes; returns how many hi codes there are."""
@@ -282,13 +296,7 @@ def _encode_streams(y, rate, lo, r, out_lo, out_hi, edges, start, stop):
     cell_lo = np.float32(2.0) * r / np.float32(1 << lo)
     cell_hi = np.float32(2.0) * r / np.float32(2 << lo)
     top_lo, top_hi = np.float32((1 << lo) - 1), np.float32((2 << lo) - 1)
-    flo = np.empty(_PCH + 1, np.float64)
-    wide = np.empty(_PCH, np.uint32)
-    idx_lo = np.empty(_PCH, np.int64)
-    idx_hi = np.empty(_PCH, np.int64)
-    codes = np.empty(_PCH, np.uint32)
-    st_lo = np.zeros(8 * _GROUPS, np.uint32)
-    st_hi = np.zeros(8 * _GROUPS, np.uint32)
+    flo, wide, idx_lo, idx_hi, codes, st_lo, st_hi = _chunk_scratch()
     st8 = np.zeros(8 * _GROUPS, np.uint8)
     acc = np.empty(_GROUPS, np.uint64)
     edges[:, :, 0] = -1
@@ -364,13 +372,7 @@ def _decode_streams(data_lo, data_hi, rate, lo, r, out, start, stop):
     hi_w = lo + 1
     cell_lo = np.float32(2.0) * r / np.float32(1 << lo)
     cell_hi = np.float32(2.0) * r / np.float32(2 << lo)
-    flo = np.empty(_PCH + 1, np.float64)
-    wide = np.empty(_PCH, np.uint32)
-    idx_lo = np.empty(_PCH, np.int64)
-    idx_hi = np.empty(_PCH, np.int64)
-    codes = np.empty(_PCH, np.uint32)
-    st_lo = np.zeros(8 * _GROUPS, np.uint32)
-    st_hi = np.zeros(8 * _GROUPS, np.uint32)
+    flo, wide, idx_lo, idx_hi, codes, st_lo, st_hi = _chunk_scratch()
     for base in range(start, stop, _PCH):
         m = min(_PCH, stop - base)
         kh = _chunk_layout(base, m, rate, lo, flo, wide, idx_lo, idx_hi)
