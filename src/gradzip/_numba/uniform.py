@@ -272,9 +272,22 @@ def _flush(out, st, fill, g, w, first_g, last, edges, s, st8, acc):
             v = acc[t]
             for b in range(w):
                 os[t * w + b] = np.uint8((v >> np.uint64(8 * b)) & np.uint64(0xFF))
-    else:
+    else:  # 9..25 bits: an accumulator writes 32 bits at a time
         for t in range(nfull):
-            _write_group(out, g + t, w, st, q + 8 * t, edges, s, -1)
+            o = (g + t) * w
+            a = np.uint64(0)
+            n = 0
+            for j in range(8):
+                a |= np.uint64(st[q + 8 * t + j]) << np.uint64(n)
+                n += w
+                if n >= 32:
+                    for b in range(4):
+                        out[o + b] = np.uint8((a >> np.uint64(8 * b)) & np.uint64(0xFF))
+                    a >>= np.uint64(32)
+                    n -= 32
+                    o += 4
+            for b in range(n // 8):  # 8w bits are whole bytes: n is a multiple of 8
+                out[o + b] = np.uint8((a >> np.uint64(8 * b)) & np.uint64(0xFF))
     q += 8 * nfull
     g += nfull
     if last and fill - q > 0:  # the final part group, shared with the next piece
@@ -358,10 +371,18 @@ def _read_groups(data, g0, g1, w, st):
             n = 0
             b = 0
             for j in range(8):
-                while n < w and b < nb:
-                    acc |= np.uint64(data[o + b]) << np.uint64(n)
-                    n += 8
-                    b += 1
+                while n < w and b < nb:  # 32 bits at a time where there are 4 bytes
+                    if b + 4 <= nb:
+                        word = np.uint64(0)
+                        for t in range(4):
+                            word |= np.uint64(data[o + b + t]) << np.uint64(8 * t)
+                        acc |= word << np.uint64(n)
+                        n += 32
+                        b += 4
+                    else:
+                        acc |= np.uint64(data[o + b]) << np.uint64(n)
+                        n += 8
+                        b += 1
                 st[q + j] = np.uint32(acc & mask)
                 acc >>= np.uint64(w)
                 n -= w
