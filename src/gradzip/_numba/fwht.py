@@ -93,7 +93,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .quantize import _MAGIC, _S56, _stats32
+from .quantize import _MAGIC, _S56, _sq_max32
 from .rng import U32, dither16_of, hash32
 
 PLAIN, ROTATE, UNROTATE = 0, 1, 2
@@ -759,7 +759,7 @@ def rotate_stats(src, sbits, dst, row, m, key0, key1, scale, tab, sq, mx, start,
     k1 = np.uint64(key1)
     G = 8 * W
     for r in range(start // L, (stop + L - 1) // L):
-        s, _, b = _stats32(src, sbits, r * L, (r + 1) * L)
+        s, b = _sq_max32(src, sbits, r * L, (r + 1) * L)
         sq[r] = s
         mx[r] = b
         _row(src, r * L, row, 0, mr, m1, ROTATE, False, k0, k1, r * L, scale, tab)
