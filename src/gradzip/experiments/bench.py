@@ -57,39 +57,6 @@ def median_ms(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
     return time_ms(fn, repeats, statistics.median, warmup)
 
 
-def interleaved_medians_ms(
-    fns: Sequence[Callable[[], object]], repeats: int, warmup: int = 2, settle_s: float = 0.02
-) -> list[float]:
-    """Median time (ms) of each of ``fns``, timed in turn within each repetition.
-
-    On a shared machine the memory bandwidth a ``copy_`` gets drifts over seconds (here
-    2-5 ms for 64 MiB); timing the baseline next to the code it is compared with, rather
-    than once at the start, keeps each ratio's two sides under the same conditions.
-
-    ``fns[0]`` is the baseline: it is called twice in a row and the second call timed (no
-    pause before it, so it runs at its best). Each other call comes after a pause of
-    ``settle_s``: after a torch operation its OpenMP workers keep spinning for several
-    milliseconds (libgomp's default spin count) and take a core from whatever runs next.
-    Measured here, a ``fosgd`` encode of 2^24 right after a ``copy_`` took 19.9 ms against
-    15.0 ms after the pause or with ``OMP_WAIT_POLICY=PASSIVE``. The same happens in a
-    training loop right after the backward pass (see the README).
-    """
-    for _ in range(warmup):
-        for fn in fns:
-            fn()
-    times: list[list[float]] = [[] for _ in fns]
-    for _ in range(repeats):
-        for k, (fn, ts) in enumerate(zip(fns, times, strict=True)):
-            if k == 0:
-                fn()  # the baseline runs hot: its time is that of back-to-back calls
-            else:
-                time.sleep(settle_s)
-            t0 = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - t0)
-    return [1e3 * statistics.median(ts) for ts in times]
-
-
 def vnmse(c, x: torch.Tensor, seeds: Sequence[int], step: int = 0) -> float:
     """Mean over seeds of ||decode(encode(x)) - x||^2 / ||x||^2 (in float64)."""
     x64 = x.double()
@@ -123,14 +90,14 @@ def bench(
         for spec in specs:
             c = make_compressor(spec)
             p = c.encode(x, seed=1)
-            copy_ms, enc, dec = interleaved_medians_ms(
-                [
-                    lambda x=x, buf=buf: buf.copy_(x),
-                    lambda c=c, x=x: c.encode(x, seed=1, step=3),
-                    lambda c=c, p=p: c.decode(p),
-                ],
-                reps,
-            )
+            # The baseline is timed again for every compressor, right before it: on a shared
+            # machine the bandwidth a copy_ gets drifts over seconds (here 2.5-5.5 ms for
+            # 64 MiB), so a ratio compares two timings taken under the same conditions. Each
+            # timing is a median of back-to-back calls after warm-up calls; the warm-up also
+            # outlasts the spinning of torch's OpenMP workers after the copy_ (see README).
+            copy_ms = median_ms(lambda x=x, buf=buf: buf.copy_(x), reps * 2, warmup=2)
+            enc = median_ms(lambda c=c, x=x: c.encode(x, seed=1, step=3), reps, warmup=2)
+            dec = median_ms(lambda c=c, p=p: c.decode(p), reps, warmup=2)
             err = vnmse(c, x, range(100, 100 + nseeds))
             row = Row(
                 spec, d, copy_ms, enc, dec, enc / copy_ms, dec / copy_ms, err, nseeds, p.nbits / d
