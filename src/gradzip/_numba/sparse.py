@@ -326,50 +326,61 @@ _BLOCK = 16
 
 
 @numba.njit(nogil=True, cache=True, fastmath=_REASSOC)
-def _systematic(x, scale, wsat, m, total, rem, out_idx, start, stop):
-    """Keep i where ``rem = (m * (weights so far) + R) mod total`` wraps, or W_i >= wsat.
+def _systematic(x, scale, wsat, m, total, rem, out_idx, out_val, start, stop):
+    """Keep i where ``rem = (m * (weights so far) + R) mod total`` wraps, or W_i >= wsat;
+    ``out_val`` gets ``x_i / p_i`` (``x_i`` where saturated, else ``x_i total / (m W_i)``,
+    in float64 then rounded to float32, as the reference does).
 
-    Without saturated weights (``wsat`` infinite), each chunk first sums its blocks of
-    ``_BLOCK`` weights (a vectorized loop), and blocks that do not wrap ``rem`` are skipped
-    whole: most of them, when a small fraction is kept. Sums are of integers below 2**53 in
-    total, exact in any order: reassociation changes nothing but the speed.
+    Each chunk's weights are computed once (a vectorized loop). Without saturated weights
+    (``wsat`` infinite) the chunk's blocks of ``_BLOCK`` weights are summed, and blocks that
+    do not wrap ``rem`` are skipped whole: most of them, when a small fraction is kept. Sums
+    are of integers below 2**53 in total, exact in any order: reassociation changes nothing
+    but the speed.
     """
     xs = x[start:stop]
     o = 0
+    w = np.empty(CHUNK, np.float64)
     sums = np.empty(CHUNK // _BLOCK, np.float64)
+    ft = np.float64(total)
+    fm = np.float64(m)
     for cbase in range(0, xs.size, CHUNK):
-        cend = min(cbase + CHUNK, xs.size)
-        nb = (cend - cbase) // _BLOCK if wsat == np.inf else 0
+        n = min(cbase + CHUNK, xs.size) - cbase
+        for j in range(n):
+            w[j] = np.ceil(abs(np.float64(xs[cbase + j])) * scale)
+        nb = n // _BLOCK if wsat == np.inf else 0
         for b in range(nb):
-            base = cbase + b * _BLOCK
             sw = 0.0
             for j in range(_BLOCK):
-                sw += np.ceil(abs(np.float64(xs[base + j])) * scale)
+                sw += w[b * _BLOCK + j]
             sums[b] = sw
         for b in range(nb + 1):
-            lo = cbase + b * _BLOCK
-            hi = min(lo + _BLOCK, cend) if b < nb else cend
+            lo = b * _BLOCK
+            hi = min(lo + _BLOCK, n) if b < nb else n
             if b < nb:
                 inc = m * np.int64(sums[b])
                 if rem + inc < total:
                     rem += inc
                     continue
             for i in range(lo, hi):
-                w = np.ceil(abs(np.float64(xs[i])) * scale)
-                if w >= wsat:
-                    out_idx[o] = start + i
+                wi = w[i]
+                xi = np.float64(xs[cbase + i])
+                if wi >= wsat:
+                    out_idx[o] = start + cbase + i
+                    out_val[o] = np.float32(xi)
                     o += 1
                 else:
-                    rem += m * np.int64(w)
+                    rem += m * np.int64(wi)
                     if rem >= total:
                         rem -= total
-                        out_idx[o] = start + i
+                        out_idx[o] = start + cbase + i
+                        out_val[o] = np.float32(xi * ft / (fm * wi))
                         o += 1
     return o
 
 
-def systematic(x, scale, wsat, m, total, rems, counts, out_idx) -> None:
-    """Fill ``out_idx``: piece p starts at ``sum(counts[:p])`` with remainder rems[p]."""
+def systematic(x, scale, wsat, m, total, rems, counts, out_idx, out_val) -> None:
+    """Fill ``out_idx`` and ``out_val``: piece p starts at ``sum(counts[:p])`` with
+    remainder rems[p]."""
     parts = ranges(x.size)
     offs = {}
     o = 0
@@ -381,7 +392,7 @@ def systematic(x, scale, wsat, m, total, rems, counts, out_idx) -> None:
         o, c, r = offs[a]
         got = _systematic(
             x, np.float64(scale), np.float64(wsat), np.int64(m), np.int64(total), np.int64(r),
-            out_idx[o : o + c], a, b,
+            out_idx[o : o + c], out_val[o : o + c], a, b,
         )  # fmt: skip
         if got != c:
             raise RuntimeError(f"adaptive_sparse: piece kept {got} coordinates, expected {c}")

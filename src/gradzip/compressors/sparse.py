@@ -243,12 +243,9 @@ def adaptive_select(
         c += si
         counts.append(((m * c + r) // t - lo // t if t else 0) + ns)
     idx = np.empty(k, np.int64)
-    nb.systematic(xn, scale, wsat, m, t, rems, counts, idx)
-    xv = xn[idx].astype(np.float64)
-    w = np.ceil(np.abs(xv) * scale)
-    unsat = w < wsat
-    xv[unsat] = xv[unsat] * float(t) / (float(m) * w[unsat])  # x_i / p_i, p_i = m W_i / t
-    return torch.from_numpy(idx), torch.from_numpy(xv.astype(np.float32))
+    vals = np.empty(k, np.float32)  # x_i / p_i, p_i = m W_i / t (or 1 where saturated)
+    nb.systematic(xn, scale, wsat, m, t, rems, counts, idx, vals)
+    return torch.from_numpy(idx), torch.from_numpy(vals)
 
 
 def adaptive_select_reference(x: torch.Tensor, k: int, key: int):
