@@ -17,6 +17,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from .bits import _pack_uints_group, _pack_uints_range, _unpack_uints_range
 from .parallel import run
 
 _HALF = np.float32(0.5)
@@ -184,15 +185,16 @@ def _n_hi_before(i, rate, lo):
 
 @numba.njit(inline="always", cache=True)
 def _chunk_scratch():
-    """Per-piece scratch: floors, widths, stream indices, codes, the two staging buffers."""
+    """Per-piece scratch: floors, widths, stream indices, codes, the two staging buffers
+    (int64, as the group packing kernels of :mod:`gradzip._numba.bits` read and write them)."""
     return (
         np.empty(_PCH + 1, np.float64),
         np.empty(_PCH, np.uint32),
         np.empty(_PCH, np.int64),
         np.empty(_PCH, np.int64),
         np.empty(_PCH, np.uint32),
-        np.zeros(8 * _GROUPS, np.uint32),
-        np.zeros(8 * _GROUPS, np.uint32),
+        np.zeros(8 * _GROUPS, np.int64),
+        np.zeros(8 * _GROUPS, np.int64),
     )
 
 
@@ -212,44 +214,11 @@ def _chunk_layout(base, m, rate, lo, flo, wide, idx_lo, idx_hi):
 
 
 @numba.njit(inline="always", cache=True)
-def _pack_group(st, q, w):
-    """Eight codes ``st[q : q + 8]`` of width ``w`` (<= 8) as the w-byte group's 8w bits."""
-    v = np.uint64(0)
-    for j in range(8):
-        v |= np.uint64(st[q + j]) << np.uint64(8 * j)
-    return _squeeze(v, w)
-
-
-@numba.njit(inline="always", cache=True)
-def _write_group(out, g, w, st, q, edges, s, k):
-    """Group ``g`` of a stream from codes ``st[q : q + 8]``: into ``out``, or (``k >= 0``)
-    into ``edges[s, k]`` as (first byte index, its w bytes) for the caller to merge."""
-    if w <= 8:
-        v = _pack_group(st, q, w)
-        for b in range(w):
-            byte = np.uint8((v >> np.uint64(8 * b)) & np.uint64(0xFF))
-            if k >= 0:
-                edges[s, k, 1 + b] = byte
-            else:
-                out[g * w + b] = byte
-    else:  # up to 8 x 24 bits: an accumulator emits bytes as they fill
-        acc = np.uint64(0)
-        n = 0
-        b = 0
-        for j in range(8):
-            acc |= np.uint64(st[q + j]) << np.uint64(n)
-            n += w
-            while n >= 8:
-                byte = np.uint8(acc & np.uint64(0xFF))
-                if k >= 0:
-                    edges[s, k, 1 + b] = byte
-                else:
-                    out[g * w + b] = byte
-                acc >>= np.uint64(8)
-                n -= 8
-                b += 1
-    if k >= 0:
-        edges[s, k, 0] = g * w
+def _edge_group(g, w, st, q, edges, s, k):
+    """Group ``g`` of stream ``s`` from codes ``st[q : q + 8]`` into ``edges[s, k]`` as (its
+    first byte index, its w bytes), for :func:`encode_streams` to merge."""
+    edges[s, k, 0] = g * w
+    _pack_uints_group(st, q, w, edges[s, k], 1)
 
 
 @numba.njit(inline="always", cache=True)
@@ -258,10 +227,10 @@ def _flush(out, st, fill, g, w, first_g, last, edges, s, st8, acc):
     final part group, zero-padded. Moves the leftover codes to the front of ``st``."""
     q = 0
     if g == first_g and fill >= 8:  # the group shared with the previous piece
-        _write_group(out, g, w, st, 0, edges, s, 0)
+        _edge_group(g, w, st, 0, edges, s, 0)
         q, g = 8, g + 1
     nfull = (fill - q) // 8
-    if w <= 8:  # the common case, as in the integer kernel: bytes, squeeze, write
+    if w <= 8:  # as in the integer kernel: bytes, squeeze (vectorized), write
         for j in range(8 * nfull):
             st8[j] = np.uint8(st[q + j])
         s64 = st8.view(np.uint64)
@@ -272,28 +241,14 @@ def _flush(out, st, fill, g, w, first_g, last, edges, s, st8, acc):
             v = acc[t]
             for b in range(w):
                 os[t * w + b] = np.uint8((v >> np.uint64(8 * b)) & np.uint64(0xFF))
-    else:  # 9..25 bits: an accumulator writes 32 bits at a time
-        for t in range(nfull):
-            o = (g + t) * w
-            a = np.uint64(0)
-            n = 0
-            for j in range(8):
-                a |= np.uint64(st[q + 8 * t + j]) << np.uint64(n)
-                n += w
-                if n >= 32:
-                    for b in range(4):
-                        out[o + b] = np.uint8((a >> np.uint64(8 * b)) & np.uint64(0xFF))
-                    a >>= np.uint64(32)
-                    n -= 32
-                    o += 4
-            for b in range(n // 8):  # 8w bits are whole bytes: n is a multiple of 8
-                out[o + b] = np.uint8((a >> np.uint64(8 * b)) & np.uint64(0xFF))
+    else:
+        _pack_uints_range(st[q : q + 8 * nfull], w, out[g * w : (g + nfull) * w], 0, nfull)
     q += 8 * nfull
     g += nfull
     if last and fill - q > 0:  # the final part group, shared with the next piece
         for j in range(fill, q + 8):
             st[j] = 0
-        _write_group(out, g, w, st, q, edges, s, 0 if g == first_g else 1)
+        _edge_group(g, w, st, q, edges, s, 0 if g == first_g else 1)
         q, g = fill, g + 1
     rest = fill - q
     for j in range(rest):
@@ -350,44 +305,6 @@ def _encode_streams(y, rate, lo, r, out_lo, out_hi, edges, start, stop):
         )
 
 
-@numba.njit(inline="always", cache=True)
-def _read_groups(data, g0, g1, w, st):
-    """Codes of groups ``g0 .. g1 - 1`` of a stream into ``st`` (8 per group); a group cut
-    short by the end of ``data`` reads as zeros past it."""
-    for g in range(g0, g1):
-        q = 8 * (g - g0)
-        o = g * w
-        nb = min(w, data.size - o)
-        if w <= 8:
-            a = np.uint64(0)
-            for b in range(nb):
-                a |= np.uint64(data[o + b]) << np.uint64(8 * b)
-            v = _spread(a, w)
-            for j in range(8):
-                st[q + j] = np.uint32((v >> np.uint64(8 * j)) & np.uint64(0xFF))
-        else:
-            mask = np.uint64((1 << w) - 1)
-            acc = np.uint64(0)
-            n = 0
-            b = 0
-            for j in range(8):
-                while n < w and b < nb:  # 32 bits at a time where there are 4 bytes
-                    if b + 4 <= nb:
-                        word = np.uint64(0)
-                        for t in range(4):
-                            word |= np.uint64(data[o + b + t]) << np.uint64(8 * t)
-                        acc |= word << np.uint64(n)
-                        n += 32
-                        b += 4
-                    else:
-                        acc |= np.uint64(data[o + b]) << np.uint64(n)
-                        n += 8
-                        b += 1
-                st[q + j] = np.uint32(acc & mask)
-                acc >>= np.uint64(w)
-                n -= w
-
-
 @numba.njit(nogil=True, cache=True)
 def _decode_streams(data_lo, data_hi, rate, lo, r, out, start, stop):
     hi_w = lo + 1
@@ -399,9 +316,12 @@ def _decode_streams(data_lo, data_hi, rate, lo, r, out, start, stop):
         kh = _chunk_layout(base, m, rate, lo, flo, wide, idx_lo, idx_hi)
         nh0 = _n_hi_before(base, rate, lo)
         k_lo, k_hi = base - nh0, nh0
+        # the groups holding the chunk's codes, whole (bits' kernel: zeros past the end)
         if lo:
-            _read_groups(data_lo, k_lo // 8, (k_lo + m - kh + 7) // 8, lo, st_lo)
-        _read_groups(data_hi, k_hi // 8, (k_hi + kh + 7) // 8, hi_w, st_hi)
+            g0, g1 = k_lo // 8, (k_lo + m - kh + 7) // 8
+            _unpack_uints_range(data_lo[g0 * lo :], lo, st_lo, 0, 8 * (g1 - g0))
+        g0, g1 = k_hi // 8, (k_hi + kh + 7) // 8
+        _unpack_uints_range(data_hi[g0 * hi_w :], hi_w, st_hi, 0, 8 * (g1 - g0))
         s_lo, s_hi = k_lo % 8, k_hi % 8
         for j in range(m):  # both loads, then a select (unsigned indices, as in encoding)
             c_lo = st_lo[np.uint64(s_lo + idx_lo[j])]
