@@ -408,28 +408,30 @@ def _piece(n: int, align: int) -> int:
     return per * align
 
 
-def _chunk_buffers(R: int, C: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Per-worker chunk buffers of the fused encoder's pass 2, kept by the calling thread
-    (fresh memory would cost page faults on every call; other threads get their own)."""
+def _per_worker(name: str, key, make: Callable[[], object]) -> list:
+    """``[make() for each worker]`` (see :func:`_run_pieces`), kept by the calling thread and
+    made again only when ``key`` or the thread count changes: fresh memory would cost page
+    faults on every call, and other calling threads get their own."""
     from ._numba.parallel import threads
 
-    key = (R * C, threads())
-    bufs = getattr(_buffers, "chunks", None)
-    if bufs is None or bufs[0] != key:
-        pairs = [(np.empty(R * C, np.float32), np.zeros(R * C, np.uint8)) for _ in range(key[1])]
-        bufs = _buffers.chunks = (key, pairs)
-    return bufs[1]
+    key = (key, threads())
+    held = getattr(_buffers, name, None)
+    if held is None or held[0] != key:
+        held = (key, [make() for _ in range(threads())])
+        setattr(_buffers, name, held)
+    return held[1]
+
+
+def _chunk_buffers(R: int, C: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per-worker buffers of the fused encoder's pass 2: a column chunk and its bits."""
+    return _per_worker(
+        "chunks", R * C, lambda: (np.empty(R * C, np.float32), np.zeros(R * C, np.uint8))
+    )
 
 
 def _row_buffers(L: int, dtype) -> list[np.ndarray]:
-    """Per-worker pass-1 rows of ``L`` elements (32-byte aligned), kept by the calling thread."""
-    from ._numba.parallel import threads
-
-    key = (L, np.dtype(dtype).str, threads())
-    bufs = getattr(_buffers, "rows", None)
-    if bufs is None or bufs[0] != key:
-        bufs = _buffers.rows = (key, [_alloc.aligned_numpy(L, dtype) for _ in range(key[2])])
-    return bufs[1]
+    """Per-worker pass-1 rows of ``L`` elements (32-byte aligned)."""
+    return _per_worker("rows", (L, np.dtype(dtype).str), lambda: _alloc.aligned_numpy(L, dtype))
 
 
 def can_rotate_quantize(x: torch.Tensor) -> bool:

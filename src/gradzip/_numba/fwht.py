@@ -93,6 +93,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from .bits import _load_u64
 from .quantize import _MAGIC, _S56, _sq_max32
 from .rng import U32, dither16_of, hash32
 
@@ -864,15 +865,6 @@ def cols_quantize(a, m, lam, key0, key1, out, buf, tmp, start, stop):
 # ---------------------------------------------------------------------------------------
 # The fused decoder: unpacking of the signs + inverse rotation (FO-SGD, standard dither)
 # ---------------------------------------------------------------------------------------
-
-
-@numba.njit(inline="always", cache=True)
-def _load_u64(data, o):
-    """The little-endian uint64 of bytes ``data[o : o + 8]`` (LLVM makes it one load)."""
-    w = np.uint64(0)
-    for q in range(8):
-        w |= np.uint64(data[o + q]) << np.uint64(8 * q)
-    return w
 
 
 @numba.njit(nogil=True, cache=True)
