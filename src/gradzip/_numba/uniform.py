@@ -257,9 +257,9 @@ def _flush(out, st, fill, g, w, first_g, last, edges, s, st8, acc):
 
 
 @numba.njit(nogil=True, cache=True)
-def _encode_streams(y, rate, lo, r, out_lo, out_hi, edges, start, stop):
-    """``edges[s, k] = (first byte, w bytes)`` of stream s's group shared with the previous
-    (k = 0) or next (k = 1) piece, or first byte -1."""
+def _encode_streams(y, rate, lo, r, out_lo, out_hi, start, stop):
+    """Returns ``edges``: ``edges[s, k] = (first byte, w bytes)`` of stream s's group shared
+    with the previous (k = 0) or next (k = 1) piece, or first byte -1."""
     hi_w = lo + 1
     cell_lo = np.float32(2.0) * r / np.float32(1 << lo)
     cell_hi = np.float32(2.0) * r / np.float32(2 << lo)
@@ -267,6 +267,7 @@ def _encode_streams(y, rate, lo, r, out_lo, out_hi, edges, start, stop):
     flo, wide, idx_lo, idx_hi, codes, st_lo, st_hi = _chunk_scratch()
     st8 = np.zeros(8 * _GROUPS, np.uint8)
     acc = np.empty(_GROUPS, np.uint64)
+    edges = np.empty((2, 2, 2 + lo), np.int64)
     edges[:, :, 0] = -1
     nh0 = _n_hi_before(start, rate, lo)
     k_lo, k_hi = start - nh0, nh0  # the piece's first index in each stream
@@ -303,6 +304,7 @@ def _encode_streams(y, rate, lo, r, out_lo, out_hi, edges, start, stop):
         f_hi, g_hi = _flush(
             out_hi, st_hi, f_hi + kh, g_hi, hi_w, first_hi, last, edges, 1, st8, acc
         )
+    return edges
 
 
 @numba.njit(nogil=True, cache=True)
@@ -340,20 +342,8 @@ def encode_streams(y, rate: float, lo: int, r, out_lo, out_hi, pieces=None) -> N
     sections ``out_lo`` and ``out_hi`` (``pack_uints``' layout, every byte written).
     ``pieces`` (a list of ``(start, stop)`` covering ``[0, y.size)`` in order) overrides the
     split across threads (for tests)."""
-    from .parallel import ranges, thread_pool
-
-    parts = pieces if pieces is not None else ranges(y.size, 64)
-    edges = np.empty((len(parts), 2, 2, 1 + lo + 1), np.int64)
     args = (y, float(rate), lo, np.float32(r), out_lo, out_hi)
-    if len(parts) == 1:
-        _encode_streams(*args, edges[0], *parts[0])
-    else:
-        futs = [
-            thread_pool().submit(_encode_streams, *args, edges[k], a, b)
-            for k, (a, b) in enumerate(parts)
-        ]
-        for f in futs:
-            f.result()
+    edges = np.stack(run(_encode_streams, y.size, *args, parts=pieces))
     for s, (out, w) in enumerate(((out_lo, lo), (out_hi, lo + 1))):
         shared = edges[:, s].reshape(-1, edges.shape[-1])
         shared = shared[shared[:, 0] >= 0]

@@ -140,7 +140,7 @@ class Uniform(Compressor):
             from .._numba import uniform as nb
 
             sec = [t.numpy() for t in writer.sections]
-            if self._packed_fast(v.device, lo, n_hi):  # integer R <= 8: whole groups of 8
+            if self._packed_fast(lo, n_hi):  # integer R <= 8: whole groups of 8
                 nb.encode_packed(v.numpy(), lo, self.r32, sec[0])
             else:  # quantized and appended to the two bit streams in one pass
                 nb.encode_streams(v.numpy(), self.bits, lo, self.r32, sec[0], sec[1])
@@ -152,10 +152,11 @@ class Uniform(Compressor):
         return writer.finish()
 
     @staticmethod
-    def _packed_fast(device, lo: int, n_hi: int) -> bool:
+    def _packed_fast(lo: int, n_hi: int) -> bool:
+        """Whether the CPU kernels take whole groups of eight codes (integer R <= 8)."""
         from .._numba.uniform import MAX_PACKED_BITS
 
-        return torch.device(device).type == "cpu" and n_hi == 0 and 1 <= lo <= MAX_PACKED_BITS
+        return n_hi == 0 and 1 <= lo <= MAX_PACKED_BITS
 
     def _decode(self, p: Payload, device) -> torch.Tensor:
         h = p.header
@@ -166,7 +167,7 @@ class Uniform(Compressor):
         z = _alloc.empty(d)
         if d == 0:
             pass
-        elif self._packed_fast("cpu", lo, n_hi):
+        elif self._packed_fast(lo, n_hi):
             nb.decode_packed(p.section(0).numpy(), lo, self.r32, z.numpy())
         else:
             secs = p.section(0).numpy(), p.section(1).numpy()
