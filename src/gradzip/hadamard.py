@@ -482,7 +482,7 @@ def rotate_quantize_(
         scratch = _alloc.scratch(d)
     k = _kernel()
     m = d.bit_length() - 1
-    L, R, C = k.fused_grid(m)
+    L, R, C = k.grid(m, 4)
     k0, k1 = _split_key(key)
     a = x.detach().numpy()
     y = scratch.detach().view(-1)[:d].numpy()
@@ -538,7 +538,7 @@ def unrotate_signs(
         raise ValueError(f"out must be a contiguous float32 tensor of {n} elements")
     k = _kernel()
     m = n.bit_length() - 1
-    L, R, C = k.fused_grid(m)
+    L, R, C = k.grid(m, 4)
     k0, k1 = _split_key(key)
     c = np.float32(lam) * np.float32(1.0 / math.sqrt(n))
     o = out.detach().view(-1).numpy()

@@ -718,11 +718,6 @@ def fused_ok(n: int) -> bool:
     return n >= 1 and n & (n - 1) == 0 and 4 * n > L2_BYTES
 
 
-def fused_grid(m: int) -> tuple[int, int, int]:
-    """``(L, R, C)`` of the fused encoder for ``n = 2**m`` float32 (``fused_ok(n)``)."""
-    return grid(m, 4)
-
-
 def grid(m: int, itemsize: int) -> tuple[int, int, int]:
     """``(L, R, C)`` of :func:`transform`'s two-pass route for one segment of ``2**m``."""
     m1, m2 = _budgets(itemsize)
@@ -758,14 +753,11 @@ def rotate_stats(src, sbits, dst, row, m, key0, key1, scale, tab, sq, mx, start,
     mr, L, R, C = _grid(m, m1, m2, 8 * W, 4)
     k0 = np.uint64(key0)
     k1 = np.uint64(key1)
-    G = 8 * W
     for r in range(start // L, (stop + L - 1) // L):
         s, b = _sq_max32(src, sbits, r * L, (r + 1) * L)
         sq[r] = s
         mx[r] = b
-        _row(src, r * L, row, 0, mr, m1, ROTATE, False, k0, k1, r * L, scale, tab)
-        for g in range(0, L, G):
-            _stream8(row, g, dst, r * L + g)
+        _row_streamed(src, r * L, dst, r * L, row, mr, m1, ROTATE, k0, k1, r * L, scale, tab)
     _fence()
 
 
@@ -850,7 +842,7 @@ def cols_quantize(a, m, lam, key0, key1, out, buf, tmp, start, stop):
     ``dither16`` of the key ``(key0, key1)`` and ``lam`` a float32. Does the column chunks
     ``start // (n / nchunks) ..`` up to ``stop``'s (a kernel over ``n`` elements aligned to
     ``n / nchunks``), with the chunk buffers ``buf`` (float32) and ``tmp`` (uint8) of at
-    least ``R * C`` elements each (see :func:`fused_grid`).
+    least ``R * C`` elements each (see :func:`grid`).
     """
     W = _lanes(a)
     m1, m2 = _budgets(4)
@@ -893,6 +885,16 @@ def unrotate_signs_rows(data, dst, m, c, tab, start, stop):
             _sweeps(dst, off, L, nb, False, _ZERO, _ZERO, 0, tab)
 
 
+@numba.njit(inline="always", cache=True)
+def _row_streamed(src, soff, dst, doff, row, m, m1, mode, k0, k1, sbase, scale, tab):
+    """:func:`_row` (no post-transform signs) done in ``row`` (in L2), then streamed out to
+    ``dst[doff:]`` (32-byte aligned) with non-temporal stores: the lines of ``dst`` are
+    never read first (no read-for-ownership)."""
+    _row(src, soff, row, 0, m, m1, mode, False, k0, k1, sbase, scale, tab)
+    for g in range(0, 1 << m, 8 * _lanes(row)):
+        _stream8(row, g, dst, doff + g)
+
+
 @numba.njit(nogil=True, cache=True)
 def cols_pass(a, off, m, post, key0, key1, sbase, tab, start, stop):
     """Pass 2 of :func:`transform`'s two-pass route for one segment of ``n = 2**m`` at
@@ -928,9 +930,9 @@ def rows_pass(
     for r in range(start // L, (stop + L - 1) // L):
         sb = sbase + r * L
         if stream:
-            _row(src, soff + r * L, row, 0, mr, m1, mode, False, k0, k1, sb, scale, tab)
-            for g in range(0, L, G):
-                _stream8(row, g, dst, doff + r * L + g)
+            _row_streamed(
+                src, soff + r * L, dst, doff + r * L, row, mr, m1, mode, k0, k1, sb, scale, tab
+            )
         else:
             _row(src, soff + r * L, dst, doff + r * L, mr, m1, mode, False, k0, k1, sb, scale, tab)
     if stream:
