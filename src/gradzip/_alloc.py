@@ -131,7 +131,7 @@ def cached_bytes() -> int:
 
 def empty(n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """A 1-D CPU tensor of ``n`` uninitialized elements (large ones from the pool)."""
-    nbytes = n * torch.empty(0, dtype=dtype).element_size()
+    nbytes = n * dtype.itemsize
     if nbytes < _LARGE:
         return torch.empty(n, dtype=dtype)
     return torch.from_numpy(_take(nbytes)).view(dtype)
@@ -147,7 +147,7 @@ def scratch(n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     quantizes): reusing one buffer saves the page faults of fresh memory on every call
     (about 8 ms for 64 MiB). The contents are garbage and the next call overwrites them.
     """
-    size = n * torch.empty(0, dtype=dtype).element_size()
+    size = n * dtype.itemsize
     if size < _LARGE:
         return torch.empty(n, dtype=dtype)
     buf = getattr(_scratch, "buf", None)
