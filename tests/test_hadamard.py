@@ -435,6 +435,38 @@ def test_rotate_quantize_matches_reference(d):
         assert torch.equal(out, ref)
 
 
+@pytest.mark.parametrize("d", [1 << 16, 1 << 18])
+def test_rotate_quantize_statistics_see_every_element(d):
+    """Pass 1 takes the norm and the finiteness from the registers of its first stages: a
+    single NaN or infinity anywhere (any lane, any row, the last element) is seen, and the
+    sum of squares of heavy-tailed input is a float64 sum of float64 squares."""
+    g = _gen(d + 1)
+    x = torch.randn(d, generator=g) * torch.exp(4 * torch.randn(d, generator=g))
+    seen = []
+
+    def scale_of(sq, finite):
+        seen.append((sq, finite))
+        return 0.5
+
+    out = torch.empty(d // 8, dtype=torch.uint8)
+    hadamard.rotate_quantize_(x, 3, scale_of, 4, out)
+    sq, finite = seen.pop()
+    assert finite and sq == pytest.approx(float(x.double().square().sum()), rel=1e-12)
+    positions = [0, 1, 7, 8, 63, 64, 4095, d // 2 + 5, d - 1]
+    positions += torch.randint(0, d, (4,), generator=g).tolist()
+    for pos in positions:
+        for bad in (float("nan"), float("inf"), -float("inf")):
+            y = x.clone()
+            y[pos] = bad
+            hadamard.rotate_quantize_(y, 3, scale_of, 4, out)
+            assert seen.pop()[1] is False, (pos, bad)
+    # the largest finite float32 is finite (its square, in float64, is too)
+    y = x.clone()
+    y[d - 1] = float(np.finfo(np.float32).max)
+    hadamard.rotate_quantize_(y, 3, scale_of, 4, out)
+    assert seen.pop()[1] is True
+
+
 def test_rotate_quantize_takes_only_what_it_can_fuse():
     assert hadamard.can_rotate_quantize(torch.zeros(1 << 16))
     for x in (

@@ -422,11 +422,9 @@ def _per_worker(name: str, key, make: Callable[[], object]) -> list:
     return held[1]
 
 
-def _chunk_buffers(R: int, C: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Per-worker buffers of the fused encoder's pass 2: a column chunk and its bits."""
-    return _per_worker(
-        "chunks", R * C, lambda: (np.empty(R * C, np.float32), np.zeros(R * C, np.uint8))
-    )
+def _chunk_buffers(R: int, C: int) -> list[np.ndarray]:
+    """Per-worker buffers of the fused encoder's pass 2: a column chunk."""
+    return _per_worker("chunks", R * C, lambda: np.empty(R * C, np.float32))
 
 
 def _row_buffers(L: int, dtype) -> list[np.ndarray]:
@@ -490,12 +488,11 @@ def rotate_quantize_(
     mx = np.empty(R, np.uint32)
     scale = np.float32(1.0 / math.sqrt(d))
     tab = _table(torch.float32)
-    bits = a.view(np.uint32)
 
     rows, bufs = _row_buffers(L, np.float32), _chunk_buffers(R, C)
 
     def pass1(w: int, i: int, j: int) -> None:
-        k.rotate_stats(a, bits, y, rows[w], m, k0, k1, scale, tab, sq, mx, i, j)
+        k.rotate_stats(a, y, rows[w], m, k0, k1, scale, tab, sq, mx, i, j)
 
     _run_pieces(d, _piece(d, L), pass1)
     total = float(sq.sum())
@@ -506,7 +503,7 @@ def rotate_quantize_(
     _run_pieces(
         d,
         _piece(d, d // (L // C)),
-        lambda w, i, j: k.cols_quantize(y, m, lam32, d0, d1, o, *bufs[w], i, j),
+        lambda w, i, j: k.cols_quantize(y, m, lam32, d0, d1, o, bufs[w], i, j),
     )
     return lam
 

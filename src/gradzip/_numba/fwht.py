@@ -45,11 +45,12 @@ preserves it) to quantize ``Phi x``. Done one after the other, the norm, the rot
 the quantizer cost five passes over memory (read x; rows; columns read and written back;
 read Phi x). :func:`rotate_stats` and :func:`cols_quantize` do it in two:
 
-1. Pass 1 takes each row's sum of squares and finiteness on the way in (the statistics
-   pull the row into L2, the transform then reads it from there).
+1. Pass 1 takes the sum of squares and the finiteness of x from the registers that load
+   it for the first stages of the transform (``_hgroup_stats``): no pass of its own.
 2. The caller picks lambda from the norm (and refuses non-finite input) between the passes.
 3. Pass 2 reads each column chunk once into a per-thread buffer, finishes its stages there
-   and quantizes it (dither, sign, bit packing into the payload) from L2. The chunk is
+   and quantizes it from L2, eight elements to a vector compare whose mask is the
+   payload's byte (``_quant32``: dither hash, sign, packing in registers). The chunk is
    never written back: the rotated vector is never stored, and no dirty line of the
    intermediate goes back to memory. The contiguous buffer also escapes the cache-set
    conflicts of R rows ``4 L`` bytes apart.
@@ -94,8 +95,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .bits import _load_u64
-from .quantize import _MAGIC, _S56, _sq_max32
-from .rng import U32, dither16_of, hash32
+from .rng import _LB1, _LB2, U32, hash32
 
 PLAIN, ROTATE, UNROTATE = 0, 1, 2
 
@@ -161,10 +161,11 @@ class _Vec:
     def const(self, values):
         return ir.Constant(self.vty, [float(v) for v in values])
 
-    def splat(self, x):
-        b = self.builder
-        v = b.insert_element(ir.Constant(self.vty, ir.Undefined), x, ir.Constant(_I64, 0))
-        return b.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, self.W), [0] * self.W))
+    def splat(self, x, vty=None):
+        """``x`` in every lane of a vector (of ``vty``, by default this dtype's)."""
+        b, vty = self.builder, vty or self.vty
+        v = b.insert_element(ir.Constant(vty, ir.Undefined), x, ir.Constant(_I64, 0))
+        return b.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, vty.count), [0] * vty.count))
 
     def h_in_register(self, v):
         """H_W inside one vector: stage t is ``shuffle(v, c -> c ^ t) + sign_t * v``."""
@@ -332,6 +333,51 @@ def _hgroup_signed(typingctx, src, i, dst, j, bits, tab, scale):
 
 
 @intrinsic
+def _hgroup_stats(typingctx, src, i, dst, j, bits, tab, scale, sq, mx):
+    """:func:`_hgroup_signed` on float32 that also takes the statistics of the 64 inputs
+    from the registers that load them: their squares (in float64) are added to the partial
+    sums ``sq[0:8]``, their bit patterns ``& 0x7FFFFFFF`` folded into the maxima ``mx[0:8]``
+    (uint32; some maximum is >= 0x7F800000 iff some input is NaN or inf; integer order is
+    IEEE order on non-negative floats)."""
+    ok = _same_float_arrays(src, dst) and src.dtype == types.float32 and scale == src.dtype
+    ok = ok and _all_ints(i, j, bits) and isinstance(tab, types.Array)
+    ok = ok and isinstance(sq, types.Array) and sq.dtype == types.float64
+    if not (ok and isinstance(mx, types.Array) and mx.dtype == types.uint32):
+        return None
+    transform = _hgroup_codegen(True)
+
+    def codegen(context, builder, sig, args):
+        b = builder
+        V = _Vec(context, b, sig.args[0])
+        sdata = V.data(sig.args[0], args[0])
+        i0 = V.index(args[1], sig.args[1])
+        dty = ir.VectorType(ir.DoubleType(), 4)
+        sqp = b.bitcast(V.data(sig.args[7], args[7]), dty.as_pointer())
+        mxp = b.bitcast(V.data(sig.args[8], args[8]), V.ivty.as_pointer())
+        top = b.load(mxp, align=4)
+        absmask = ir.Constant(V.ivty, [0x7FFFFFFF] * 8)
+        squares: list[list] = [[], []]  # low and high halves of each vector, as float64
+        for k in range(8):
+            x = V.load(V.ptr(sdata, i0, k))
+            for h in range(2):
+                lanes = ir.Constant(ir.VectorType(_I32, 4), [4 * h + c for c in range(4)])
+                q = b.fpext(b.shuffle_vector(x, x, lanes), dty)
+                squares[h].append(b.fmul(q, q))
+            a = b.and_(b.bitcast(x, V.ivty), absmask)
+            top = b.select(b.icmp_unsigned(">", a, top), a, top)
+        b.store(top, mxp, align=4)
+        for h in range(2):  # a tree, then one add into the running sums: short chains
+            t = squares[h]
+            while len(t) > 1:
+                t = [b.fadd(t[c], t[c + 1]) for c in range(0, len(t), 2)]
+            p = b.gep(sqp, [ir.Constant(_I64, h)])
+            b.store(b.fadd(b.load(p, align=8), t[0]), p, align=8)
+        return transform(context, builder, types.void(*sig.args[:7]), args[:7])
+
+    return types.void(src, i, dst, j, bits, tab, scale, sq, mx), codegen
+
+
+@intrinsic
 def _hgroup_bits(typingctx, dst, j, bits, tab, c):
     """``dst[j : j + 8W] <- H_{8W} v`` with ``v_e = -c`` if bit e of ``bits`` is set, else ``c``.
 
@@ -376,6 +422,69 @@ def _signs(typingctx, a, i, bits, tab):
         return context.get_dummy_value()
 
     return types.void(a, i, bits, tab), codegen
+
+
+def _lowbias32_vec(b, x):
+    """:func:`gradzip._numba.rng._lowbias32` on a vector of uint32 lanes."""
+
+    def c(v):
+        return ir.Constant(x.type, [v] * x.type.count)
+
+    x = b.xor(x, b.lshr(x, c(16)))
+    x = b.mul(x, c(int(_LB1)))
+    x = b.xor(x, b.lshr(x, c(15)))
+    x = b.mul(x, c(int(_LB2)))
+    return b.xor(x, b.lshr(x, c(16)))
+
+
+@intrinsic
+def _quant32(typingctx, y, e, c, k0, k1, lam, out, o):
+    """``out[o : o + 4] <-`` the bits ``y[e + p] + lam * u_p < 0`` of the 32 float32 values
+    ``y[e : e + 32]`` (bit ``p % 8`` of byte ``p // 8``), ``u`` one group of ``dither16``:
+    the 16 hashes ``hash32(c + j, k0, k1)``, their low halves for ``p < 16`` and their
+    high halves for the rest, each ``t`` giving ``(2 t + 1) 2**-16 - 1`` (exact in float32).
+    ``lam * u`` and the sum are rounded as in the reference (no fused multiply-add). Each
+    output byte is one vector compare whose mask is the byte (``vmovmskps``)."""
+    ok = isinstance(y, types.Array) and y.dtype == types.float32 and lam == types.float32
+    ok = ok and isinstance(out, types.Array) and out.dtype == types.uint8
+    if not (ok and _all_ints(e, c, k0, k1, o)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        b = builder
+        V = _Vec(context, b, sig.args[0])
+        ity = V.ivty
+
+        def lanes(k):  # argument k as a vector of uint32
+            v = b.trunc(context.cast(b, args[k], sig.args[k], types.uint64), _I32)
+            return V.splat(v, ity)
+
+        def ic(v):
+            return ir.Constant(ity, [v] * 8)
+
+        count, key0, key1 = lanes(2), lanes(3), lanes(4)
+        hashes = []
+        for g in range(2):  # hashes c + 8g .. c + 8g + 7
+            i = b.add(count, ir.Constant(ity, [8 * g + j for j in range(8)]))
+            h = _lowbias32_vec(b, b.add(i, key0))
+            hashes.append(_lowbias32_vec(b, b.xor(h, key1)))
+        ydata = V.data(sig.args[0], args[0])
+        e0 = V.index(args[1], sig.args[1])
+        odata = context.make_array(sig.args[6])(context, b, args[6]).data
+        o0 = V.index(args[7], sig.args[7])
+        lam_v = V.splat(args[5])
+        step, one, zero = V.const([2.0**-16] * 8), V.const([1.0] * 8), V.const([0.0] * 8)
+        for k in range(4):
+            h = hashes[k % 2]
+            t = b.and_(h, ic(0xFFFF)) if k < 2 else b.lshr(h, ic(16))
+            t = b.add(b.add(t, t), ic(1))  # < 2**17: exact as a float
+            u = b.fsub(b.fmul(b.sitofp(t, V.vty), step), one)
+            v = b.fadd(V.load(V.ptr(ydata, e0, k)), b.fmul(lam_v, u))
+            byte = b.bitcast(b.fcmp_ordered("<", v, zero), ir.IntType(8))
+            b.store(byte, b.gep(odata, [b.add(o0, ir.Constant(_I64, k))]))
+        return context.get_dummy_value()
+
+    return types.void(y, e, c, k0, k1, lam, out, o), codegen
 
 
 @intrinsic
@@ -454,8 +563,6 @@ _U31 = np.uint64(31)
 _U32 = np.uint64(32)
 _ONE = np.uint64(1)
 _ZERO = np.uint64(0)
-_LOW16 = U32(0xFFFF)
-_S16 = U32(16)
 
 
 @numba.njit(inline="always", cache=True)
@@ -540,12 +647,13 @@ def _sweeps(a, off, n, h, post, k0, k1, sbase, tab):
 
 
 @numba.njit(cache=True)
-def _blocks(src, soff, dst, doff, n, nb, mode, post, k0, k1, sbase, scale, tab):
+def _blocks(src, soff, dst, doff, n, nb, mode, post, k0, k1, sbase, scale, tab, sq=None, mx=None):
     """``dst[doff : doff + n] <-`` the transform of each L1 block of ``nb`` elements.
 
     Per block: its lowest log2(8W) stages in registers as the input is read (with the sign
     flip and scale), while the same group of the next block is prefetched; then its other
-    stages while it is in L1 (and the post-transform signs if ``post``).
+    stages while it is in L1 (and the post-transform signs if ``post``). With ``sq`` and
+    ``mx`` (ROTATE of float32 only) the statistics of the input too (``_hgroup_stats``).
     """
     W = _lanes(dst)
     G = 8 * W
@@ -556,7 +664,10 @@ def _blocks(src, soff, dst, doff, n, nb, mode, post, k0, k1, sbase, scale, tab):
                 _prefetch(src, p)
             if mode == ROTATE:
                 bits = _group_bits(sbase + g, G, k0, k1)
-                _hgroup_signed(src, soff + g, dst, doff + g, bits, tab, scale)
+                if sq is not None:  # pruned at compile time when not given
+                    _hgroup_stats(src, soff + g, dst, doff + g, bits, tab, scale, sq, mx)
+                else:
+                    _hgroup_signed(src, soff + g, dst, doff + g, bits, tab, scale)
             elif mode == UNROTATE:
                 _hgroup_signed(src, soff + g, dst, doff + g, _ZERO, tab, scale)
             else:
@@ -565,15 +676,15 @@ def _blocks(src, soff, dst, doff, n, nb, mode, post, k0, k1, sbase, scale, tab):
 
 
 @numba.njit(cache=True)
-def _row(src, soff, dst, doff, m, m1, mode, post, k0, k1, sbase, scale, tab):
+def _row(src, soff, dst, doff, m, m1, mode, post, k0, k1, sbase, scale, tab, sq=None, mx=None):
     """``dst[doff : doff + n] <- H (pre(src[soff : soff + n]))``, n = 2**m, in place in dst.
 
     ``8W <= n`` and the row fits in L2; the work is blocked for L1. With ``post`` the
-    post-transform signs are applied too.
+    post-transform signs are applied too; with ``sq`` and ``mx``, see :func:`_blocks`.
     """
     n = 1 << m
     nb = 1 << min(m, m1)
-    _blocks(src, soff, dst, doff, n, nb, mode, post and nb == n, k0, k1, sbase, scale, tab)
+    _blocks(src, soff, dst, doff, n, nb, mode, post and nb == n, k0, k1, sbase, scale, tab, sq, mx)
     if nb < n:  # the stages between L1 blocks, on the whole row (in L2)
         _sweeps(dst, doff, n, nb, post, k0, k1, sbase, tab)
 
@@ -731,38 +842,39 @@ def two_pass(m: int, itemsize: int) -> bool:
 
 
 @numba.njit(nogil=True, cache=True)
-def rotate_stats(src, sbits, dst, row, m, key0, key1, scale, tab, sq, mx, start, stop):
+def rotate_stats(src, dst, row, m, key0, key1, scale, tab, sq, mx, start, stop):
     """Pass 1 of the fused encoder (float32, ``n = 2**m``, ``fused_ok(n)``) on elements
     ``start .. stop`` (whole rows of ``L``; one piece of the work, called from threads).
 
-    For each row ``r``: ``sq[r]`` (float64 sum of squares) and ``mx[r]`` (max of the bit
-    patterns ``& 0x7FFFFFFF``, >= 0x7F800000 iff some value is NaN or inf) of ``src``'s row,
-    as :func:`gradzip._numba.quantize.stats32` computes them; then the row's pass 1 of the
-    ROTATE transform, done in ``row`` (L floats, in L2) and streamed out to ``dst`` with
-    non-temporal stores (``dst`` 32-byte aligned): writing the rows in place in ``dst``
-    would first read each of its lines from memory (read-for-ownership), 64 MiB of traffic
-    at 2**24 for nothing; streaming measured about 2 ms (13%) faster there. The statistics
-    bring the row into L2 and the transform reads it from there: the separate pass over the
-    input for the norm and the finiteness check is gone. ``sbits = src.view(uint32)``.
-
-    Not a ``prange`` loop: the statistics rely on LLVM's auto-vectorizer, which does much
-    worse inside numba's parallel regions (see :mod:`gradzip._numba.parallel`).
+    For each row ``r``: its pass 1 of the ROTATE transform, done in ``row`` (L floats, in
+    L2) and streamed out to ``dst`` with non-temporal stores (``dst`` 32-byte aligned):
+    writing the rows in place in ``dst`` would first read each of its lines from memory
+    (read-for-ownership), 64 MiB of traffic at 2**24 for nothing; streaming measured about
+    2 ms (13%) faster there. On the way, from the registers that load ``src``
+    (``_hgroup_stats``): ``sq[r]``, the float64 sum of squares of the row, and ``mx[r]``,
+    the max of its bit patterns ``& 0x7FFFFFFF`` (>= 0x7F800000 iff some value is NaN or
+    inf), the values :func:`gradzip._numba.quantize.stats32` gives up to summation order.
+    A pass of their own over the row cost about 1 ms of 14 at 2**24 (2 threads).
     """
     W = _lanes(dst)
     m1, m2 = _budgets(4)
     mr, L, R, C = _grid(m, m1, m2, 8 * W, 4)
     k0 = np.uint64(key0)
     k1 = np.uint64(key1)
+    part = np.empty(8, np.float64)
+    top = np.empty(8, np.uint32)
     for r in range(start // L, (stop + L - 1) // L):
-        s, b = _sq_max32(src, sbits, r * L, (r + 1) * L)
-        sq[r] = s
-        mx[r] = b
-        _row_streamed(src, r * L, dst, r * L, row, mr, m1, ROTATE, k0, k1, r * L, scale, tab)
+        part[:] = 0.0
+        top[:] = 0
+        i = r * L
+        _row_streamed(src, i, dst, i, row, mr, m1, ROTATE, k0, k1, i, scale, tab, part, top)
+        sq[r] = part.sum()
+        mx[r] = top.max()
     _fence()
 
 
 @numba.njit(cache=True)
-def _cols_quantize(a, L, R, c0, C, buf, lam, k0, k1, out, tmp):
+def _cols_quantize(a, L, R, c0, C, buf, lam, k0, k1, out):
     """Pass 2 of the fused encoder on the column chunk ``c0 .. c0 + C`` of ``a`` (R x L).
 
     Like :func:`_cols`, but the first sweep reads the chunk from ``a`` and writes it to the
@@ -770,10 +882,11 @@ def _cols_quantize(a, L, R, c0, C, buf, lam, k0, k1, out, tmp):
     finished chunk is quantized from there (:func:`_quantize_chunk`). ``a`` is only read:
     no dirty cache line of the intermediate goes back to memory, the rotated vector is
     never stored, and the contiguous ``buf`` does not suffer the cache-set conflicts of R
-    rows L apart.
+    rows L apart. The next chunk is prefetched while this one is quantized, not during the
+    first sweep (where these loads compete with the chunk's own): measured 6.9 -> 5.6 ms
+    for pass 2 at 2**24 on 2 threads.
     """
     W = _lanes(a)
-    per_line = LINE // (32 // W)
     h = 1
     while h < R:
         radix = 8 if 8 * h <= R else R // h
@@ -781,10 +894,6 @@ def _cols_quantize(a, L, R, c0, C, buf, lam, k0, k1, out, tmp):
             for r in range(b, b + h):
                 j = r * C
                 if h == 1:
-                    for k in range(radix):  # the same rows of the next chunk
-                        i = (r + k) * L + c0 + C
-                        for p in range(i, i + C, per_line):
-                            _prefetch(a, p)
                     i = r * L + c0
                     for c in range(0, C, W):
                         if radix == 8:
@@ -802,47 +911,36 @@ def _cols_quantize(a, L, R, c0, C, buf, lam, k0, k1, out, tmp):
                         else:
                             _bfly2(buf, c, h * C)
         h *= radix
-    _quantize_chunk(buf, L, R, c0, C, lam, k0, k1, out, tmp)
+    _quantize_chunk(a, buf, L, R, c0, C, lam, k0, k1, out)
 
 
 @numba.njit(inline="always", cache=True)
-def _quantize_chunk(buf, L, R, c0, C, lam, k0, k1, out, tmp):
-    """Row ``r`` of ``buf`` (R x C) holds elements ``r L + c0 ..``: ``out`` <- their bits.
-
-    The bits are ``y + lam * u < 0`` with ``u = dither16`` (one hash per two elements, see
-    :func:`gradzip.rng.dither16`), first as 0/1 bytes in ``tmp``, in one loop over the whole
-    chunk that LLVM vectorizes (hash included), then packed eight to a byte with a multiply
-    (as in :mod:`gradzip._numba.quantize`). ``C`` is a multiple of 64.
-    """
+def _quantize_chunk(a, buf, L, R, c0, C, lam, k0, k1, out):
+    """Row ``r`` of ``buf`` (R x C) holds elements ``r L + c0 ..``: ``out`` <- their bits
+    ``y + lam * u < 0``, ``u = dither16`` (one hash per two elements, see
+    :func:`gradzip.rng.dither16`), 32 elements at a time (:func:`_quant32`). ``C`` is a
+    multiple of 32. Meanwhile row ``r`` of the next chunk of ``a`` is prefetched."""
+    per_line = LINE // 4
     gpr = C // 32
     for r in range(R):
-        cnt = U32(((r * L + c0) // 32) * 16)
-        for g in range(gpr):
-            e = (r * gpr + g) * 32
-            c = U32(cnt + U32(g * 16))
-            for j in range(16):
-                hv = hash32(U32(c + U32(j)), k0, k1)
-                lo = dither16_of(U32(hv & _LOW16))
-                hi = dither16_of(U32(hv >> _S16))
-                tmp[e + j] = buf[e + j] + lam * lo < np.float32(0)
-                tmp[e + 16 + j] = buf[e + 16 + j] + lam * hi < np.float32(0)
-    t64 = tmp.view(np.uint64)
-    bpr = C // 8
-    for r in range(R):
+        i = r * L + c0 + C
+        for p in range(i, i + C, per_line):
+            _prefetch(a, p)
+        count = U32(((r * L + c0) // 32) * 16)
         o = (r * L + c0) // 8
-        for b in range(bpr):
-            out[o + b] = (t64[r * bpr + b] * _MAGIC) >> _S56
+        for g in range(gpr):
+            _quant32(buf, (r * gpr + g) * 32, U32(count + U32(16 * g)), k0, k1, lam, out, o + 4 * g)
 
 
 @numba.njit(nogil=True, cache=True)
-def cols_quantize(a, m, lam, key0, key1, out, buf, tmp, start, stop):
+def cols_quantize(a, m, lam, key0, key1, out, buf, start, stop):
     """Pass 2 of the fused encoder: ``out`` <- the packed bits of ``Phi x + lam * u < 0``.
 
     ``a`` holds pass 1's result (:func:`rotate_stats`) for ``n = 2**m``, ``u`` is
     ``dither16`` of the key ``(key0, key1)`` and ``lam`` a float32. Does the column chunks
     ``start // (n / nchunks) ..`` up to ``stop``'s (a kernel over ``n`` elements aligned to
-    ``n / nchunks``), with the chunk buffers ``buf`` (float32) and ``tmp`` (uint8) of at
-    least ``R * C`` elements each (see :func:`grid`).
+    ``n / nchunks``), with the chunk buffer ``buf`` (float32, at least ``R * C`` elements;
+    see :func:`grid`).
     """
     W = _lanes(a)
     m1, m2 = _budgets(4)
@@ -851,7 +949,7 @@ def cols_quantize(a, m, lam, key0, key1, out, buf, tmp, start, stop):
     k0 = U32(key0)
     k1 = U32(key1)
     for c in range(start // per, (stop + per - 1) // per):
-        _cols_quantize(a, L, R, c * C, C, buf, lam, k0, k1, out, tmp)
+        _cols_quantize(a, L, R, c * C, C, buf, lam, k0, k1, out)
 
 
 # ---------------------------------------------------------------------------------------
@@ -886,11 +984,13 @@ def unrotate_signs_rows(data, dst, m, c, tab, start, stop):
 
 
 @numba.njit(inline="always", cache=True)
-def _row_streamed(src, soff, dst, doff, row, m, m1, mode, k0, k1, sbase, scale, tab):
+def _row_streamed(
+    src, soff, dst, doff, row, m, m1, mode, k0, k1, sbase, scale, tab, sq=None, mx=None
+):
     """:func:`_row` (no post-transform signs) done in ``row`` (in L2), then streamed out to
     ``dst[doff:]`` (32-byte aligned) with non-temporal stores: the lines of ``dst`` are
     never read first (no read-for-ownership)."""
-    _row(src, soff, row, 0, m, m1, mode, False, k0, k1, sbase, scale, tab)
+    _row(src, soff, row, 0, m, m1, mode, False, k0, k1, sbase, scale, tab, sq, mx)
     for g in range(0, 1 << m, 8 * _lanes(row)):
         _stream8(row, g, dst, doff + g)
 
