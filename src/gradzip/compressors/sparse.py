@@ -53,7 +53,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from .. import bits, rng
+from .. import _alloc, bits, rng
 from ..wire import MAX_NUMEL, Payload, PayloadError
 from .base import Compressor, EncodeContext, all_finite, check_finite
 
@@ -126,7 +126,9 @@ def scatter(idx: torch.Tensor, vals: torch.Tensor, d: int, device) -> torch.Tens
         from .._numba.sparse import scatter as nb_scatter
 
         v = vals.to(torch.float32).contiguous()
-        return torch.from_numpy(nb_scatter(d, idx.numpy(), v.numpy()))
+        out = _alloc.empty(d)
+        nb_scatter(out.numpy(), idx.numpy(), v.numpy())
+        return out
     out = torch.zeros(d, dtype=torch.float32, device=device)
     out[idx.to(device)] = vals.to(device, torch.float32)
     return out
