@@ -461,14 +461,15 @@ def rotate_quantize_(
     dither_key)`` in :mod:`gradzip.compressors.onebit`. ``lam = scale_of(sq, finite)`` is
     chosen between the two passes from ``sq = ||x||_2**2`` (float64; the rotation preserves
     it, so the ``norm`` scale rule needs nothing else) and ``finite`` (no NaN or inf in
-    ``x``, and ``sq`` did not overflow); ``scale_of`` raises to refuse the input, and then
+    ``x``, exactly when ``sq`` is finite); ``scale_of`` raises to refuse the input, and then
     ``out`` is left untouched. ``lam`` must be a float32 value.
 
     Compared with ``stats``, ``rotate`` and ``quantize_`` in a row it saves three passes
     over memory: the norm is taken in pass 1 of the rotation on rows already in L2, and
     pass 2 quantizes each column chunk as it finishes it, so the rotated vector is never
     written back (see :func:`gradzip._numba.fwht.cols_quantize`). ``scratch`` (float32, at
-    least ``len(x)`` elements; a reused per-thread buffer by default) holds pass 1's result.
+    least ``len(x)`` elements; a reused per-thread buffer by default) holds pass 1's result
+    (chunk-major, see :mod:`gradzip._numba.fwht`).
     ``x`` must satisfy :func:`can_rotate_quantize`.
     """
     if not can_rotate_quantize(x):
@@ -485,18 +486,17 @@ def rotate_quantize_(
     a = x.detach().numpy()
     y = scratch.detach().view(-1)[:d].numpy()
     sq = np.empty(R, np.float64)
-    mx = np.empty(R, np.uint32)
     scale = np.float32(1.0 / math.sqrt(d))
     tab = _table(torch.float32)
 
     rows, bufs = _row_buffers(L, np.float32), _chunk_buffers(R, C)
 
     def pass1(w: int, i: int, j: int) -> None:
-        k.rotate_stats(a, y, rows[w], m, k0, k1, scale, tab, sq, mx, i, j)
+        k.rotate_stats(a, y, rows[w], m, k0, k1, scale, tab, sq, i, j)
 
     _run_pieces(d, _piece(d, L), pass1)
     total = float(sq.sum())
-    finite = int(mx.max()) < 0x7F800000 and math.isfinite(total)
+    finite = math.isfinite(total)  # a float64 sum of float32 squares cannot overflow
     lam = scale_of(total, finite)
     d0, d1 = _split_key(dither_key)
     lam32, o = np.float32(lam), out.numpy()

@@ -45,15 +45,20 @@ preserves it) to quantize ``Phi x``. Done one after the other, the norm, the rot
 the quantizer cost five passes over memory (read x; rows; columns read and written back;
 read Phi x). :func:`rotate_stats` and :func:`cols_quantize` do it in two:
 
-1. Pass 1 takes the sum of squares and the finiteness of x from the registers that load
-   it for the first stages of the transform (``_hgroup_stats``): no pass of its own.
+1. Pass 1 takes the sum of squares of x (float64; non-finite iff some x is) from the
+   registers that load it for the first stages of the transform (``_hgroup_stats``): no
+   pass of its own. It stores its result column chunk by column chunk ("chunk-major"):
+   the part of row r in chunk q goes to ``q R C + r C``, so each chunk is one contiguous
+   block of ``4 R C`` bytes.
 2. The caller picks lambda from the norm (and refuses non-finite input) between the passes.
-3. Pass 2 reads each column chunk once into a per-thread buffer, finishes its stages there
-   and quantizes it from L2, eight elements to a vector compare whose mask is the
-   payload's byte (``_quant32``: dither hash, sign, packing in registers). The chunk is
-   never written back: the rotated vector is never stored, and no dirty line of the
-   intermediate goes back to memory. The contiguous buffer also escapes the cache-set
-   conflicts of R rows ``4 L`` bytes apart.
+3. Pass 2 reads each column chunk once, contiguously, into a per-thread buffer, finishes
+   its stages there and quantizes it from L2, eight elements to a vector compare whose
+   mask is the payload's byte (``_quant32``: dither hash, sign, packing in registers). The
+   chunk is never written back: the rotated vector is never stored, and no dirty line of
+   the intermediate goes back to memory. Read in place from row-major rows ``4 L`` bytes
+   apart (a multiple of the L2's set stride), a chunk's R rows would fall in the same few
+   cache sets and evict each other before use; chunk-major, pass 2 measured 7.2 -> 6.3 ms
+   at 2**24 (2 threads, interleaved A/B).
 
 The decoder's inverse rotation of ``lam * b`` builds its pass-1 input from the payload's
 bits in registers (:func:`unrotate_signs_rows`, ``_hgroup_bits``) instead of unpacking
@@ -333,16 +338,14 @@ def _hgroup_signed(typingctx, src, i, dst, j, bits, tab, scale):
 
 
 @intrinsic
-def _hgroup_stats(typingctx, src, i, dst, j, bits, tab, scale, sq, mx):
-    """:func:`_hgroup_signed` on float32 that also takes the statistics of the 64 inputs
-    from the registers that load them: their squares (in float64) are added to the partial
-    sums ``sq[0:8]``, their bit patterns ``& 0x7FFFFFFF`` folded into the maxima ``mx[0:8]``
-    (uint32; some maximum is >= 0x7F800000 iff some input is NaN or inf; integer order is
-    IEEE order on non-negative floats)."""
+def _hgroup_stats(typingctx, src, i, dst, j, bits, tab, scale, sq):
+    """:func:`_hgroup_signed` on float32 that also adds the squares of the 64 inputs (in
+    float64) to the partial sums ``sq[0:8]``, from the registers that load them. The sums
+    are non-finite iff some input is NaN or inf: a float32 square is at most about 1.2e77,
+    so a float64 sum of them cannot overflow; no separate finiteness check is needed."""
     ok = _same_float_arrays(src, dst) and src.dtype == types.float32 and scale == src.dtype
     ok = ok and _all_ints(i, j, bits) and isinstance(tab, types.Array)
-    ok = ok and isinstance(sq, types.Array) and sq.dtype == types.float64
-    if not (ok and isinstance(mx, types.Array) and mx.dtype == types.uint32):
+    if not (ok and isinstance(sq, types.Array) and sq.dtype == types.float64):
         return None
     transform = _hgroup_codegen(True)
 
@@ -353,9 +356,6 @@ def _hgroup_stats(typingctx, src, i, dst, j, bits, tab, scale, sq, mx):
         i0 = V.index(args[1], sig.args[1])
         dty = ir.VectorType(ir.DoubleType(), 4)
         sqp = b.bitcast(V.data(sig.args[7], args[7]), dty.as_pointer())
-        mxp = b.bitcast(V.data(sig.args[8], args[8]), V.ivty.as_pointer())
-        top = b.load(mxp, align=4)
-        absmask = ir.Constant(V.ivty, [0x7FFFFFFF] * 8)
         squares: list[list] = [[], []]  # low and high halves of each vector, as float64
         for k in range(8):
             x = V.load(V.ptr(sdata, i0, k))
@@ -363,9 +363,6 @@ def _hgroup_stats(typingctx, src, i, dst, j, bits, tab, scale, sq, mx):
                 lanes = ir.Constant(ir.VectorType(_I32, 4), [4 * h + c for c in range(4)])
                 q = b.fpext(b.shuffle_vector(x, x, lanes), dty)
                 squares[h].append(b.fmul(q, q))
-            a = b.and_(b.bitcast(x, V.ivty), absmask)
-            top = b.select(b.icmp_unsigned(">", a, top), a, top)
-        b.store(top, mxp, align=4)
         for h in range(2):  # a tree, then one add into the running sums: short chains
             t = squares[h]
             while len(t) > 1:
@@ -374,7 +371,7 @@ def _hgroup_stats(typingctx, src, i, dst, j, bits, tab, scale, sq, mx):
             b.store(b.fadd(b.load(p, align=8), t[0]), p, align=8)
         return transform(context, builder, types.void(*sig.args[:7]), args[:7])
 
-    return types.void(src, i, dst, j, bits, tab, scale, sq, mx), codegen
+    return types.void(src, i, dst, j, bits, tab, scale, sq), codegen
 
 
 @intrinsic
@@ -647,13 +644,13 @@ def _sweeps(a, off, n, h, post, k0, k1, sbase, tab):
 
 
 @numba.njit(cache=True)
-def _blocks(src, soff, dst, doff, n, nb, mode, post, k0, k1, sbase, scale, tab, sq=None, mx=None):
+def _blocks(src, soff, dst, doff, n, nb, mode, post, k0, k1, sbase, scale, tab, sq=None):
     """``dst[doff : doff + n] <-`` the transform of each L1 block of ``nb`` elements.
 
     Per block: its lowest log2(8W) stages in registers as the input is read (with the sign
     flip and scale), while the same group of the next block is prefetched; then its other
-    stages while it is in L1 (and the post-transform signs if ``post``). With ``sq`` and
-    ``mx`` (ROTATE of float32 only) the statistics of the input too (``_hgroup_stats``).
+    stages while it is in L1 (and the post-transform signs if ``post``). With ``sq``
+    (ROTATE of float32 only) the sum of squares of the input too (``_hgroup_stats``).
     """
     W = _lanes(dst)
     G = 8 * W
@@ -665,7 +662,7 @@ def _blocks(src, soff, dst, doff, n, nb, mode, post, k0, k1, sbase, scale, tab, 
             if mode == ROTATE:
                 bits = _group_bits(sbase + g, G, k0, k1)
                 if sq is not None:  # pruned at compile time when not given
-                    _hgroup_stats(src, soff + g, dst, doff + g, bits, tab, scale, sq, mx)
+                    _hgroup_stats(src, soff + g, dst, doff + g, bits, tab, scale, sq)
                 else:
                     _hgroup_signed(src, soff + g, dst, doff + g, bits, tab, scale)
             elif mode == UNROTATE:
@@ -676,15 +673,15 @@ def _blocks(src, soff, dst, doff, n, nb, mode, post, k0, k1, sbase, scale, tab, 
 
 
 @numba.njit(cache=True)
-def _row(src, soff, dst, doff, m, m1, mode, post, k0, k1, sbase, scale, tab, sq=None, mx=None):
+def _row(src, soff, dst, doff, m, m1, mode, post, k0, k1, sbase, scale, tab, sq=None):
     """``dst[doff : doff + n] <- H (pre(src[soff : soff + n]))``, n = 2**m, in place in dst.
 
     ``8W <= n`` and the row fits in L2; the work is blocked for L1. With ``post`` the
-    post-transform signs are applied too; with ``sq`` and ``mx``, see :func:`_blocks`.
+    post-transform signs are applied too; with ``sq``, see :func:`_blocks`.
     """
     n = 1 << m
     nb = 1 << min(m, m1)
-    _blocks(src, soff, dst, doff, n, nb, mode, post and nb == n, k0, k1, sbase, scale, tab, sq, mx)
+    _blocks(src, soff, dst, doff, n, nb, mode, post and nb == n, k0, k1, sbase, scale, tab, sq)
     if nb < n:  # the stages between L1 blocks, on the whole row (in L2)
         _sweeps(dst, doff, n, nb, post, k0, k1, sbase, tab)
 
@@ -842,19 +839,19 @@ def two_pass(m: int, itemsize: int) -> bool:
 
 
 @numba.njit(nogil=True, cache=True)
-def rotate_stats(src, dst, row, m, key0, key1, scale, tab, sq, mx, start, stop):
+def rotate_stats(src, dst, row, m, key0, key1, scale, tab, sq, start, stop):
     """Pass 1 of the fused encoder (float32, ``n = 2**m``, ``fused_ok(n)``) on elements
     ``start .. stop`` (whole rows of ``L``; one piece of the work, called from threads).
 
     For each row ``r``: its pass 1 of the ROTATE transform, done in ``row`` (L floats, in
-    L2) and streamed out to ``dst`` with non-temporal stores (``dst`` 32-byte aligned):
-    writing the rows in place in ``dst`` would first read each of its lines from memory
+    L2) and streamed out to ``dst`` chunk-major (the part in column chunk ``q`` to
+    ``dst[q R C + r C :]``, see the module docstring) with non-temporal stores (``dst``
+    32-byte aligned): plain stores would first read each line of ``dst`` from memory
     (read-for-ownership), 64 MiB of traffic at 2**24 for nothing; streaming measured about
     2 ms (13%) faster there. On the way, from the registers that load ``src``
-    (``_hgroup_stats``): ``sq[r]``, the float64 sum of squares of the row, and ``mx[r]``,
-    the max of its bit patterns ``& 0x7FFFFFFF`` (>= 0x7F800000 iff some value is NaN or
-    inf), the values :func:`gradzip._numba.quantize.stats32` gives up to summation order.
-    A pass of their own over the row cost about 1 ms of 14 at 2**24 (2 threads).
+    (``_hgroup_stats``): ``sq[r]``, the float64 sum of squares of the row (non-finite iff
+    some value of the row is), :func:`gradzip._numba.quantize.stats32`'s value up to
+    summation order. A pass of its own over the row cost about 1 ms of 14 at 2**24.
     """
     W = _lanes(dst)
     m1, m2 = _budgets(4)
@@ -862,29 +859,28 @@ def rotate_stats(src, dst, row, m, key0, key1, scale, tab, sq, mx, start, stop):
     k0 = np.uint64(key0)
     k1 = np.uint64(key1)
     part = np.empty(8, np.float64)
-    top = np.empty(8, np.uint32)
     for r in range(start // L, (stop + L - 1) // L):
         part[:] = 0.0
-        top[:] = 0
         i = r * L
-        _row_streamed(src, i, dst, i, row, mr, m1, ROTATE, k0, k1, i, scale, tab, part, top)
+        _row(src, i, row, 0, mr, m1, ROTATE, False, k0, k1, i, scale, tab, part)
+        for g in range(0, L, 8 * W):  # C is a multiple of 8 W
+            _stream8(row, g, dst, (g // C) * (R * C) + r * C + g % C)
         sq[r] = part.sum()
-        mx[r] = top.max()
     _fence()
 
 
 @numba.njit(cache=True)
 def _cols_quantize(a, L, R, c0, C, buf, lam, k0, k1, out):
-    """Pass 2 of the fused encoder on the column chunk ``c0 .. c0 + C`` of ``a`` (R x L).
+    """Pass 2 of the fused encoder on the column chunk ``c0 .. c0 + C`` of the R x L
+    matrix that ``a`` holds chunk-major (this chunk is ``a[c0 R : (c0 + C) R]``, R x C).
 
     Like :func:`_cols`, but the first sweep reads the chunk from ``a`` and writes it to the
-    thread's ``buf`` (R x C, contiguous, in L2), the other sweeps work in ``buf``, and the
-    finished chunk is quantized from there (:func:`_quantize_chunk`). ``a`` is only read:
-    no dirty cache line of the intermediate goes back to memory, the rotated vector is
-    never stored, and the contiguous ``buf`` does not suffer the cache-set conflicts of R
-    rows L apart. The next chunk is prefetched while this one is quantized, not during the
+    thread's ``buf`` (R x C, in L2), the other sweeps work in ``buf``, and the finished
+    chunk is quantized from there (:func:`_quantize_chunk`). ``a`` is only read: no dirty
+    cache line of the intermediate goes back to memory and the rotated vector is never
+    stored. The next chunk is prefetched while this one is quantized, not during the
     first sweep (where these loads compete with the chunk's own): measured 6.9 -> 5.6 ms
-    for pass 2 at 2**24 on 2 threads.
+    for pass 2 at 2**24 on 2 threads (without the prefetch: about 10 ms).
     """
     W = _lanes(a)
     h = 1
@@ -894,14 +890,14 @@ def _cols_quantize(a, L, R, c0, C, buf, lam, k0, k1, out):
             for r in range(b, b + h):
                 j = r * C
                 if h == 1:
-                    i = r * L + c0
+                    i = c0 * R + j
                     for c in range(0, C, W):
                         if radix == 8:
-                            _bfly8_to(a, i + c, L, buf, j + c, C)
+                            _bfly8_to(a, i + c, C, buf, j + c, C)
                         elif radix == 4:
-                            _bfly4_to(a, i + c, L, buf, j + c, C)
+                            _bfly4_to(a, i + c, C, buf, j + c, C)
                         else:
-                            _bfly2_to(a, i + c, L, buf, j + c, C)
+                            _bfly2_to(a, i + c, C, buf, j + c, C)
                 else:
                     for c in range(j, j + C, W):
                         if radix == 8:
@@ -923,7 +919,7 @@ def _quantize_chunk(a, buf, L, R, c0, C, lam, k0, k1, out):
     per_line = LINE // 4
     gpr = C // 32
     for r in range(R):
-        i = r * L + c0 + C
+        i = (c0 + C) * R + r * C
         for p in range(i, i + C, per_line):
             _prefetch(a, p)
         count = U32(((r * L + c0) // 32) * 16)
@@ -936,7 +932,7 @@ def _quantize_chunk(a, buf, L, R, c0, C, lam, k0, k1, out):
 def cols_quantize(a, m, lam, key0, key1, out, buf, start, stop):
     """Pass 2 of the fused encoder: ``out`` <- the packed bits of ``Phi x + lam * u < 0``.
 
-    ``a`` holds pass 1's result (:func:`rotate_stats`) for ``n = 2**m``, ``u`` is
+    ``a`` holds pass 1's result (:func:`rotate_stats`, chunk-major) for ``n = 2**m``, ``u`` is
     ``dither16`` of the key ``(key0, key1)`` and ``lam`` a float32. Does the column chunks
     ``start // (n / nchunks) ..`` up to ``stop``'s (a kernel over ``n`` elements aligned to
     ``n / nchunks``), with the chunk buffer ``buf`` (float32, at least ``R * C`` elements;
@@ -984,13 +980,11 @@ def unrotate_signs_rows(data, dst, m, c, tab, start, stop):
 
 
 @numba.njit(inline="always", cache=True)
-def _row_streamed(
-    src, soff, dst, doff, row, m, m1, mode, k0, k1, sbase, scale, tab, sq=None, mx=None
-):
+def _row_streamed(src, soff, dst, doff, row, m, m1, mode, k0, k1, sbase, scale, tab):
     """:func:`_row` (no post-transform signs) done in ``row`` (in L2), then streamed out to
     ``dst[doff:]`` (32-byte aligned) with non-temporal stores: the lines of ``dst`` are
     never read first (no read-for-ownership)."""
-    _row(src, soff, row, 0, m, m1, mode, False, k0, k1, sbase, scale, tab, sq, mx)
+    _row(src, soff, row, 0, m, m1, mode, False, k0, k1, sbase, scale, tab)
     for g in range(0, 1 << m, 8 * _lanes(row)):
         _stream8(row, g, dst, doff + g)
 
