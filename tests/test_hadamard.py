@@ -435,6 +435,39 @@ def test_rotate_quantize_matches_reference(d):
         assert torch.equal(out, ref)
 
 
+@pytest.mark.parametrize(
+    "lam",
+    [
+        1e-45,  # the smallest subnormal: lam 2**-16 underflows to 0 (two multiplies)
+        2.0**-140,  # lam 2**-16 underflows too
+        3 * 2.0**-130,  # lam 2**-16 = 3 2**-146 is a subnormal, exactly (one multiply)
+        1.2345e-36,  # lam 2**-16 would need more bits than a subnormal has (two multiplies)
+        2.0**-110,  # lam 2**-16 is the smallest normal float32
+        0.3,
+        3e38,  # y + lam u can overflow
+    ],
+)
+def test_rotate_quantize_is_the_reference_at_every_scale(lam):
+    """The quantizer compares ``y < fl(lam (-u))`` instead of ``fl(y + fl(lam u)) < 0``, and
+    multiplies ``-u 2**16`` by ``lam 2**-16`` when that is exact: the same bits as the
+    reference for any lam, including where the products are subnormal or overflow."""
+    from gradzip.compressors.onebit import quantize_reference
+
+    d = 1 << 16
+    g = _gen(d + int(lam.hex().__hash__() % 1000))
+    lam = float(np.float32(lam))
+    for spread in (0.1, 1e-3):  # |Phi x| up to about lam / 2, or well inside lam
+        x = (torch.randn(d, generator=g).double() * lam * spread).float()
+        x[:4] = torch.tensor([0.0, -0.0, lam, -lam])
+        key, dkey = (int(v) for v in torch.randint(0, 2**62, (2,), generator=g))
+        out = torch.empty(d // 8, dtype=torch.uint8)
+        assert hadamard.rotate_quantize_(x, key, lambda sq, finite: lam, dkey, out) == lam
+        ref = quantize_reference(hadamard.rotate_reference(x, key), lam, dkey)
+        assert torch.equal(out, ref)
+        ones = int(np.unpackbits(out.numpy()).sum())
+        assert 0 < ones < d  # a real mix of both signs, not a degenerate case
+
+
 @pytest.mark.parametrize("d", [1 << 16, 1 << 18])
 def test_rotate_quantize_statistics_see_every_element(d):
     """Pass 1 takes the norm and the finiteness from the registers of its first stages: a
