@@ -175,6 +175,7 @@ def unrotate_reference(y: torch.Tensor, key: int) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------
 
 _TABLES: dict[torch.dtype, np.ndarray] = {}
+_SCALED_TABLES: dict[int, np.ndarray] = {}
 
 
 def _kernel():
@@ -233,6 +234,15 @@ def _table(dtype: torch.dtype) -> np.ndarray:
         tab = _TABLES[dtype] = _kernel().sign_table(
             np.float32 if dtype == torch.float32 else np.float64
         )
+    return tab
+
+
+def _scaled_table(m: int) -> np.ndarray:
+    """:func:`gradzip._numba.fwht.scaled_sign_table` of the float32 scale ``2**(-m/2)``."""
+    tab = _SCALED_TABLES.get(m)
+    if tab is None:
+        scale = np.float32(1.0 / math.sqrt(1 << m))
+        tab = _SCALED_TABLES[m] = _kernel().scaled_sign_table(scale)
     return tab
 
 
@@ -488,11 +498,11 @@ def rotate_quantize_(
     sq = np.empty(R, np.float64)
     scale = np.float32(1.0 / math.sqrt(d))
     tab = _table(torch.float32)
-
+    stab = _scaled_table(m)
     rows, bufs = _row_buffers(L, np.float32), _chunk_buffers(R, C)
 
     def pass1(w: int, i: int, j: int) -> None:
-        k.rotate_stats(a, y, rows[w], m, k0, k1, scale, tab, sq, i, j)
+        k.rotate_stats(a, y, rows[w], m, k0, k1, scale, tab, stab, sq, i, j)
 
     _run_pieces(d, _piece(d, L), pass1)
     total = float(sq.sum())

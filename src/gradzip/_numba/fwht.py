@@ -338,40 +338,53 @@ def _hgroup_signed(typingctx, src, i, dst, j, bits, tab, scale):
 
 
 @intrinsic
-def _hgroup_stats(typingctx, src, i, dst, j, bits, tab, scale, sq):
-    """:func:`_hgroup_signed` on float32 that also adds the squares of the 64 inputs (in
-    float64) to the partial sums ``sq[0:8]``, from the registers that load them. The sums
-    are non-finite iff some input is NaN or inf: a float32 square is at most about 1.2e77,
-    so a float64 sum of them cannot overflow; no separate finiteness check is needed."""
-    ok = _same_float_arrays(src, dst) and src.dtype == types.float32 and scale == src.dtype
-    ok = ok and _all_ints(i, j, bits) and isinstance(tab, types.Array)
-    if not (ok and isinstance(sq, types.Array) and sq.dtype == types.float64):
+def _hgroup_stats(typingctx, src, i, dst, j, bits, stab, sq):
+    """:func:`_hgroup_signed` on float32, its signs and scale given as ``stab`` =
+    :func:`scaled_sign_table` (one multiply per vector instead of a sign flip and a
+    multiply: the same products), that also adds the squares of the 64 inputs (in float64)
+    to the partial sums ``sq[0:8]``, from the registers that load them. The sums are
+    non-finite iff some input is NaN or inf: a float32 square is at most about 1.2e77, so a
+    float64 sum of them cannot overflow; no separate finiteness check is needed."""
+    ok = _same_float_arrays(src, dst) and src.dtype == types.float32
+    ok = ok and _all_ints(i, j, bits) and isinstance(stab, types.Array)
+    ok = ok and stab.dtype == types.float32 and isinstance(sq, types.Array)
+    if not (ok and sq.dtype == types.float64):
         return None
-    transform = _hgroup_codegen(True)
 
     def codegen(context, builder, sig, args):
         b = builder
         V = _Vec(context, b, sig.args[0])
-        sdata = V.data(sig.args[0], args[0])
-        i0 = V.index(args[1], sig.args[1])
+        sdata, ddata = V.data(sig.args[0], args[0]), V.data(sig.args[2], args[2])
+        i0, j0 = V.index(args[1], sig.args[1]), V.index(args[3], sig.args[3])
+        bits = context.cast(b, args[4], sig.args[4], types.uint64)
+        tdata = V.data(sig.args[5], args[5])
         dty = ir.VectorType(ir.DoubleType(), 4)
-        sqp = b.bitcast(V.data(sig.args[7], args[7]), dty.as_pointer())
-        squares: list[list] = [[], []]  # low and high halves of each vector, as float64
-        for k in range(8):
-            x = V.load(V.ptr(sdata, i0, k))
-            for h in range(2):
-                lanes = ir.Constant(ir.VectorType(_I32, 4), [4 * h + c for c in range(4)])
-                q = b.fpext(b.shuffle_vector(x, x, lanes), dty)
-                squares[h].append(b.fmul(q, q))
-        for h in range(2):  # a tree, then one add into the running sums: short chains
-            t = squares[h]
+        sqp = b.bitcast(V.data(sig.args[6], args[6]), dty.as_pointer())
+        fma = cgutils.get_or_insert_function(
+            b.module, ir.FunctionType(dty, [dty] * 3), "llvm.fma.v4f64"
+        )
+        xs = [V.load(V.ptr(sdata, i0, k)) for k in range(8)]
+        for h in range(2):  # low, then high halves of the vectors, as float64
+            lanes = ir.Constant(ir.VectorType(_I32, 4), [4 * h + c for c in range(4)])
+            q = [b.fpext(b.shuffle_vector(x, x, lanes), dty) for x in xs]
+            # pairs q0^2 + q1^2 (one multiply, one fused multiply-add), then a tree: short
+            # chains, and a quarter fewer operations than a square and an add each
+            t = [b.call(fma, [q[c + 1], q[c + 1], b.fmul(q[c], q[c])]) for c in range(0, 8, 2)]
             while len(t) > 1:
                 t = [b.fadd(t[c], t[c + 1]) for c in range(0, len(t), 2)]
             p = b.gep(sqp, [ir.Constant(_I64, h)])
             b.store(b.fadd(b.load(p, align=8), t[0]), p, align=8)
-        return transform(context, builder, types.void(*sig.args[:7]), args[:7])
+        v = []
+        for k, x in enumerate(xs):
+            row = b.and_(b.lshr(bits, ir.Constant(_I64, 8 * k)), ir.Constant(_I64, 255))
+            tp = b.bitcast(b.gep(tdata, [b.mul(row, ir.Constant(_I64, 8))]), V.vty.as_pointer())
+            v.append(V.h_in_register(b.fmul(x, b.load(tp, align=4))))
+        V.butterflies(v)
+        for k in range(8):
+            V.store(v[k], V.ptr(ddata, j0, k))
+        return context.get_dummy_value()
 
-    return types.void(src, i, dst, j, bits, tab, scale, sq), codegen
+    return types.void(src, i, dst, j, bits, stab, sq), codegen
 
 
 @intrinsic
@@ -553,6 +566,14 @@ def _fence(typingctx):
     return types.void(), codegen
 
 
+def scaled_sign_table(scale: float) -> np.ndarray:
+    """``stab[r, c]``: ``-scale`` if bit ``c`` of ``r`` is set, else ``scale`` (float32,
+    ``r < 256``): the sign flip and the scale of 8 float32 lanes in one multiply, for
+    :func:`rotate_stats` (``fl(x (-s)) = -fl(x s)``, so the products are the same)."""
+    bits = (np.arange(256)[:, None] >> np.arange(8)[None, :]) & 1
+    return np.where(bits == 1, -np.float32(scale), np.float32(scale)).astype(np.float32)
+
+
 def sign_table(dtype) -> np.ndarray:
     """``tab[r, c]``: the float sign bit if bit ``c`` of ``r`` is set, else 0 (``r < 2**W``)."""
     dtype = np.dtype(dtype)
@@ -657,13 +678,14 @@ def _sweeps(a, off, n, h, post, k0, k1, sbase, tab):
 
 
 @numba.njit(cache=True)
-def _blocks(src, soff, dst, doff, n, nb, mode, post, k0, k1, sbase, scale, tab, sq=None):
+def _blocks(src, soff, dst, doff, n, nb, mode, post, k0, k1, sbase, scale, tab, sq=None, stab=None):
     """``dst[doff : doff + n] <-`` the transform of each L1 block of ``nb`` elements.
 
     Per block: its lowest log2(8W) stages in registers as the input is read (with the sign
     flip and scale), while the same group of the next block is prefetched; then its other
-    stages while it is in L1 (and the post-transform signs if ``post``). With ``sq``
-    (ROTATE of float32 only) the sum of squares of the input too (``_hgroup_stats``).
+    stages while it is in L1 (and the post-transform signs if ``post``). With ``sq`` and
+    ``stab`` (ROTATE of float32 only; ``stab = scaled_sign_table(scale)``) the sum of
+    squares of the input too (``_hgroup_stats``).
     """
     W = _lanes(dst)
     G = 8 * W
@@ -675,7 +697,7 @@ def _blocks(src, soff, dst, doff, n, nb, mode, post, k0, k1, sbase, scale, tab, 
             if mode == ROTATE:
                 bits = _group_bits(sbase + g, G, k0, k1)
                 if sq is not None:  # pruned at compile time when not given
-                    _hgroup_stats(src, soff + g, dst, doff + g, bits, tab, scale, sq)
+                    _hgroup_stats(src, soff + g, dst, doff + g, bits, stab, sq)
                 else:
                     _hgroup_signed(src, soff + g, dst, doff + g, bits, tab, scale)
             elif mode == UNROTATE:
@@ -686,15 +708,17 @@ def _blocks(src, soff, dst, doff, n, nb, mode, post, k0, k1, sbase, scale, tab, 
 
 
 @numba.njit(cache=True)
-def _row(src, soff, dst, doff, m, m1, mode, post, k0, k1, sbase, scale, tab, sq=None):
+def _row(src, soff, dst, doff, m, m1, mode, post, k0, k1, sbase, scale, tab, sq=None, stab=None):
     """``dst[doff : doff + n] <- H (pre(src[soff : soff + n]))``, n = 2**m, in place in dst.
 
     ``8W <= n`` and the row fits in L2; the work is blocked for L1. With ``post`` the
-    post-transform signs are applied too; with ``sq``, see :func:`_blocks`.
+    post-transform signs are applied too; with ``sq`` and ``stab``, see :func:`_blocks`.
     """
     n = 1 << m
     nb = 1 << min(m, m1)
-    _blocks(src, soff, dst, doff, n, nb, mode, post and nb == n, k0, k1, sbase, scale, tab, sq)
+    _blocks(
+        src, soff, dst, doff, n, nb, mode, post and nb == n, k0, k1, sbase, scale, tab, sq, stab
+    )
     if nb < n:  # the stages between L1 blocks, on the whole row (in L2)
         _sweeps(dst, doff, n, nb, post, k0, k1, sbase, tab)
 
@@ -852,7 +876,7 @@ def two_pass(m: int, itemsize: int) -> bool:
 
 
 @numba.njit(nogil=True, cache=True)
-def rotate_stats(src, dst, row, m, key0, key1, scale, tab, sq, start, stop):
+def rotate_stats(src, dst, row, m, key0, key1, scale, tab, stab, sq, start, stop):
     """Pass 1 of the fused encoder (float32, ``n = 2**m``, ``fused_ok(n)``) on elements
     ``start .. stop`` (whole rows of ``L``; one piece of the work, called from threads).
 
@@ -865,6 +889,8 @@ def rotate_stats(src, dst, row, m, key0, key1, scale, tab, sq, start, stop):
     (``_hgroup_stats``): ``sq[r]``, the float64 sum of squares of the row (non-finite iff
     some value of the row is), :func:`gradzip._numba.quantize.stats32`'s value up to
     summation order. A pass of its own over the row cost about 1 ms of 14 at 2**24.
+    ``stab = scaled_sign_table(scale)`` (the register groups' signs and scale in one
+    multiply); ``tab = sign_table(float32)``.
     """
     W = _lanes(dst)
     m1, m2 = _budgets(4)
@@ -875,7 +901,7 @@ def rotate_stats(src, dst, row, m, key0, key1, scale, tab, sq, start, stop):
     for r in range(start // L, (stop + L - 1) // L):
         part[:] = 0.0
         i = r * L
-        _row(src, i, row, 0, mr, m1, ROTATE, False, k0, k1, i, scale, tab, part)
+        _row(src, i, row, 0, mr, m1, ROTATE, False, k0, k1, i, scale, tab, part, stab)
         for g in range(0, L, 8 * W):  # C is a multiple of 8 W
             _stream8(row, g, dst, (g // C) * (R * C) + r * C + g % C)
         sq[r] = part.sum()
