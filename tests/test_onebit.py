@@ -122,6 +122,13 @@ def test_quantize_kernel_matches_reference(n):
         out = torch.empty((n + 7) // 8, dtype=torch.uint8)
         ob.quantize_(y, lam, key, out)
         assert torch.equal(out, ob.quantize_reference(y, lam, key))
+    # tiny lam (lam 2**-16 inexact, or subnormal but exact) with y on its scale, and huge lam
+    for lam in (1e-45, 3 * 2.0**-130, 1.2345e-36, 3e38):
+        lam = float(np.float32(lam))
+        ys = (y.double() * lam * 0.1).float()
+        out = torch.empty((n + 7) // 8, dtype=torch.uint8)
+        ob.quantize_(ys, lam, rng.derive_key(n, 3), out)
+        assert torch.equal(out, ob.quantize_reference(ys, lam, rng.derive_key(n, 3)))
 
 
 @pytest.mark.parametrize("n", [1, 9, 33, 4097, (1 << 17) + 5])

@@ -5,9 +5,12 @@ element ``8*i + j`` is negative. Dither ``u_i = dither16(key)[i]`` in (-1, 1): t
 32-bit hash (see :func:`gradzip.rng.dither16`; resolution ``2**-15``), which halves the hashing
 that dominates these kernels.
 
-Each kernel works on chunks that fit in L1/L2: it first computes one 0/1 byte per element
-in a small scratch array (a loop LLVM vectorizes, hash included), then packs 8 such bytes
-into one with a multiply: for a little-endian uint64 ``w`` of eight 0/1 bytes,
+The dithered quantizer takes 32 elements at a time with the vector kernel of the fused
+encoder (:func:`gradzip._numba.fwht.quant32`: the hashes in vector lanes, each output byte
+one vector compare mask). The other kernels, and the quantizer's last partial group, work
+on chunks that fit in L1/L2: they first compute one 0/1 byte per element in a small scratch
+array (a loop LLVM vectorizes, hash included), then pack 8 such bytes into one with a
+multiply: for a little-endian uint64 ``w`` of eight 0/1 bytes,
 ``(w * 0x0102040810204080) >> 56`` puts byte j's bit at bit j (the partial products land
 on distinct bit positions, so nothing carries into the top byte).
 
@@ -19,6 +22,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from .fwht import prescale, quant32
 from .parallel import run
 from .rng import U32, dither16_group
 
@@ -95,11 +99,17 @@ def dither_sign_pack_chunk(ys, e0, lam, k0, k1, out, u, tmp):
 
 @numba.njit(nogil=True, cache=True)
 def _dither_sign_pack(y, lam, k0, k1, out, start, stop):
-    u = np.empty(CHUNK, np.float32)
-    tmp = np.zeros(CHUNK, np.uint8)
-    for base in range(start, stop, CHUNK):
-        ys = y[base : min(stop, base + CHUNK)]
-        dither_sign_pack_chunk(ys, base, lam, k0, k1, out, u, tmp)
+    """Elements ``start .. stop`` (``start`` a multiple of 32): whole groups of 32 with
+    :func:`~gradzip._numba.fwht.quant32` (measured 2.3 -> 1.2 ms at 6.5M elements), the
+    last partial group with :func:`dither_sign_pack_chunk`."""
+    lam16, exact = prescale(lam)
+    whole = start + (stop - start) // 32 * 32
+    for e in range(start, whole, 32):
+        quant32(y, e, U32((e // 32) * 16), k0, k1, lam, lam16, exact, out, e // 8)
+    if whole < stop:
+        u = np.empty(32, np.float32)
+        tmp = np.zeros(32, np.uint8)
+        dither_sign_pack_chunk(y[whole:stop], whole, lam, k0, k1, out, u, tmp)
 
 
 @numba.njit(nogil=True, cache=True)
@@ -130,7 +140,8 @@ def _unpack_subtract_dither(data, lam, k0, k1, out, start, stop):
 
 def dither_sign_pack(y, lam, k0, k1, out) -> None:
     """out packs the bits ``y[e] + lam * u[e] < 0`` (standard dither); float32 ``y``."""
-    run(_dither_sign_pack, y.size, y, np.float32(lam), k0, k1, out, align=CHUNK)
+    y = np.ascontiguousarray(y)  # the vector kernel reads y[e : e + 32] as 4 vectors
+    run(_dither_sign_pack, y.size, y, np.float32(lam), U32(k0), U32(k1), out, align=CHUNK)
 
 
 def sign_pack(y, out) -> None:
