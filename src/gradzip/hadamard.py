@@ -433,8 +433,10 @@ def _per_worker(name: str, key, make: Callable[[], object]) -> list:
 
 
 def _chunk_buffers(R: int, C: int) -> list[np.ndarray]:
-    """Per-worker buffers of the fused encoder's pass 2: a column chunk."""
-    return _per_worker("chunks", R * C, lambda: np.empty(R * C, np.float32))
+    """Per-worker buffers of the fused encoder's pass 2: a column chunk (64-byte aligned: a
+    buffer 16 bytes off, as ``np.empty`` gives, splits half its vectors across cache lines
+    and measured 20% slower in pass 2)."""
+    return _per_worker("chunks", R * C, lambda: _alloc.aligned_numpy(R * C, np.float32))
 
 
 def _row_buffers(L: int, dtype) -> list[np.ndarray]:
