@@ -529,6 +529,12 @@ def test_unrotate_signs_matches_reference(n):
         out = torch.empty(n)
         assert hadamard.unrotate_signs(data, n, lam, key, out=out) is out
         assert torch.equal(out, ref)
+        assert torch.equal(hadamard.unrotate_signs(data, n, lam, key), ref)
+        # pass 2 streams into out: one not 32-byte aligned gets a copy, same values
+        spare = torch.zeros(n + 2)
+        out = spare[1 : n + 1]
+        assert out.data_ptr() % 32 and hadamard.unrotate_signs(data, n, lam, key, out=out) is out
+        assert torch.equal(out, ref) and spare[0] == 0 and spare[-1] == 0
     assert hadamard.can_unrotate_signs(n) and not hadamard.can_unrotate_signs(n + 8)
     with pytest.raises(ValueError, match="power-of-two"):
         hadamard.unrotate_signs(data, n // 2 + 8, 1.0, 1)

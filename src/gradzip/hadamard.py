@@ -535,7 +535,10 @@ def unrotate_signs(
     first pass of the inverse rotation builds its input from the bits in registers
     (:func:`gradzip._numba.fwht.unrotate_signs_rows`). ``lam`` is a float32 value; ``n``
     must satisfy :func:`can_unrotate_signs`; ``out`` (float32, ``n`` elements, contiguous)
-    receives the result.
+    receives the result. Pass 1 leaves its rows chunk-major in the thread's scratch buffer;
+    pass 2 finishes each column chunk in L2 and streams it into ``out`` with non-temporal
+    stores (no line of ``out`` is read first). An ``out`` not 32-byte aligned receives a
+    copy of the result.
     """
     if not can_unrotate_signs(n):
         raise ValueError(f"unrotate_signs needs a power-of-two n >= 2**16, got {n}")
@@ -545,18 +548,24 @@ def unrotate_signs(
         out = _alloc.empty(n)
     elif out.dtype != torch.float32 or out.numel() != n or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous float32 tensor of {n} elements")
+    if out.data_ptr() % 32:  # pass 2 streams into it: decode into an aligned block first
+        return out.copy_(unrotate_signs(data, n, lam, key))
     k = _kernel()
     m = n.bit_length() - 1
     L, R, C = k.grid(m, 4)
     k0, k1 = _split_key(key)
     c = np.float32(lam) * np.float32(1.0 / math.sqrt(n))
     o = out.detach().view(-1).numpy()
+    a = _alloc.scratch(n).numpy()
     tab = _table(torch.float32)
     bits = data.contiguous().numpy()
-    _run_pieces(n, _piece(n, L), lambda w, i, j: k.unrotate_signs_rows(bits, o, m, c, tab, i, j))
+    rows, bufs = _row_buffers(L, np.float32), _chunk_buffers(R, C)
+    _run_pieces(
+        n, _piece(n, L), lambda w, i, j: k.unrotate_signs_rows(bits, a, rows[w], m, c, tab, i, j)
+    )
     _run_pieces(
         n,
         _piece(n, n // (L // C)),
-        lambda w, i, j: k.cols_pass(o, 0, m, True, k0, k1, 0, tab, i, j),
+        lambda w, i, j: k.cols_unrotate(a, o, m, k0, k1, tab, bufs[w], i, j),
     )
     return out

@@ -922,24 +922,31 @@ def rotate_stats(src, dst, row, m, key0, key1, scale, tab, stab, sq, start, stop
         part[:] = 0.0
         i = r * L
         _row(src, i, row, 0, mr, m1, ROTATE, False, k0, k1, i, scale, tab, part, stab)
-        for g in range(0, L, 8 * W):  # C is a multiple of 8 W
-            _stream8(row, g, dst, (g // C) * (R * C) + r * C + g % C)
+        _stream_chunk_major(row, dst, r, L, R, C)
         sq[r] = part.sum()
     _fence()
 
 
-@numba.njit(cache=True)
-def _cols_quantize(a, L, R, c0, C, buf, lam, k0, k1, out):
-    """Pass 2 of the fused encoder on the column chunk ``c0 .. c0 + C`` of the R x L
-    matrix that ``a`` holds chunk-major (this chunk is ``a[c0 R : (c0 + C) R]``, R x C).
+@numba.njit(inline="always", cache=True)
+def _stream_chunk_major(row, dst, r, L, R, C):
+    """Row ``r`` (``L`` elements in ``row``) to ``dst`` chunk-major: its part in column
+    chunk ``q`` to ``dst[q R C + r C :]``, with non-temporal stores (``dst`` 32-byte
+    aligned; :func:`_fence` before other threads read it). ``C`` is a multiple of 8W."""
+    G = 8 * _lanes(row)
+    for g in range(0, L, G):
+        _stream8(row, g, dst, (g // C) * (R * C) + r * C + g % C)
+
+
+@numba.njit(inline="always", cache=True)
+def _chunk_sweeps(a, R, c0, C, buf):
+    """``buf`` (R x C) <- ``H_R`` across the rows of the column chunk ``c0 .. c0 + C`` of
+    the R-row matrix that ``a`` holds chunk-major (the chunk is ``a[c0 R : (c0 + C) R]``).
 
     Like :func:`_cols`, but the first sweep reads the chunk from ``a`` and writes it to the
-    thread's ``buf`` (R x C, in L2), the other sweeps work in ``buf``, and the finished
-    chunk is quantized from there (:func:`_quantize_chunk`). ``a`` is only read: no dirty
-    cache line of the intermediate goes back to memory and the rotated vector is never
-    stored. The next chunk is prefetched while this one is quantized, not during the
-    first sweep (where these loads compete with the chunk's own): measured 6.9 -> 5.6 ms
-    for pass 2 at 2**24 on 2 threads (without the prefetch: about 10 ms).
+    thread's ``buf`` (in L2) and the other sweeps work in ``buf``: ``a`` is only read, so
+    no dirty cache line of the intermediate goes back to memory. Chunk-major, the chunk is
+    contiguous: read in place from rows ``4 L`` bytes apart (a multiple of the L2's set
+    stride), its R rows would fall in the same few cache sets and evict one another.
     """
     W = _lanes(a)
     h = 1
@@ -966,7 +973,17 @@ def _cols_quantize(a, L, R, c0, C, buf, lam, k0, k1, out):
                         else:
                             _bfly2(buf, c, h * C)
         h *= radix
-    _quantize_chunk(a, buf, L, R, c0, C, lam, k0, k1, out)
+
+
+@numba.njit(inline="always", cache=True)
+def _prefetch_next_chunk(a, R, c0, C, r):
+    """Hint: row ``r`` of the column chunk after ``c0`` of chunk-major ``a`` into cache.
+    Issued while a chunk is finished from L2, not during its first sweep (where these
+    loads compete with the chunk's own): pass 2 of the encoder measured 6.9 -> 5.6 ms at
+    2**24 on 2 threads for that, about 10 ms without any prefetch."""
+    i = (c0 + C) * R + r * C
+    for p in range(i, i + C, LINE // 4):
+        _prefetch(a, p)
 
 
 @numba.njit(inline="always", cache=True)
@@ -975,13 +992,10 @@ def _quantize_chunk(a, buf, L, R, c0, C, lam, k0, k1, out):
     ``y + lam * u < 0``, ``u = dither16`` (one hash per two elements, see
     :func:`gradzip.rng.dither16`), 32 elements at a time (:func:`_quant32`). ``C`` is a
     multiple of 32. Meanwhile row ``r`` of the next chunk of ``a`` is prefetched."""
-    per_line = LINE // 4
     gpr = C // 32
     lam16, exact = prescale(lam)
     for r in range(R):
-        i = (c0 + C) * R + r * C
-        for p in range(i, i + C, per_line):
-            _prefetch(a, p)
+        _prefetch_next_chunk(a, R, c0, C, r)
         count = U32(((r * L + c0) // 32) * 16)
         o = (r * L + c0) // 8
         for g in range(gpr):
@@ -994,7 +1008,9 @@ def cols_quantize(a, m, lam, key0, key1, out, buf, start, stop):
     """Pass 2 of the fused encoder: ``out`` <- the packed bits of ``Phi x + lam * u < 0``.
 
     ``a`` holds pass 1's result (:func:`rotate_stats`, chunk-major) for ``n = 2**m``, ``u`` is
-    ``dither16`` of the key ``(key0, key1)`` and ``lam`` a float32. Does the column chunks
+    ``dither16`` of the key ``(key0, key1)`` and ``lam`` a float32. Each column chunk is
+    read once into ``buf`` (:func:`_chunk_sweeps`), finished there and quantized from L2:
+    the rotated vector is never stored. Does the column chunks
     ``start // (n / nchunks) ..`` up to ``stop``'s (a kernel over ``n`` elements aligned to
     ``n / nchunks``), with the chunk buffer ``buf`` (float32, at least ``R * C`` elements;
     see :func:`grid`).
@@ -1006,7 +1022,8 @@ def cols_quantize(a, m, lam, key0, key1, out, buf, start, stop):
     k0 = U32(key0)
     k1 = U32(key1)
     for c in range(start // per, (stop + per - 1) // per):
-        _cols_quantize(a, L, R, c * C, C, buf, lam, k0, k1, out)
+        _chunk_sweeps(a, R, c * C, C, buf)
+        _quantize_chunk(a, buf, L, R, c * C, C, lam, k0, k1, out)
 
 
 # ---------------------------------------------------------------------------------------
@@ -1015,7 +1032,7 @@ def cols_quantize(a, m, lam, key0, key1, out, buf, start, stop):
 
 
 @numba.njit(nogil=True, cache=True)
-def unrotate_signs_rows(data, dst, m, c, tab, start, stop):
+def unrotate_signs_rows(data, dst, row, m, c, tab, start, stop):
     """Pass 1 of the fused decoder (float32, ``n = 2**m``, ``fused_ok(n)``) on elements
     ``start .. stop`` (whole rows; one piece of the work, called from threads).
 
@@ -1023,7 +1040,9 @@ def unrotate_signs_rows(data, dst, m, c, tab, start, stop):
     packed bits ``data``), given ``c = fl(lam * scale)``: since ``fl(+-lam * scale) =
     +-c``, the scaled input of each register group is built from 8W bits in registers
     (:func:`_hgroup_bits`). The decoded vector is never unpacked into memory: pass 1 reads
-    ``n / 8`` bytes instead of ``4 n``, and the separate unpacking pass is gone.
+    ``n / 8`` bytes instead of ``4 n``. Each row is done in ``row`` (L floats, in L2) and
+    streamed to ``dst`` chunk-major (32-byte aligned, see :func:`_stream_chunk_major`) for
+    :func:`cols_unrotate`.
     """
     W = _lanes(dst)
     G = 8 * W
@@ -1032,12 +1051,42 @@ def unrotate_signs_rows(data, dst, m, c, tab, start, stop):
     nb = 1 << m1
     for r in range(start // L, (stop + L - 1) // L):
         off = r * L
-        for q in range(off, off + L, nb):
+        for q in range(0, L, nb):
             for g in range(q, q + nb, G):
-                _hgroup_bits(dst, g, _load_u64(data, g // 8), tab, c)
-            _sweeps(dst, q, nb, G, False, _ZERO, _ZERO, 0, tab)
+                _hgroup_bits(row, g, _load_u64(data, (off + g) // 8), tab, c)
+            _sweeps(row, q, nb, G, False, _ZERO, _ZERO, 0, tab)
         if nb < L:
-            _sweeps(dst, off, L, nb, False, _ZERO, _ZERO, 0, tab)
+            _sweeps(row, 0, L, nb, False, _ZERO, _ZERO, 0, tab)
+        _stream_chunk_major(row, dst, r, L, R, C)
+    _fence()
+
+
+@numba.njit(nogil=True, cache=True)
+def cols_unrotate(a, out, m, key0, key1, tab, buf, start, stop):
+    """Pass 2 of the fused decoder: ``out`` <- ``s * H_R`` across the rows of pass 1's
+    chunk-major result ``a`` (:func:`unrotate_signs_rows`), ``s`` the rotation's signs of
+    the key ``(key0, key1)``. Each column chunk is read once into ``buf``
+    (:func:`_chunk_sweeps`), finished there, multiplied by its signs and streamed to its
+    place in ``out`` (row-major, 32-byte aligned) with non-temporal stores: no line of
+    ``out`` is read first, and ``a`` is never written. Chunks as in :func:`cols_quantize`.
+    """
+    W = _lanes(a)
+    G = 8 * W
+    m1, m2 = _budgets(4)
+    mr, L, R, C = _grid(m, m1, m2, G, 4)
+    per = (1 << m) // (L // C)
+    k0 = np.uint64(key0)
+    k1 = np.uint64(key1)
+    for q in range(start // per, (stop + per - 1) // per):
+        c0 = q * C
+        _chunk_sweeps(a, R, c0, C, buf)
+        for r in range(R):
+            _prefetch_next_chunk(a, R, c0, C, r)
+            e = r * L + c0
+            for g in range(0, C, G):
+                _signs(buf, r * C + g, _group_bits(e + g, G, k0, k1), tab)
+                _stream8(buf, r * C + g, out, e + g)
+    _fence()
 
 
 @numba.njit(inline="always", cache=True)
