@@ -62,7 +62,11 @@ read Phi x). :func:`rotate_stats` and :func:`cols_quantize` do it in two:
 
 The decoder's inverse rotation of ``lam * b`` builds its pass-1 input from the payload's
 bits in registers (:func:`unrotate_signs_rows`, ``_hgroup_bits``) instead of unpacking
-them into a float vector first: one pass over ``4 n`` bytes less in each direction.
+them into a float vector first: one pass over ``4 n`` bytes less in each direction. Its
+pass 1 also stores chunk-major (into a scratch buffer), and its pass 2
+(:func:`cols_unrotate`) finishes each chunk in L2 and streams it to the output rows with
+non-temporal stores: measured 9.1 -> 8.7 ms for both passes at 2**24 against the rows in
+place in the output and an in-place column pass.
 
 Both run their passes as plain ``nogil`` kernels on pieces of the work that the calling
 thread and the pool of :mod:`gradzip._numba.parallel` pull one after another
