@@ -530,7 +530,7 @@ def test_unrotate_signs_matches_reference(n):
         assert hadamard.unrotate_signs(data, n, lam, key, out=out) is out
         assert torch.equal(out, ref)
         assert torch.equal(hadamard.unrotate_signs(data, n, lam, key), ref)
-        # pass 2 streams into out: one not 32-byte aligned gets a copy, same values
+        # pass 2 streams into out; one not 32-byte aligned gets plain stores, same values
         spare = torch.zeros(n + 2)
         out = spare[1 : n + 1]
         assert out.data_ptr() % 32 and hadamard.unrotate_signs(data, n, lam, key, out=out) is out

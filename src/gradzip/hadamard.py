@@ -537,8 +537,8 @@ def unrotate_signs(
     must satisfy :func:`can_unrotate_signs`; ``out`` (float32, ``n`` elements, contiguous)
     receives the result. Pass 1 leaves its rows chunk-major in the thread's scratch buffer;
     pass 2 finishes each column chunk in L2 and streams it into ``out`` with non-temporal
-    stores (no line of ``out`` is read first). An ``out`` not 32-byte aligned receives a
-    copy of the result.
+    stores (no line of ``out`` is read first; plain stores if ``out`` is not 32-byte
+    aligned).
     """
     if not can_unrotate_signs(n):
         raise ValueError(f"unrotate_signs needs a power-of-two n >= 2**16, got {n}")
@@ -548,8 +548,6 @@ def unrotate_signs(
         out = _alloc.empty(n)
     elif out.dtype != torch.float32 or out.numel() != n or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous float32 tensor of {n} elements")
-    if out.data_ptr() % 32:  # pass 2 streams into it: decode into an aligned block first
-        return out.copy_(unrotate_signs(data, n, lam, key))
     k = _kernel()
     m = n.bit_length() - 1
     L, R, C = k.grid(m, 4)
@@ -559,6 +557,7 @@ def unrotate_signs(
     a = _alloc.scratch(n).numpy()
     tab = _table(torch.float32)
     bits = data.contiguous().numpy()
+    stream = out.data_ptr() % 32 == 0  # else pass 2 writes with plain stores
     rows, bufs = _row_buffers(L, np.float32), _chunk_buffers(R, C)
     _run_pieces(
         n, _piece(n, L), lambda w, i, j: k.unrotate_signs_rows(bits, a, rows[w], m, c, tab, i, j)
@@ -566,6 +565,6 @@ def unrotate_signs(
     _run_pieces(
         n,
         _piece(n, n // (L // C)),
-        lambda w, i, j: k.cols_unrotate(a, o, m, k0, k1, tab, bufs[w], i, j),
+        lambda w, i, j: k.cols_unrotate(a, o, m, k0, k1, tab, bufs[w], stream, i, j),
     )
     return out

@@ -556,27 +556,39 @@ def _prefetch(typingctx, a, i):
     return types.void(a, i), codegen
 
 
-@intrinsic
-def _stream8(typingctx, src, i, dst, j):
-    """``dst[j : j + 8W] <- src[i : i + 8W]`` with non-temporal stores: the lines go to memory
-    without first being read into the cache (no read-for-ownership). ``dst + j`` must be
-    32-byte aligned; call :func:`_fence` before other threads read what was written."""
-    if not (_same_float_arrays(src, dst) and _all_ints(i, j)):
-        return None
+def _make_copy8(nontemporal: bool):
+    @intrinsic
+    def copy8(typingctx, src, i, dst, j):
+        if not (_same_float_arrays(src, dst) and _all_ints(i, j)):
+            return None
 
-    def codegen(context, builder, sig, args):
-        V = _Vec(context, builder, sig.args[0])
-        sdata = V.data(sig.args[0], args[0])
-        ddata = V.data(sig.args[2], args[2])
-        i0 = V.index(args[1], sig.args[1])
-        j0 = V.index(args[3], sig.args[3])
-        nt = builder.module.add_metadata([ir.Constant(_I32, 1)])
-        for k in range(8):
-            st = builder.store(V.load(V.ptr(sdata, i0, k)), V.ptr(ddata, j0, k), align=32)
-            st.set_metadata("nontemporal", nt)
-        return context.get_dummy_value()
+        def codegen(context, builder, sig, args):
+            V = _Vec(context, builder, sig.args[0])
+            sdata = V.data(sig.args[0], args[0])
+            ddata = V.data(sig.args[2], args[2])
+            i0 = V.index(args[1], sig.args[1])
+            j0 = V.index(args[3], sig.args[3])
+            nt = builder.module.add_metadata([ir.Constant(_I32, 1)])
+            for k in range(8):
+                v = V.load(V.ptr(sdata, i0, k))
+                if nontemporal:
+                    st = builder.store(v, V.ptr(ddata, j0, k), align=32)
+                    st.set_metadata("nontemporal", nt)
+                else:
+                    V.store(v, V.ptr(ddata, j0, k))
+            return context.get_dummy_value()
 
-    return types.void(src, i, dst, j), codegen
+        return types.void(src, i, dst, j), codegen
+
+    return copy8
+
+
+# _stream8(src, i, dst, j): ``dst[j : j + 8W] <- src[i : i + 8W]`` with non-temporal stores:
+# the lines go to memory without first being read into the cache (no read-for-ownership).
+# ``dst + j`` must be 32-byte aligned; call :func:`_fence` before other threads read what
+# was written. _copy8: the same with plain stores, for any alignment.
+_stream8 = _make_copy8(True)
+_copy8 = _make_copy8(False)
 
 
 @intrinsic
@@ -1066,13 +1078,14 @@ def unrotate_signs_rows(data, dst, row, m, c, tab, start, stop):
 
 
 @numba.njit(nogil=True, cache=True)
-def cols_unrotate(a, out, m, key0, key1, tab, buf, start, stop):
+def cols_unrotate(a, out, m, key0, key1, tab, buf, stream, start, stop):
     """Pass 2 of the fused decoder: ``out`` <- ``s * H_R`` across the rows of pass 1's
     chunk-major result ``a`` (:func:`unrotate_signs_rows`), ``s`` the rotation's signs of
     the key ``(key0, key1)``. Each column chunk is read once into ``buf``
-    (:func:`_chunk_sweeps`), finished there, multiplied by its signs and streamed to its
-    place in ``out`` (row-major, 32-byte aligned) with non-temporal stores: no line of
-    ``out`` is read first, and ``a`` is never written. Chunks as in :func:`cols_quantize`.
+    (:func:`_chunk_sweeps`), finished there, multiplied by its signs and written to its
+    place in ``out`` (row-major): with non-temporal stores if ``stream`` (``out`` 32-byte
+    aligned; no line of ``out`` is read first), else plain ones. ``a`` is never written.
+    Does the column chunks that elements ``start .. stop`` select, as :func:`cols_quantize`.
     """
     W = _lanes(a)
     G = 8 * W
@@ -1089,8 +1102,12 @@ def cols_unrotate(a, out, m, key0, key1, tab, buf, start, stop):
             e = r * L + c0
             for g in range(0, C, G):
                 _signs(buf, r * C + g, _group_bits(e + g, G, k0, k1), tab)
-                _stream8(buf, r * C + g, out, e + g)
-    _fence()
+                if stream:
+                    _stream8(buf, r * C + g, out, e + g)
+                else:
+                    _copy8(buf, r * C + g, out, e + g)
+    if stream:
+        _fence()
 
 
 @numba.njit(inline="always", cache=True)
