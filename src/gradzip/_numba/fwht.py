@@ -213,6 +213,14 @@ class _Vec:
         return b.bitcast(b.xor(b.bitcast(v, self.ivty), mask), self.vty)
 
 
+def _src_dst(context, builder, sig, args):
+    """``(V, src data, i, dst data, j)`` of an intrinsic's first four arguments
+    ``(src, i, dst, j)``."""
+    V = _Vec(context, builder, sig.args[0])
+    sdata, ddata = V.data(sig.args[0], args[0]), V.data(sig.args[2], args[2])
+    return V, sdata, V.index(args[1], sig.args[1]), ddata, V.index(args[3], sig.args[3])
+
+
 def _same_float_arrays(src, dst) -> bool:
     return _is_float_array(src) and _is_float_array(dst) and src.dtype == dst.dtype
 
@@ -301,11 +309,7 @@ _bfly2_to = _make_bfly_to(2)
 
 def _hgroup_codegen(signed: bool):
     def codegen(context, builder, sig, args):
-        V = _Vec(context, builder, sig.args[0])
-        sdata = V.data(sig.args[0], args[0])
-        ddata = V.data(sig.args[2], args[2])
-        i0 = V.index(args[1], sig.args[1])
-        j0 = V.index(args[3], sig.args[3])
+        V, sdata, i0, ddata, j0 = _src_dst(context, builder, sig, args)
         if signed:
             bits = context.cast(builder, args[4], sig.args[4], types.uint64)
             tdata = context.make_array(sig.args[5])(context, builder, args[5]).data
@@ -357,9 +361,7 @@ def _hgroup_stats(typingctx, src, i, dst, j, bits, stab, sq):
 
     def codegen(context, builder, sig, args):
         b = builder
-        V = _Vec(context, b, sig.args[0])
-        sdata, ddata = V.data(sig.args[0], args[0]), V.data(sig.args[2], args[2])
-        i0, j0 = V.index(args[1], sig.args[1]), V.index(args[3], sig.args[3])
+        V, sdata, i0, ddata, j0 = _src_dst(context, b, sig, args)
         bits = context.cast(b, args[4], sig.args[4], types.uint64)
         tdata = V.data(sig.args[5], args[5])
         dty = ir.VectorType(ir.DoubleType(), 4)
@@ -563,11 +565,7 @@ def _make_copy8(nontemporal: bool):
             return None
 
         def codegen(context, builder, sig, args):
-            V = _Vec(context, builder, sig.args[0])
-            sdata = V.data(sig.args[0], args[0])
-            ddata = V.data(sig.args[2], args[2])
-            i0 = V.index(args[1], sig.args[1])
-            j0 = V.index(args[3], sig.args[3])
+            V, sdata, i0, ddata, j0 = _src_dst(context, builder, sig, args)
             nt = builder.module.add_metadata([ir.Constant(_I32, 1)])
             for k in range(8):
                 v = V.load(V.ptr(sdata, i0, k))
