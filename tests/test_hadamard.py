@@ -516,9 +516,14 @@ def test_rotate_quantize_takes_only_what_it_can_fuse():
         )
 
 
+@pytest.mark.parametrize("chunked", [False, True])
 @pytest.mark.parametrize("n", [1 << 16, 1 << 17, 1 << 18, 1 << 20])
-def test_unrotate_signs_matches_reference(n):
+def test_unrotate_signs_matches_reference(n, chunked, monkeypatch):
+    """Both routes of the fused decoder (in place below ``CHUNKED_DECODE_FROM``, chunk-major
+    from there) equal the reference bit for bit."""
     from gradzip import bits
+
+    monkeypatch.setattr(hadamard, "CHUNKED_DECODE_FROM", 16 if chunked else 40)
 
     g = _gen(n)
     data = torch.randint(0, 256, (n // 8,), dtype=torch.uint8, generator=g)
@@ -530,7 +535,7 @@ def test_unrotate_signs_matches_reference(n):
         assert hadamard.unrotate_signs(data, n, lam, key, out=out) is out
         assert torch.equal(out, ref)
         assert torch.equal(hadamard.unrotate_signs(data, n, lam, key), ref)
-        # pass 2 streams into out; one not 32-byte aligned gets plain stores, same values
+        # an out not 32-byte aligned (pass 2 then writes it with plain stores)
         spare = torch.zeros(n + 2)
         out = spare[1 : n + 1]
         assert out.data_ptr() % 32 and hadamard.unrotate_signs(data, n, lam, key, out=out) is out

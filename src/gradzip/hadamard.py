@@ -79,6 +79,12 @@ SERIAL_BELOW = 1 << 16
 #: pool: below it, dispatching the pieces costs more than numba's prange (measured here:
 #: 0.66 against 0.26 ms at 2**20, 2.3 against 1.5 ms at 2**22, equal at 2**24).
 POOLED_FROM = 23
+#: log2 of the smallest length the fused decoder takes chunk-major (pass 1 streams its rows
+#: into scratch, pass 2 reads contiguous chunks and streams them into the output). Below,
+#: the data stays in L3 and working in place is faster (measured, in place against
+#: chunk-major: 0.56 / 0.75 ms at 2**20, 1.70 / 2.30 at 2**22, 3.73 / 4.15 at 2**23, but
+#: 9.20 / 8.39 at 2**24).
+CHUNKED_DECODE_FROM = 24
 
 
 def _log2_exact(n: int) -> int:
@@ -554,17 +560,23 @@ def unrotate_signs(
     k0, k1 = _split_key(key)
     c = np.float32(lam) * np.float32(1.0 / math.sqrt(n))
     o = out.detach().view(-1).numpy()
-    a = _alloc.scratch(n).numpy()
     tab = _table(torch.float32)
     bits = data.contiguous().numpy()
-    stream = out.data_ptr() % 32 == 0  # else pass 2 writes with plain stores
     rows, bufs = _row_buffers(L, np.float32), _chunk_buffers(R, C)
-    _run_pieces(
-        n, _piece(n, L), lambda w, i, j: k.unrotate_signs_rows(bits, a, rows[w], m, c, tab, i, j)
-    )
+    chunked = m >= CHUNKED_DECODE_FROM
+    a = _alloc.scratch(n).numpy() if chunked else o
     _run_pieces(
         n,
-        _piece(n, n // (L // C)),
-        lambda w, i, j: k.cols_unrotate(a, o, m, k0, k1, tab, bufs[w], stream, i, j),
+        _piece(n, L),
+        lambda w, i, j: k.unrotate_signs_rows(bits, a, rows[w], m, c, tab, chunked, i, j),
     )
+    stream = out.data_ptr() % 32 == 0  # else pass 2 writes with plain stores
+
+    def pass2(w: int, i: int, j: int) -> None:
+        if chunked:
+            k.cols_unrotate(a, o, m, k0, k1, tab, bufs[w], stream, i, j)
+        else:
+            k.cols_pass(o, 0, m, True, k0, k1, 0, tab, i, j)
+
+    _run_pieces(n, _piece(n, n // (L // C)), pass2)
     return out

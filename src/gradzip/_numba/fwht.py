@@ -1046,7 +1046,7 @@ def cols_quantize(a, m, lam, key0, key1, out, buf, start, stop):
 
 
 @numba.njit(nogil=True, cache=True)
-def unrotate_signs_rows(data, dst, row, m, c, tab, start, stop):
+def unrotate_signs_rows(data, dst, row, m, c, tab, chunked, start, stop):
     """Pass 1 of the fused decoder (float32, ``n = 2**m``, ``fused_ok(n)``) on elements
     ``start .. stop`` (whole rows; one piece of the work, called from threads).
 
@@ -1054,9 +1054,10 @@ def unrotate_signs_rows(data, dst, row, m, c, tab, start, stop):
     packed bits ``data``), given ``c = fl(lam * scale)``: since ``fl(+-lam * scale) =
     +-c``, the scaled input of each register group is built from 8W bits in registers
     (:func:`_hgroup_bits`). The decoded vector is never unpacked into memory: pass 1 reads
-    ``n / 8`` bytes instead of ``4 n``. Each row is done in ``row`` (L floats, in L2) and
-    streamed to ``dst`` chunk-major (32-byte aligned, see :func:`_stream_chunk_major`) for
-    :func:`cols_unrotate`.
+    ``n / 8`` bytes instead of ``4 n``. With ``chunked``, each row is done in ``row`` (L
+    floats, in L2) and streamed to ``dst`` chunk-major (32-byte aligned, see
+    :func:`_stream_chunk_major`) for :func:`cols_unrotate`; else it is done in place in
+    ``dst`` (row-major) for :func:`cols_pass`.
     """
     W = _lanes(dst)
     G = 8 * W
@@ -1065,14 +1066,17 @@ def unrotate_signs_rows(data, dst, row, m, c, tab, start, stop):
     nb = 1 << m1
     for r in range(start // L, (stop + L - 1) // L):
         off = r * L
+        out, base = (row, 0) if chunked else (dst, off)
         for q in range(0, L, nb):
             for g in range(q, q + nb, G):
-                _hgroup_bits(row, g, _load_u64(data, (off + g) // 8), tab, c)
-            _sweeps(row, q, nb, G, False, _ZERO, _ZERO, 0, tab)
+                _hgroup_bits(out, base + g, _load_u64(data, (off + g) // 8), tab, c)
+            _sweeps(out, base + q, nb, G, False, _ZERO, _ZERO, 0, tab)
         if nb < L:
-            _sweeps(row, 0, L, nb, False, _ZERO, _ZERO, 0, tab)
-        _stream_chunk_major(row, dst, r, L, R, C)
-    _fence()
+            _sweeps(out, base, L, nb, False, _ZERO, _ZERO, 0, tab)
+        if chunked:
+            _stream_chunk_major(row, dst, r, L, R, C)
+    if chunked:
+        _fence()
 
 
 @numba.njit(nogil=True, cache=True)
