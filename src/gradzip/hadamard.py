@@ -562,7 +562,7 @@ def unrotate_signs(
     o = out.detach().view(-1).numpy()
     tab = _table(torch.float32)
     bits = data.contiguous().numpy()
-    rows, bufs = _row_buffers(L, np.float32), _chunk_buffers(R, C)
+    rows = _row_buffers(L, np.float32)
     chunked = m >= CHUNKED_DECODE_FROM
     a = _alloc.scratch(n).numpy() if chunked else o
     _run_pieces(
@@ -570,12 +570,15 @@ def unrotate_signs(
         _piece(n, L),
         lambda w, i, j: k.unrotate_signs_rows(bits, a, rows[w], m, c, tab, chunked, i, j),
     )
-    stream = out.data_ptr() % 32 == 0  # else pass 2 writes with plain stores
+    if chunked:
+        bufs = _chunk_buffers(R, C)
+        stream = out.data_ptr() % 32 == 0  # else pass 2 writes with plain stores
 
-    def pass2(w: int, i: int, j: int) -> None:
-        if chunked:
+        def pass2(w: int, i: int, j: int) -> None:
             k.cols_unrotate(a, o, m, k0, k1, tab, bufs[w], stream, i, j)
-        else:
+    else:
+
+        def pass2(w: int, i: int, j: int) -> None:
             k.cols_pass(o, 0, m, True, k0, k1, 0, tab, i, j)
 
     _run_pieces(n, _piece(n, n // (L // C)), pass2)

@@ -191,6 +191,14 @@ class _Vec:
             t *= 2
         return v
 
+    def h_group_store(self, xs, ddata, j0):
+        """``dst[j0 : j0 + 8W] <- H_{8W}`` of the 8 vectors ``xs``: each in registers, then
+        the stages across them; stored at ``ddata + j0``."""
+        v = [self.h_in_register(x) for x in xs]
+        self.butterflies(v)
+        for k in range(8):
+            self.store(v[k], self.ptr(ddata, j0, k))
+
     def butterflies(self, v):
         """In place on the list ``v`` (length 2, 4 or 8): all radix-2 stages across it."""
         b, h = self.builder, 1
@@ -314,15 +322,10 @@ def _hgroup_codegen(signed: bool):
             bits = context.cast(builder, args[4], sig.args[4], types.uint64)
             tdata = context.make_array(sig.args[5])(context, builder, args[5]).data
             scale = V.splat(args[6])
-        v = []
-        for k in range(8):
-            x = V.load(V.ptr(sdata, i0, k))
-            if signed:
-                x = builder.fmul(V.flip(x, tdata, bits, k), scale)
-            v.append(V.h_in_register(x))
-        V.butterflies(v)
-        for k in range(8):
-            V.store(v[k], V.ptr(ddata, j0, k))
+        xs = [V.load(V.ptr(sdata, i0, k)) for k in range(8)]
+        if signed:
+            xs = [builder.fmul(V.flip(x, tdata, bits, k), scale) for k, x in enumerate(xs)]
+        V.h_group_store(xs, ddata, j0)
         return context.get_dummy_value()
 
     return codegen
@@ -380,14 +383,12 @@ def _hgroup_stats(typingctx, src, i, dst, j, bits, stab, sq):
                 t = [b.fadd(t[c], t[c + 1]) for c in range(0, len(t), 2)]
             p = b.gep(sqp, [ir.Constant(_I64, h)])
             b.store(b.fadd(b.load(p, align=8), t[0]), p, align=8)
-        v = []
+        signed = []
         for k, x in enumerate(xs):
             row = b.and_(b.lshr(bits, ir.Constant(_I64, 8 * k)), ir.Constant(_I64, 255))
             tp = b.bitcast(b.gep(tdata, [b.mul(row, ir.Constant(_I64, 8))]), V.vty.as_pointer())
-            v.append(V.h_in_register(b.fmul(x, b.load(tp, align=4))))
-        V.butterflies(v)
-        for k in range(8):
-            V.store(v[k], V.ptr(ddata, j0, k))
+            signed.append(b.fmul(x, b.load(tp, align=4)))
+        V.h_group_store(signed, ddata, j0)
         return context.get_dummy_value()
 
     return types.void(src, i, dst, j, bits, stab, sq), codegen
@@ -411,10 +412,7 @@ def _hgroup_bits(typingctx, dst, j, bits, tab, c):
         bits = context.cast(builder, args[2], sig.args[2], types.uint64)
         tdata = context.make_array(sig.args[3])(context, builder, args[3]).data
         base = V.splat(args[4])
-        v = [V.h_in_register(V.flip(base, tdata, bits, k)) for k in range(8)]
-        V.butterflies(v)
-        for k in range(8):
-            V.store(v[k], V.ptr(ddata, j0, k))
+        V.h_group_store([V.flip(base, tdata, bits, k) for k in range(8)], ddata, j0)
         return context.get_dummy_value()
 
     return types.void(dst, j, bits, tab, c), codegen

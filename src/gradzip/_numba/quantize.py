@@ -100,8 +100,9 @@ def dither_sign_pack_chunk(ys, e0, lam, k0, k1, out, u, tmp):
 @numba.njit(nogil=True, cache=True)
 def _dither_sign_pack(y, lam, k0, k1, out, start, stop):
     """Elements ``start .. stop`` (``start`` a multiple of 32): whole groups of 32 with
-    :func:`~gradzip._numba.fwht.quant32` (measured 2.3 -> 1.2 ms at 6.5M elements), the
-    last partial group with :func:`dither_sign_pack_chunk`."""
+    :func:`~gradzip._numba.fwht.quant32` (``quantize_`` measured 1.27 -> 0.89 ms at 6.5M
+    elements against 0/1 bytes packed by multiplies), the last partial group with
+    :func:`dither_sign_pack_chunk`."""
     lam16, exact = prescale(lam)
     whole = start + (stop - start) // 32 * 32
     for e in range(start, whole, 32):
