@@ -427,12 +427,39 @@ def test_rotate_quantize_matches_reference(d):
     # lam = 0: the plain signs of Phi x
     hadamard.rotate_quantize_(x, key, lambda sq, finite: 0.0, dkey, out)
     assert torch.equal(out, quantize_reference(hadamard.rotate_reference(x, key), 0.0, None))
-    # a scratch buffer of the caller's, aligned or not (pass 1 streams rows into an aligned one)
+    # a scratch buffer of the caller's, aligned or not, long enough or not (pass 1 streams
+    # rows into an aligned one of fused_scratch_numel elements)
     ref = quantize_reference(hadamard.rotate_reference(x, key), lam, dkey)
-    for skip in (0, 1, 8):
-        scratch = torch.empty(d + 8)[skip : skip + d]
+    size = hadamard.fused_scratch_numel(d)
+    assert d < size <= d * 1.02  # a cache line per row and column block
+    for skip, n in ((0, size), (1, size), (8, size), (0, d)):
+        scratch = torch.empty(size + 8)[skip : skip + n]
         hadamard.rotate_quantize_(x, key, lambda sq, finite: lam, dkey, out, scratch)
         assert torch.equal(out, ref)
+
+
+def test_fused_passes_with_several_chunks_per_column_block(monkeypatch):
+    """From 2**22 a column block of the fused passes' intermediate holds several of pass 2's
+    column chunks (at 2**24, eight): the encoder and both routes of the decoder still equal
+    the reference bit for bit there."""
+    from gradzip import bits
+    from gradzip._numba import fwht
+    from gradzip.compressors.onebit import quantize_reference
+
+    d = 1 << 22
+    L, R, C = fwht.grid(22, 4)
+    S, P = fwht.layout(22)
+    assert S > C and S % C == 0 and P > 0
+    g = _gen(d)
+    x = torch.randn(d, generator=g)
+    out = torch.empty(d // 8, dtype=torch.uint8)
+    lam = float(np.float32(0.7 * x.abs().max().item()))
+    hadamard.rotate_quantize_(x, 5, lambda sq, finite: lam, 6, out)
+    assert torch.equal(out, quantize_reference(hadamard.rotate_reference(x, 5), lam, 6))
+    ref = hadamard.unrotate_reference(bits.unpack_signs_reference(out, d, lam), 7)
+    for chunked_from in (16, 40):  # through scratch, in place
+        monkeypatch.setattr(hadamard, "CHUNKED_DECODE_FROM", chunked_from)
+        assert torch.equal(hadamard.unrotate_signs(out, d, lam, 7), ref)
 
 
 @pytest.mark.parametrize(
@@ -519,7 +546,7 @@ def test_rotate_quantize_takes_only_what_it_can_fuse():
 @pytest.mark.parametrize("chunked", [False, True])
 @pytest.mark.parametrize("n", [1 << 16, 1 << 17, 1 << 18, 1 << 20])
 def test_unrotate_signs_matches_reference(n, chunked, monkeypatch):
-    """Both routes of the fused decoder (in place below ``CHUNKED_DECODE_FROM``, chunk-major
+    """Both routes of the fused decoder (in place below ``CHUNKED_DECODE_FROM``, through scratch
     from there) equal the reference bit for bit."""
     from gradzip import bits
 

@@ -79,11 +79,11 @@ SERIAL_BELOW = 1 << 16
 #: pool: below it, dispatching the pieces costs more than numba's prange (measured here:
 #: 0.66 against 0.26 ms at 2**20, 2.3 against 1.5 ms at 2**22, equal at 2**24).
 POOLED_FROM = 23
-#: log2 of the smallest length the fused decoder takes chunk-major (pass 1 streams its rows
-#: into scratch, pass 2 reads contiguous chunks and streams them into the output). Below,
-#: the data stays in L3 and working in place is faster (measured, in place against
-#: chunk-major: 0.56 / 0.75 ms at 2**20, 1.70 / 2.30 at 2**22, 3.73 / 4.15 at 2**23, but
-#: 9.20 / 8.39 at 2**24).
+#: log2 of the smallest length the fused decoder takes through scratch (pass 1 streams its
+#: rows into it in column blocks, pass 2 reads column chunks and streams them into the
+#: output). Below, the data stays in L3 and working in place is faster (measured, in place
+#: against through scratch: 1.98 / 2.37 ms at 2**22, 4.14 / 4.67 at 2**23, but 9.35 / 8.80
+#: at 2**24).
 CHUNKED_DECODE_FROM = 24
 
 
@@ -485,9 +485,10 @@ def rotate_quantize_(
     Compared with ``stats``, ``rotate`` and ``quantize_`` in a row it saves three passes
     over memory: the norm is taken in pass 1 of the rotation on rows already in L2, and
     pass 2 quantizes each column chunk as it finishes it, so the rotated vector is never
-    written back (see :func:`gradzip._numba.fwht.cols_quantize`). ``scratch`` (float32, at
-    least ``len(x)`` elements; a reused per-thread buffer by default) holds pass 1's result
-    (chunk-major, see :mod:`gradzip._numba.fwht`).
+    written back (see :func:`gradzip._numba.fwht.cols_quantize`). ``scratch`` holds pass
+    1's result (in column blocks with padded rows, see :mod:`gradzip._numba.fwht`): a
+    float32 tensor of at least :func:`fused_scratch_numel` ``(len(x))`` elements, 32-byte
+    aligned; otherwise (and by default) a reused per-thread buffer is used.
     ``x`` must satisfy :func:`can_rotate_quantize`.
     """
     if not can_rotate_quantize(x):
@@ -495,22 +496,21 @@ def rotate_quantize_(
     d = x.numel()
     if out.dtype != torch.uint8 or out.numel() != d // 8 or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous uint8 tensor of {d // 8} bytes")
-    if scratch is None or scratch.data_ptr() % 32:  # pass 1 streams rows into it
-        scratch = _alloc.scratch(d)
     k = _kernel()
     m = d.bit_length() - 1
+    size = fused_scratch_numel(d)
+    if scratch is None or scratch.numel() < size or scratch.data_ptr() % 32:
+        scratch = _alloc.scratch(size)  # pass 1 streams rows into it
     L, R, C = k.grid(m, 4)
     k0, k1 = _split_key(key)
     a = x.detach().numpy()
-    y = scratch.detach().view(-1)[:d].numpy()
+    y = scratch.detach().view(-1)[:size].numpy()
     sq = np.empty(R, np.float64)
-    scale = np.float32(1.0 / math.sqrt(d))
-    tab = _table(torch.float32)
     stab = _scaled_table(m)
-    rows, bufs = _row_buffers(L, np.float32), _chunk_buffers(R, C)
+    rows, bufs = _row_buffers(2 * L, np.float32), _chunk_buffers(R, C)
 
     def pass1(w: int, i: int, j: int) -> None:
-        k.rotate_stats(a, y, rows[w], m, k0, k1, scale, tab, stab, sq, i, j)
+        k.rotate_stats(a, y, rows[w], m, k0, k1, stab, sq, i, j)
 
     _run_pieces(d, _piece(d, L), pass1)
     total = float(sq.sum())
@@ -524,6 +524,13 @@ def rotate_quantize_(
         lambda w, i, j: k.cols_quantize(y, m, lam32, d0, d1, o, bufs[w], i, j),
     )
     return lam
+
+
+def fused_scratch_numel(n: int) -> int:
+    """Elements of the intermediate of the fused encoder and decoder for a length ``n`` that
+    :func:`can_unrotate_signs` takes: ``n`` and one cache line of padding per row and
+    column block (1.6% at 2**21 and up)."""
+    return _kernel().scratch_size(n.bit_length() - 1)
 
 
 def can_unrotate_signs(n: int) -> bool:
@@ -541,7 +548,7 @@ def unrotate_signs(
     first pass of the inverse rotation builds its input from the bits in registers
     (:func:`gradzip._numba.fwht.unrotate_signs_rows`). ``lam`` is a float32 value; ``n``
     must satisfy :func:`can_unrotate_signs`; ``out`` (float32, ``n`` elements, contiguous)
-    receives the result. Pass 1 leaves its rows chunk-major in the thread's scratch buffer;
+    receives the result. Pass 1 leaves its rows in column blocks in the thread's scratch buffer;
     pass 2 finishes each column chunk in L2 and streams it into ``out`` with non-temporal
     stores (no line of ``out`` is read first; plain stores if ``out`` is not 32-byte
     aligned).
@@ -562,9 +569,9 @@ def unrotate_signs(
     o = out.detach().view(-1).numpy()
     tab = _table(torch.float32)
     bits = data.contiguous().numpy()
-    rows = _row_buffers(L, np.float32)
     chunked = m >= CHUNKED_DECODE_FROM
-    a = _alloc.scratch(n).numpy() if chunked else o
+    rows = _row_buffers(2 * L if chunked else 8 * (32 // 4), np.float32)
+    a = _alloc.scratch(fused_scratch_numel(n)).numpy() if chunked else o
     _run_pieces(
         n,
         _piece(n, L),

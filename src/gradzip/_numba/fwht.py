@@ -47,23 +47,31 @@ read Phi x). :func:`rotate_stats` and :func:`cols_quantize` do it in two:
 
 1. Pass 1 takes the sum of squares of x (float64; non-finite iff some x is) from the
    registers that load it for the first stages of the transform (``_hgroup_stats``): no
-   pass of its own. It stores its result column chunk by column chunk ("chunk-major"):
-   the part of row r in chunk q goes to ``q R C + r C``, so each chunk is one contiguous
-   block of ``4 R C`` bytes.
+   pass of its own. Each row is done in L2 and streamed out with non-temporal stores
+   spread over the next row's work, into column blocks (:func:`_layout`): the part of
+   row r in the block of columns ``Q S .. Q S + S`` goes to ``Q R T + r T``, with
+   ``T = S + P``, ``S`` = 1024 floats at 2**24 and a pad ``P`` of one cache line.
 2. The caller picks lambda from the norm (and refuses non-finite input) between the passes.
-3. Pass 2 reads each column chunk once, contiguously, into a per-thread buffer, finishes
-   its stages there and quantizes it from L2, eight elements to a vector compare whose
-   mask is the payload's byte (``_quant32``: dither hash, sign, packing in registers). The
-   chunk is never written back: the rotated vector is never stored, and no dirty line of
-   the intermediate goes back to memory. Read in place from row-major rows ``4 L`` bytes
-   apart (a multiple of the L2's set stride), a chunk's R rows would fall in the same few
-   cache sets and evict each other before use; chunk-major, pass 2 measured 7.2 -> 6.3 ms
-   at 2**24 (2 threads, interleaved A/B).
+3. Pass 2 reads each column chunk (``C <= S`` columns) once into a per-thread buffer,
+   finishes its stages there and quantizes it from L2, eight elements to a vector compare
+   whose mask is the payload's byte (``_quant32``: dither hash, sign, packing in
+   registers). The chunk is never written back: the rotated vector is never stored, and
+   no dirty line of the intermediate goes back to memory.
+
+The layout is a compromise between the passes, measured at 2**24 (2 threads, interleaved
+A/B). Plain row-major rows are ``4 L`` bytes apart, a multiple of the L2's set stride:
+a chunk's R rows fall in the same few cache sets and evict each other before pass 2 uses
+them (the pad staggers them). Chunk-major (``S = C``: each chunk contiguous) made pass 2
+7.2 -> 6.3 ms, but pass 1 then streams each row in runs of 512 bytes 256 KiB apart, and
+its stores did not overlap its compute, spread over the row or not; in runs of 4 KiB and
+spread over the next row's work they do: pass 1 5.34 -> 4.72 ms, pass 2 3.85 -> 4.01 ms
+(the chunk's rows are no longer one contiguous read). Streamed after each row instead of
+spread, the runs of 4 KiB gained nothing.
 
 The decoder's inverse rotation of ``lam * b`` builds its pass-1 input from the payload's
 bits in registers (:func:`unrotate_signs_rows`, ``_hgroup_bits``) instead of unpacking
-them into a float vector first: one pass over ``4 n`` bytes less in each direction. Its
-pass 1 also stores chunk-major (into a scratch buffer), and its pass 2
+them into a float vector first: one pass over ``4 n`` bytes less in each direction. From
+2**24 its pass 1 streams into a scratch buffer in the same layout, and its pass 2
 (:func:`cols_unrotate`) finishes each chunk in L2 and streams it to the output rows with
 non-temporal stores: measured 9.1 -> 8.7 ms for both passes at 2**24 against the rows in
 place in the output and an in-place column pass.
@@ -118,6 +126,7 @@ L1_BYTES = 1 << 14  # a block transformed entirely in L1 (half of a 32 KiB L1d)
 L2_BYTES = 1 << 17  # a pass-1 row (a quarter of a 512 KiB L2)
 CHUNK_BYTES = 1 << 18  # a pass-2 column chunk (room is left for the prefetched next one)
 MIN_CHUNKS = 8  # pass 2 keeps at least this many column chunks, for the threads
+SEGMENT_BYTES = 1 << 12  # the fused passes' intermediate: rows stored in runs of this
 LINE = 64  # cache line, bytes
 PREFETCH_LOCALITY = 2  # llvm.prefetch locality: 3 = t0 (L1), 2 = t1, 1 = t2, 0 = nta
 
@@ -907,58 +916,173 @@ def two_pass(m: int, itemsize: int) -> bool:
     return (1 << m) >= 8 * (32 // itemsize) and m > m1
 
 
-@numba.njit(nogil=True, cache=True)
-def rotate_stats(src, dst, row, m, key0, key1, scale, tab, stab, sq, start, stop):
-    """Pass 1 of the fused encoder (float32, ``n = 2**m``, ``fused_ok(n)``) on elements
-    ``start .. stop`` (whole rows of ``L``; one piece of the work, called from threads).
-
-    For each row ``r``: its pass 1 of the ROTATE transform, done in ``row`` (L floats, in
-    L2) and streamed out to ``dst`` chunk-major (the part in column chunk ``q`` to
-    ``dst[q R C + r C :]``, see the module docstring) with non-temporal stores (``dst``
-    32-byte aligned): plain stores would first read each line of ``dst`` from memory
-    (read-for-ownership), 64 MiB of traffic at 2**24 for nothing; streaming measured about
-    2 ms (13%) faster there. On the way, from the registers that load ``src``
-    (``_hgroup_stats``): ``sq[r]``, the float64 sum of squares of the row (non-finite iff
-    some value of the row is), :func:`gradzip._numba.quantize.stats32`'s value up to
-    summation order. A pass of its own over the row cost about 1 ms of 14 at 2**24.
-    ``stab = scaled_sign_table(scale)`` (the register groups' signs and scale in one
-    multiply); ``tab = sign_table(float32)``.
-    """
-    W = _lanes(dst)
+def layout(m: int) -> tuple[int, int]:
+    """``(S, P)``: the column blocks of the fused passes' intermediate for ``n = 2**m`` (see
+    :func:`_layout`)."""
     m1, m2 = _budgets(4)
-    mr, L, R, C = _grid(m, m1, m2, 8 * W, 4)
-    k0 = np.uint64(key0)
-    k1 = np.uint64(key1)
+    _, L, R, C = _grid(m, m1, m2, 32, 4)
+    return _layout(L, C)
+
+
+def scratch_size(m: int) -> int:
+    """Elements of the fused passes' intermediate for ``n = 2**m`` (``n`` and the padding
+    of :func:`_layout`)."""
+    m1, m2 = _budgets(4)
+    _, L, R, C = _grid(m, m1, m2, 32, 4)
+    S, P = _layout(L, C)
+    return (L // S) * R * (S + P)
+
+
+@numba.njit(inline="always", cache=True)
+def _layout(L, C):
+    """``(S, P)`` of the intermediate that pass 1 of the fused encoder and decoder writes
+    and pass 2 reads: the ``R x L`` matrix in column blocks of ``S`` columns (a multiple of
+    the chunk width ``C``), block ``Q`` at ``Q R (S + P)``, its row ``r`` at ``+ r (S + P)``.
+
+    Pass 1 streams each row out in runs of ``S`` floats (``SEGMENT_BYTES``; runs of one
+    chunk's 512 bytes, 256 KiB apart, made pass 1 about 0.6 ms slower at 2**24, see the
+    module docstring). Pass 2 reads a chunk from rows ``S + P`` apart; the pad of one cache
+    line staggers them over the L2's sets (``4 S`` bytes is a multiple of its set stride).
+    """
+    S = max(C, min(L, SEGMENT_BYTES // 4))
+    return S, LINE // 4
+
+
+@numba.njit(inline="always", cache=True)
+def _block_base(c0, R, S, P):
+    """Offset of column ``c0`` of row 0 in the layout of :func:`_layout`."""
+    return (c0 // S) * (R * (S + P)) + c0 % S
+
+
+@numba.njit(inline="always", cache=True)
+def _stream_groups(prev, dst, rp, R, S, P, s, t):
+    """Register groups ``s .. t`` of row ``rp`` (held in ``prev``) out to ``dst`` in the
+    layout of :func:`_layout`, with non-temporal stores; returns ``t``."""
+    G = 8 * _lanes(prev)
+    for k in range(s, t):
+        g = k * G
+        _stream8(prev, g, dst, _block_base(g, R, S, P) + rp * (S + P))
+    return t
+
+
+@numba.njit(inline="always", cache=True)
+def _sweeps_streaming(a, off, n, h, prev, dst, rp, R, S, P, s, ng, per):
+    """:func:`_sweeps` (no post-transform signs) that also streams ``per`` register groups
+    of the previous row (see :func:`_row_streaming`) after each group of butterflies;
+    returns the groups streamed so far."""
+    W = _lanes(a)
+    G = 8 * W
+    while h < n:
+        radix = 8 if 8 * h <= n else n // h
+        for b in range(off, off + n, radix * h):
+            for jg in range(b, b + h, G):
+                for j in range(jg, jg + G, W):
+                    if radix == 8:
+                        _bfly8(a, j, h)
+                    elif radix == 4:
+                        _bfly4(a, j, h)
+                    else:
+                        _bfly2(a, j, h)
+                if s < ng:
+                    s = _stream_groups(prev, dst, rp, R, S, P, s, min(ng, s + per))
+        h *= radix
+    return s
+
+
+@numba.njit(cache=True)
+def _row_streaming(src, data, r, row, rp, prev, dst, m, k0, k1, stab, sq, tab, c, enc):
+    """Pass 1 of the fused encoder or decoder on row ``r`` (in ``row``, in L2), while row
+    ``rp`` (in ``prev``; none if ``rp < 0``) goes out to ``dst`` (:func:`_layout`).
+
+    The encoder (``enc``) reads ``src`` and adds the squares to ``sq[0:8]``
+    (``_hgroup_stats``); the decoder builds its input from the packed bits ``data``
+    (``_hgroup_bits``). The other's arguments are unused.
+
+    The ``4 L`` bytes of non-temporal stores are spread over the row's work: a register
+    group every other input group, one per group of butterflies in L1, two in L2. Streamed
+    after the row, they stall the core until they drain (see the module docstring).
+    """
+    W = _lanes(row)
+    G = 8 * W
+    m1, m2 = _budgets(4)
+    mr, L, R, C = _grid(m, m1, m2, G, 4)
+    S, P = _layout(L, C)
+    nb = 1 << m1
+    ng = L // G
+    i = r * L
+    s = ng if rp < 0 else 0
+    per_line = LINE // 4
+    for q in range(0, L, nb):
+        for g in range(q, q + nb, G):
+            if enc:
+                for p in range(i + g + nb, i + g + nb + G, per_line):
+                    _prefetch(src, p)
+                _hgroup_stats(src, i + g, row, g, _group_bits(i + g, G, k0, k1), stab, sq)
+            else:
+                _hgroup_bits(row, g, _load_u64(data, (i + g) // 8), tab, c)
+            if (g // G) % 2 == 1 and s < ng:
+                s = _stream_groups(prev, dst, rp, R, S, P, s, s + 1)
+        s = _sweeps_streaming(row, q, nb, G, prev, dst, rp, R, S, P, s, ng, 1)
+    s = _sweeps_streaming(row, 0, L, nb, prev, dst, rp, R, S, P, s, ng, 2)
+    _stream_groups(prev, dst, rp, R, S, P, s, ng)
+
+
+@numba.njit(cache=True)
+def _rows_streaming(src, data, dst, rows2, m, k0, k1, stab, sq, tab, c, enc, start, stop):
+    """:func:`_row_streaming` on the rows of elements ``start .. stop``, alternating between
+    the halves of ``rows2`` (2 L floats); the last row is streamed after its compute. The
+    encoder's sums of squares go to ``sq[r]``."""
+    m1, m2 = _budgets(4)
+    mr, L, R, C = _grid(m, m1, m2, 8 * _lanes(rows2), 4)
+    S, P = _layout(L, C)
+    r0 = start // L
+    r1 = (stop + L - 1) // L
     part = np.empty(8, np.float64)
-    for r in range(start // L, (stop + L - 1) // L):
+    for r in range(r0, r1):
+        row = rows2[(r % 2) * L : (r % 2) * L + L]
+        prev = rows2[((r + 1) % 2) * L : ((r + 1) % 2) * L + L]
+        rp = r - 1 if r > r0 else -1
         part[:] = 0.0
-        i = r * L
-        _row(src, i, row, 0, mr, m1, ROTATE, False, k0, k1, i, scale, tab, part, stab)
-        _stream_chunk_major(row, dst, r, L, R, C)
-        sq[r] = part.sum()
+        _row_streaming(src, data, r, row, rp, prev, dst, m, k0, k1, stab, part, tab, c, enc)
+        if enc:
+            sq[r] = part.sum()
+    if r1 > r0:
+        last = ((r1 - 1) % 2) * L
+        _stream_groups(rows2[last : last + L], dst, r1 - 1, R, S, P, 0, L // (8 * _lanes(rows2)))
     _fence()
 
 
-@numba.njit(inline="always", cache=True)
-def _stream_chunk_major(row, dst, r, L, R, C):
-    """Row ``r`` (``L`` elements in ``row``) to ``dst`` chunk-major: its part in column
-    chunk ``q`` to ``dst[q R C + r C :]``, with non-temporal stores (``dst`` 32-byte
-    aligned; :func:`_fence` before other threads read it). ``C`` is a multiple of 8W."""
-    G = 8 * _lanes(row)
-    for g in range(0, L, G):
-        _stream8(row, g, dst, (g // C) * (R * C) + r * C + g % C)
+@numba.njit(nogil=True, cache=True)
+def rotate_stats(src, dst, rows2, m, key0, key1, stab, sq, start, stop):
+    """Pass 1 of the fused encoder (float32, ``n = 2**m``, ``fused_ok(n)``) on elements
+    ``start .. stop`` (whole rows of ``L``; one piece of the work, called from threads).
+
+    For each row ``r``: its pass 1 of the ROTATE transform, done in half of ``rows2`` (2 L
+    floats, in L2) and streamed out to ``dst`` (32-byte aligned, :func:`scratch_size`
+    elements) in the layout of :func:`_layout` with non-temporal stores, spread over the
+    next row's work (:func:`_row_streaming`): plain stores would first read each line of
+    ``dst`` from memory (read-for-ownership), 64 MiB of traffic at 2**24 for nothing.
+    On the way, from the registers that load ``src`` (``_hgroup_stats``): ``sq[r]``, the
+    float64 sum of squares of the row (non-finite iff some value of the row is),
+    :func:`gradzip._numba.quantize.stats32`'s value up to summation order. A pass of its
+    own over the row cost about 1 ms of 14 at 2**24. ``stab = scaled_sign_table(scale)``
+    (the signs and the ``1/sqrt(n)`` scale).
+    """
+    nothing = np.empty(0, np.uint8)  # the decoder's bits; stab stands in for its sign table
+    k0, k1 = np.uint64(key0), np.uint64(key1)
+    _rows_streaming(
+        src, nothing, dst, rows2, m, k0, k1, stab, sq, stab, np.float32(0), True, start, stop
+    )
 
 
 @numba.njit(inline="always", cache=True)
-def _chunk_sweeps(a, R, c0, C, buf):
-    """``buf`` (R x C) <- ``H_R`` across the rows of the column chunk ``c0 .. c0 + C`` of
-    the R-row matrix that ``a`` holds chunk-major (the chunk is ``a[c0 R : (c0 + C) R]``).
+def _chunk_sweeps(a, R, base, T, C, buf):
+    """``buf`` (R x C) <- ``H_R`` across the rows of a column chunk of the R-row matrix in
+    ``a``, its row ``r`` at ``a[base + r T : + C]`` (see :func:`_layout`).
 
     Like :func:`_cols`, but the first sweep reads the chunk from ``a`` and writes it to the
     thread's ``buf`` (in L2) and the other sweeps work in ``buf``: ``a`` is only read, so
-    no dirty cache line of the intermediate goes back to memory. Chunk-major, the chunk is
-    contiguous: read in place from rows ``4 L`` bytes apart (a multiple of the L2's set
-    stride), its R rows would fall in the same few cache sets and evict one another.
+    no dirty cache line of the intermediate goes back to memory.
     """
     W = _lanes(a)
     h = 1
@@ -968,14 +1092,14 @@ def _chunk_sweeps(a, R, c0, C, buf):
             for r in range(b, b + h):
                 j = r * C
                 if h == 1:
-                    i = c0 * R + j
+                    i = base + r * T
                     for c in range(0, C, W):
                         if radix == 8:
-                            _bfly8_to(a, i + c, C, buf, j + c, C)
+                            _bfly8_to(a, i + c, T, buf, j + c, C)
                         elif radix == 4:
-                            _bfly4_to(a, i + c, C, buf, j + c, C)
+                            _bfly4_to(a, i + c, T, buf, j + c, C)
                         else:
-                            _bfly2_to(a, i + c, C, buf, j + c, C)
+                            _bfly2_to(a, i + c, T, buf, j + c, C)
                 else:
                     for c in range(j, j + C, W):
                         if radix == 8:
@@ -988,26 +1112,27 @@ def _chunk_sweeps(a, R, c0, C, buf):
 
 
 @numba.njit(inline="always", cache=True)
-def _prefetch_next_chunk(a, R, c0, C, r):
-    """Hint: row ``r`` of the column chunk after ``c0`` of chunk-major ``a`` into cache.
-    Issued while a chunk is finished from L2, not during its first sweep (where these
-    loads compete with the chunk's own): pass 2 of the encoder measured 6.9 -> 5.6 ms at
-    2**24 on 2 threads for that, about 10 ms without any prefetch."""
-    i = (c0 + C) * R + r * C
+def _prefetch_row(a, i, C):
+    """Hint: ``a[i : i + C]`` into cache (a row of the next column chunk). Issued while a
+    chunk is finished from L2, not during its first sweep (where these loads compete with
+    the chunk's own): pass 2 of the encoder measured 6.9 -> 5.6 ms at 2**24 on 2 threads
+    for that, about 10 ms without any prefetch."""
     for p in range(i, i + C, LINE // 4):
         _prefetch(a, p)
 
 
 @numba.njit(inline="always", cache=True)
-def _quantize_chunk(a, buf, L, R, c0, C, lam, k0, k1, out):
+def _quantize_chunk(a, buf, L, R, c0, C, nxt, T, lam, k0, k1, out):
     """Row ``r`` of ``buf`` (R x C) holds elements ``r L + c0 ..``: ``out`` <- their bits
     ``y + lam * u < 0``, ``u = dither16`` (one hash per two elements, see
     :func:`gradzip.rng.dither16`), 32 elements at a time (:func:`_quant32`). ``C`` is a
-    multiple of 32. Meanwhile row ``r`` of the next chunk of ``a`` is prefetched."""
+    multiple of 32. Meanwhile row ``r`` of the next chunk (``a[nxt + r T:]``; none if
+    ``nxt < 0``) is prefetched."""
     gpr = C // 32
     lam16, exact = prescale(lam)
     for r in range(R):
-        _prefetch_next_chunk(a, R, c0, C, r)
+        if nxt >= 0:
+            _prefetch_row(a, nxt + r * T, C)
         count = U32(((r * L + c0) // 32) * 16)
         o = (r * L + c0) // 8
         for g in range(gpr):
@@ -1015,17 +1140,28 @@ def _quantize_chunk(a, buf, L, R, c0, C, lam, k0, k1, out):
             quant32(buf, e, cg, k0, k1, lam, lam16, exact, out, og)
 
 
+@numba.njit(inline="always", cache=True)
+def _chunk_at(q, L, R, C):
+    """``(c0, base, nxt, T)`` of column chunk ``q`` in the layout of :func:`_layout`: its
+    first column, the offsets of its row 0 and of the next chunk's (-1 after the last
+    chunk) and the row stride."""
+    S, P = _layout(L, C)
+    c0 = q * C
+    nxt = _block_base(c0 + C, R, S, P) if c0 + C < L else -1
+    return c0, _block_base(c0, R, S, P), nxt, S + P
+
+
 @numba.njit(nogil=True, cache=True)
 def cols_quantize(a, m, lam, key0, key1, out, buf, start, stop):
     """Pass 2 of the fused encoder: ``out`` <- the packed bits of ``Phi x + lam * u < 0``.
 
-    ``a`` holds pass 1's result (:func:`rotate_stats`, chunk-major) for ``n = 2**m``, ``u`` is
-    ``dither16`` of the key ``(key0, key1)`` and ``lam`` a float32. Each column chunk is
-    read once into ``buf`` (:func:`_chunk_sweeps`), finished there and quantized from L2:
-    the rotated vector is never stored. Does the column chunks
-    ``start // (n / nchunks) ..`` up to ``stop``'s (a kernel over ``n`` elements aligned to
-    ``n / nchunks``), with the chunk buffer ``buf`` (float32, at least ``R * C`` elements;
-    see :func:`grid`).
+    ``a`` holds pass 1's result (:func:`rotate_stats`, in the layout of :func:`_layout`)
+    for ``n = 2**m``, ``u`` is ``dither16`` of the key ``(key0, key1)`` and ``lam`` a
+    float32. Each column chunk is read once into ``buf`` (:func:`_chunk_sweeps`),
+    finished there and quantized from L2: the rotated vector is never stored. Does the
+    column chunks ``start // (n / nchunks) ..`` up to ``stop``'s (a kernel over ``n``
+    elements aligned to ``n / nchunks``), with the chunk buffer ``buf`` (float32, at least
+    ``R * C`` elements; see :func:`grid`).
     """
     W = _lanes(a)
     m1, m2 = _budgets(4)
@@ -1033,9 +1169,10 @@ def cols_quantize(a, m, lam, key0, key1, out, buf, start, stop):
     per = (1 << m) // (L // C)
     k0 = U32(key0)
     k1 = U32(key1)
-    for c in range(start // per, (stop + per - 1) // per):
-        _chunk_sweeps(a, R, c * C, C, buf)
-        _quantize_chunk(a, buf, L, R, c * C, C, lam, k0, k1, out)
+    for q in range(start // per, (stop + per - 1) // per):
+        c0, base, nxt, T = _chunk_at(q, L, R, C)
+        _chunk_sweeps(a, R, base, T, C, buf)
+        _quantize_chunk(a, buf, L, R, c0, C, nxt, T, lam, k0, k1, out)
 
 
 # ---------------------------------------------------------------------------------------
@@ -1044,7 +1181,7 @@ def cols_quantize(a, m, lam, key0, key1, out, buf, start, stop):
 
 
 @numba.njit(nogil=True, cache=True)
-def unrotate_signs_rows(data, dst, row, m, c, tab, chunked, start, stop):
+def unrotate_signs_rows(data, dst, rows2, m, c, tab, chunked, start, stop):
     """Pass 1 of the fused decoder (float32, ``n = 2**m``, ``fused_ok(n)``) on elements
     ``start .. stop`` (whole rows; one piece of the work, called from threads).
 
@@ -1052,11 +1189,20 @@ def unrotate_signs_rows(data, dst, row, m, c, tab, chunked, start, stop):
     packed bits ``data``), given ``c = fl(lam * scale)``: since ``fl(+-lam * scale) =
     +-c``, the scaled input of each register group is built from 8W bits in registers
     (:func:`_hgroup_bits`). The decoded vector is never unpacked into memory: pass 1 reads
-    ``n / 8`` bytes instead of ``4 n``. With ``chunked``, each row is done in ``row`` (L
-    floats, in L2) and streamed to ``dst`` chunk-major (32-byte aligned, see
-    :func:`_stream_chunk_major`) for :func:`cols_unrotate`; else it is done in place in
+    ``n / 8`` bytes instead of ``4 n``. With ``chunked``, each row is done in half of
+    ``rows2`` (2 L floats, in L2) and streamed to ``dst`` (32-byte aligned,
+    :func:`scratch_size` elements) in the layout of :func:`_layout` during the next row's
+    work (:func:`_row_streaming`), for :func:`cols_unrotate`; else it is done in place in
     ``dst`` (row-major) for :func:`cols_pass`.
     """
+    if chunked:
+        nothing = np.empty(0, np.float32)
+        sq = np.empty(0, np.float64)
+        stab = np.empty((0, 8), np.float32)
+        _rows_streaming(
+            nothing, data, dst, rows2, m, _ZERO, _ZERO, stab, sq, tab, c, False, start, stop
+        )
+        return
     W = _lanes(dst)
     G = 8 * W
     m1, m2 = _budgets(4)
@@ -1064,28 +1210,24 @@ def unrotate_signs_rows(data, dst, row, m, c, tab, chunked, start, stop):
     nb = 1 << m1
     for r in range(start // L, (stop + L - 1) // L):
         off = r * L
-        out, base = (row, 0) if chunked else (dst, off)
         for q in range(0, L, nb):
             for g in range(q, q + nb, G):
-                _hgroup_bits(out, base + g, _load_u64(data, (off + g) // 8), tab, c)
-            _sweeps(out, base + q, nb, G, False, _ZERO, _ZERO, 0, tab)
+                _hgroup_bits(dst, off + g, _load_u64(data, (off + g) // 8), tab, c)
+            _sweeps(dst, off + q, nb, G, False, _ZERO, _ZERO, 0, tab)
         if nb < L:
-            _sweeps(out, base, L, nb, False, _ZERO, _ZERO, 0, tab)
-        if chunked:
-            _stream_chunk_major(row, dst, r, L, R, C)
-    if chunked:
-        _fence()
+            _sweeps(dst, off, L, nb, False, _ZERO, _ZERO, 0, tab)
 
 
 @numba.njit(nogil=True, cache=True)
 def cols_unrotate(a, out, m, key0, key1, tab, buf, stream, start, stop):
     """Pass 2 of the fused decoder: ``out`` <- ``s * H_R`` across the rows of pass 1's
-    chunk-major result ``a`` (:func:`unrotate_signs_rows`), ``s`` the rotation's signs of
-    the key ``(key0, key1)``. Each column chunk is read once into ``buf``
-    (:func:`_chunk_sweeps`), finished there, multiplied by its signs and written to its
-    place in ``out`` (row-major): with non-temporal stores if ``stream`` (``out`` 32-byte
-    aligned; no line of ``out`` is read first), else plain ones. ``a`` is never written.
-    Does the column chunks that elements ``start .. stop`` select, as :func:`cols_quantize`.
+    result ``a`` (:func:`unrotate_signs_rows`, in the layout of :func:`_layout`), ``s`` the
+    rotation's signs of the key ``(key0, key1)``. Each column chunk is read once into
+    ``buf`` (:func:`_chunk_sweeps`), finished there, multiplied by its signs and written
+    to its place in ``out`` (row-major): with non-temporal stores if ``stream`` (``out``
+    32-byte aligned; no line of ``out`` is read first), else plain ones. ``a`` is never
+    written. Does the column chunks that elements ``start .. stop`` select, as
+    :func:`cols_quantize`.
     """
     W = _lanes(a)
     G = 8 * W
@@ -1095,10 +1237,11 @@ def cols_unrotate(a, out, m, key0, key1, tab, buf, stream, start, stop):
     k0 = np.uint64(key0)
     k1 = np.uint64(key1)
     for q in range(start // per, (stop + per - 1) // per):
-        c0 = q * C
-        _chunk_sweeps(a, R, c0, C, buf)
+        c0, base, nxt, T = _chunk_at(q, L, R, C)
+        _chunk_sweeps(a, R, base, T, C, buf)
         for r in range(R):
-            _prefetch_next_chunk(a, R, c0, C, r)
+            if nxt >= 0:
+                _prefetch_row(a, nxt + r * T, C)
             e = r * L + c0
             for g in range(0, C, G):
                 _signs(buf, r * C + g, _group_bits(e + g, G, k0, k1), tab)
