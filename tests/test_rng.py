@@ -35,13 +35,38 @@ def test_numba_matches_torch(n):
         assert np.array_equal(rng.dither16(k, n).numpy(), nrng.dither16(k, n))
 
 
+def _mix64(z: int) -> int:
+    """SplitMix64's output function, in Python integers."""
+    m = (1 << 64) - 1
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & m
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & m
+    return z ^ (z >> 31)
+
+
+def test_mix64_is_splitmix64():
+    # the published SplitMix64 stream of seed 1234567 (its state advances by GAMMA first)
+    m = (1 << 64) - 1
+    seq = [_mix64((1234567 + j * rng.GAMMA) & m) for j in (1, 2, 3)]
+    assert seq == [6457827717110365317, 3203168211198807973, 9817491932198370423]
+    z = [(rng.derive_key(9) + j * rng.GAMMA) & m for j in range(64)]
+    got = rng.mix64(torch.tensor([v - (1 << 64) if v >> 63 else v for v in z]))
+    assert [v & m for v in got.tolist()] == [_mix64(v) for v in z]
+
+
 def test_dither16_layout_and_grid():
-    """Group g of 32 values: the low then the high 16-bit halves of hashes 16 g .. 16 g + 15."""
+    """Group g of 32 values: the low then the high 16 bits of the 16 32-bit halves of
+    SplitMix64's words 8 g .. 8 g + 7 (recomputed here in Python integers)."""
     k = rng.derive_key(3, 1, 4, rng.STREAM_DITHER)
     n = 32 * 5 + 7
     u = rng.dither16(k, n)
-    h = rng.hash32(torch.arange(16 * 6), k)
-    t = torch.stack([h.reshape(6, 16) & 0xFFFF, h.reshape(6, 16) >> 16], dim=1).reshape(-1)[:n]
+    t = []
+    for g in range(6):
+        w = []
+        for j in range(8):
+            z = _mix64((k + (8 * g + j) * rng.GAMMA) & ((1 << 64) - 1))
+            w += [z & 0xFFFFFFFF, z >> 32]
+        t += [v & 0xFFFF for v in w] + [v >> 16 for v in w]
+    t = torch.tensor(t[:n])
     assert torch.equal(u, (2 * t + 1).float() / 65536 - 1)
     # exact grid of spacing 2**-15, symmetric about 0, inside (-1, 1)
     grid = (u.double() + 1) * 2**15
@@ -57,9 +82,12 @@ def test_dither16_moments_and_independence():
     assert abs(float(u.var()) - 1 / 3) < 6 * (1 / 45 / n) ** 0.5 * 2
     counts = torch.histc(u, bins=16, min=-1, max=1)
     assert float(((counts - n / 16) ** 2 / (n / 16)).sum()) < 37.7
-    # the two halves of one hash (elements j and j + 16 of a group) are uncorrelated
+    # the two halves of one 32-bit half-word (elements j and j + 16 of a group), and the
+    # two halves of one word (elements 2i and 2i + 1), are uncorrelated
     g = u.reshape(-1, 2, 16)
     assert abs(float((g[:, 0] * g[:, 1]).mean())) < 6 / 3 / (n / 2) ** 0.5
+    p = u.reshape(-1, 2)
+    assert abs(float((p[:, 0] * p[:, 1]).mean())) < 6 / 3 / (n / 2) ** 0.5
     assert abs(float((u[1:] * u[:-1]).mean())) < 6 / 3 / n**0.5
 
 

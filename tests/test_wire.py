@@ -55,6 +55,8 @@ def test_header_is_compact():
         (lambda r: r + b"\x00", "trailing"),
         (lambda r: b"XXXX" + r[4:], "magic"),
         (lambda r: restamp(bytearray(r[:4]) + b"\x09" + r[5:]), "version"),
+        # version 1 drew the one-bit dither from another stream: refused, not misdecoded
+        (lambda r: restamp(bytearray(r[:4]) + b"\x01" + r[5:]), "version 1 .*reads 2"),
         (lambda r: restamp(bytearray(r[:6]) + b"\x63" + r[7:]), "dtype"),
         (lambda r: restamp(bytearray(r[:7]) + b"\x09" + r[8:]), "ndim"),
         (lambda r: restamp(bytearray(r[:31]) + b"\x01" + r[32:]), "reserved"),

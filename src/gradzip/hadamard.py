@@ -302,10 +302,15 @@ def _prepare(
     return x2, out, out.detach().view(-1, d)
 
 
-def _split_key(key: int) -> tuple[int, int]:
+def _key64(key: int) -> int:
+    """``key``, checked to be a 64-bit key."""
     if isinstance(key, bool) or not isinstance(key, int | np.integer) or not 0 <= key <= rng.MASK64:
         raise ValueError(f"key must be an integer in [0, 2**64), got {key!r}")
-    key = int(key)
+    return int(key)
+
+
+def _split_key(key: int) -> tuple[int, int]:
+    key = _key64(key)
     return key & rng.MASK32, key >> 32
 
 
@@ -503,6 +508,7 @@ def rotate_quantize_(
         scratch = _alloc.scratch(size)  # pass 1 streams rows into it
     L, R, C = k.grid(m, 4)
     k0, k1 = _split_key(key)
+    dk = np.uint64(_key64(dither_key))
     a = x.detach().numpy()
     y = scratch.detach().view(-1)[:size].numpy()
     sq = np.empty(R, np.float64)
@@ -516,12 +522,11 @@ def rotate_quantize_(
     total = float(sq.sum())
     finite = math.isfinite(total)  # a float64 sum of float32 squares cannot overflow
     lam = scale_of(total, finite)
-    d0, d1 = _split_key(dither_key)
     lam32, o = np.float32(lam), out.numpy()
     _run_pieces(
         d,
         _piece(d, d // (L // C)),
-        lambda w, i, j: k.cols_quantize(y, m, lam32, d0, d1, o, bufs[w], i, j),
+        lambda w, i, j: k.cols_quantize(y, m, lam32, dk, o, bufs[w], i, j),
     )
     return lam
 

@@ -17,13 +17,17 @@ The generator (documented so other implementations can match it):
 4. ``symmetric_uniform(key, n)[i] = (2 * (hash32(i, key) >> 9) + 1) * 2**-23 - 1``: a
    float32 on an exact grid in (-1, 1), symmetric about 0, so its mean is exactly 0.
    ``uniform = (symmetric_uniform + 1) / 2`` lies in (0, 1) with mean exactly 1/2.
-5. ``dither16(key, n)``: the cheaper dither of the one-bit quantizers, two values per hash.
-   Elements go in groups of 32; in group ``g`` the 16 hashes ``h_j = hash32(16 g + j, key)``
-   (``j < 16``) give element ``32 g + j`` their low 16 bits and element ``32 g + 16 + j``
-   their high 16 bits, and a 16-bit ``t`` becomes ``(2 t + 1) * 2**-16 - 1``: a float32 on
-   an exact grid of spacing ``2**-15`` in (-1, 1), symmetric about 0, so its mean is
-   exactly 0. (This layout makes both halves of a vector of hashes land on contiguous
-   elements, so the kernels need no shuffles.)
+5. ``dither16(key, n)``: the cheaper dither of the one-bit quantizers, four values per
+   64-bit word. The words are SplitMix64's: ``z_j = mix64((key + j * GAMMA) mod 2**64)``
+   with ``GAMMA = 0x9E3779B97F4A7C15`` and ``mix64`` its output function (two
+   multiply-xorshift rounds, the finalizer of step 1). Elements go in groups of 32; group
+   ``g`` takes ``z_{8g} .. z_{8g+7}`` as 16 32-bit halves ``w_0 .. w_15`` (low half, then
+   high half, of each word in order): element ``32 g + j`` (``j < 16``) gets the low 16
+   bits of ``w_j``, element ``32 g + 16 + j`` its high 16 bits, and a 16-bit ``t`` becomes
+   ``(2 t + 1) * 2**-16 - 1``: a float32 on an exact grid of spacing ``2**-15`` in
+   (-1, 1), symmetric about 0, so its mean is exactly 0. (This layout puts both halves of
+   a vector of words on contiguous elements, so the kernels need no shuffles; with 64-bit
+   vector multiplies it costs half the hashing of two ``hash32`` values per 32 bits.)
 """
 
 from __future__ import annotations
@@ -110,6 +114,29 @@ def symmetric_uniform(key: int, n: int, device=None) -> torch.Tensor:
     return ((h >> 9) * 2 + 1).to(torch.float32) * 2.0**-23 - 1.0
 
 
+def _signed64(v: int) -> int:
+    """A 64-bit word as the int64 that holds it."""
+    return v - (1 << 64) if v >> 63 else v
+
+
+GAMMA = 0x9E3779B97F4A7C15
+_M1 = _signed64(0xBF58476D1CE4E5B9)
+_M2 = _signed64(0x94D049BB133111EB)
+
+
+def _lshr64(z: torch.Tensor, s: int) -> torch.Tensor:
+    """Logical right shift of int64-held 64-bit words (``>>`` on int64 is arithmetic)."""
+    return (z >> s) & ((1 << (64 - s)) - 1)
+
+
+def mix64(z: torch.Tensor) -> torch.Tensor:
+    """SplitMix64's output function on an int64 tensor of 64-bit words (products wrap
+    modulo 2**64, which is exactly uint64 arithmetic)."""
+    z = (z ^ _lshr64(z, 30)) * _M1
+    z = (z ^ _lshr64(z, 27)) * _M2
+    return z ^ _lshr64(z, 31)
+
+
 def dither16(key: int, n: int, device=None) -> torch.Tensor:
     """``n`` float32 values on the grid ``(2 t + 1) 2**-16 - 1``, ``t < 2**16`` (module doc, 5).
 
@@ -117,10 +144,11 @@ def dither16(key: int, n: int, device=None) -> torch.Tensor:
     probabilities rounded to multiples of ``2**-16``, i.e. a bias of at most ``2**-15 lam``
     per coordinate, far below its standard deviation (of the order of ``lam``).
     """
-    _check(key, n, 2)
+    _check(key, n, 4)
     groups = -(-n // 32)
-    h = hash32(_counters(16 * groups, device), key).reshape(groups, 1, 16)
-    t = torch.cat((h & 0xFFFF, h >> 16), dim=1).reshape(-1)[:n]
+    z = mix64(_signed64(key) + _counters(8 * groups, device) * _signed64(GAMMA))
+    w = torch.stack((z & MASK32, _lshr64(z, 32)), dim=1).reshape(groups, 1, 16)
+    t = torch.cat((w & 0xFFFF, w >> 16), dim=1).reshape(-1)[:n]
     return (t * 2 + 1).to(torch.float32) * 2.0**-16 - 1.0
 
 

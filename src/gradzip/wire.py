@@ -3,13 +3,16 @@
 A payload is one 1-D ``uint8`` tensor: a self-describing header followed by packed
 sections. Everything a receiver needs to decode it is in the header (codec, its
 parameters, dtype, shape, and the ``seed/step/worker`` that derive the shared randomness),
-so :func:`gradzip.decode` needs no compressor object.
+so :func:`gradzip.decode` needs no compressor object. The shared randomness is part of the
+format: the version changes with the streams of :mod:`gradzip.rng` (version 1 drew the
+one-bit quantizers' dither from ``hash32``; a subtractive payload of it would decode to
+wrong values here, so it is refused).
 
 Layout (little-endian)::
 
     offset  size     field
     0       4        magic b"GZPW"
-    4       1        format version (1)
+    4       1        format version (2)
     5       1        codec id (see gradzip.compressors.registry)
     6       1        dtype code of the decoded tensor (1 f32, 2 f16, 3 bf16, 4 f64)
     7       1        ndim (0..8)
@@ -44,7 +47,7 @@ import torch
 from . import _alloc
 
 MAGIC = b"GZPW"
-VERSION = 1
+VERSION = 2
 PREFIX = struct.Struct("<4sBBBBQQIHBBI")  # up to and including the CRC
 CRC_OFFSET = 32
 MAX_NDIM = 8

@@ -112,7 +112,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .bits import _load_u64
-from .rng import _LB1, _LB2, U32, hash32
+from .rng import _GAMMA, _M1, _M2, U64, dither16_word, hash32
 
 PLAIN, ROTATE, UNROTATE = 0, 1, 2
 
@@ -447,53 +447,48 @@ def _signs(typingctx, a, i, bits, tab):
     return types.void(a, i, bits, tab), codegen
 
 
-def _lowbias32_vec(b, x):
-    """:func:`gradzip._numba.rng._lowbias32` on a vector of uint32 lanes."""
+def _mix64_vec(b, z):
+    """:func:`gradzip._numba.rng.mix64` on a vector of uint64 lanes."""
 
     def c(v):
-        return ir.Constant(x.type, [v] * x.type.count)
+        return ir.Constant(z.type, [v - (1 << 64) if v >> 63 else v] * z.type.count)
 
-    x = b.xor(x, b.lshr(x, c(16)))
-    x = b.mul(x, c(int(_LB1)))
-    x = b.xor(x, b.lshr(x, c(15)))
-    x = b.mul(x, c(int(_LB2)))
-    return b.xor(x, b.lshr(x, c(16)))
+    z = b.mul(b.xor(z, b.lshr(z, c(30))), c(int(_M1)))
+    z = b.mul(b.xor(z, b.lshr(z, c(27))), c(int(_M2)))
+    return b.xor(z, b.lshr(z, c(31)))
 
 
 def _make_quant32(prescaled: bool):
     @intrinsic
-    def quant32(typingctx, y, e, c, k0, k1, lam, out, o):
+    def quant32(typingctx, y, e, z0, lam, out, o):
         ok = isinstance(y, types.Array) and y.dtype == types.float32 and lam == types.float32
         ok = ok and isinstance(out, types.Array) and out.dtype == types.uint8
-        if not (ok and _all_ints(e, c, k0, k1, o)):
+        if not (ok and _all_ints(e, z0, o)):
             return None
 
         def codegen(context, builder, sig, args):
             b = builder
             V = _Vec(context, b, sig.args[0])
             ity = V.ivty
-
-            def lanes(k):  # argument k as a vector of uint32
-                v = b.trunc(context.cast(b, args[k], sig.args[k], types.uint64), _I32)
-                return V.splat(v, ity)
+            v64 = ir.VectorType(_I64, 4)
+            base = V.splat(context.cast(b, args[2], sig.args[2], types.uint64), v64)
+            words = []
+            for g in range(2):  # mix64 of z0 + j GAMMA, j = 4g .. 4g + 3, as 8 halves
+                steps = [((4 * g + j) * int(_GAMMA)) % (1 << 64) for j in range(4)]
+                steps = ir.Constant(v64, [v - (1 << 64) if v >> 63 else v for v in steps])
+                words.append(b.bitcast(_mix64_vec(b, b.add(base, steps)), ity))
+            ydata = V.data(sig.args[0], args[0])
+            e0 = V.index(args[1], sig.args[1])
+            odata = context.make_array(sig.args[4])(context, b, args[4]).data
+            o0 = V.index(args[5], sig.args[5])
+            lam_v = V.splat(args[3])
 
             def ic(v):
                 return ir.Constant(ity, [v] * 8)
 
-            count, key0, key1 = lanes(2), lanes(3), lanes(4)
-            hashes = []
-            for g in range(2):  # hashes c + 8g .. c + 8g + 7
-                i = b.add(count, ir.Constant(ity, [8 * g + j for j in range(8)]))
-                h = _lowbias32_vec(b, b.add(i, key0))
-                hashes.append(_lowbias32_vec(b, b.xor(h, key1)))
-            ydata = V.data(sig.args[0], args[0])
-            e0 = V.index(args[1], sig.args[1])
-            odata = context.make_array(sig.args[6])(context, b, args[6]).data
-            o0 = V.index(args[7], sig.args[7])
-            lam_v = V.splat(args[5])
             for k in range(4):
-                h = hashes[k % 2]
-                t = b.and_(h, ic(0xFFFF)) if k < 2 else b.lshr(h, ic(16))
+                w = words[k % 2]
+                t = b.and_(w, ic(0xFFFF)) if k < 2 else b.lshr(w, ic(16))
                 s = b.sitofp(b.sub(ic(65535), b.add(t, t)), V.vty)  # -u 2**16, exact
                 if not prescaled:
                     s = b.fmul(s, V.const([2.0**-16] * 8))  # -u, exact
@@ -502,23 +497,26 @@ def _make_quant32(prescaled: bool):
                 b.store(byte, b.gep(odata, [b.add(o0, ir.Constant(_I64, k))]))
             return context.get_dummy_value()
 
-        return types.void(y, e, c, k0, k1, lam, out, o), codegen
+        return types.void(y, e, z0, lam, out, o), codegen
 
     return quant32
 
 
-# _quant32(y, e, c, k0, k1, lam, out, o): ``out[o : o + 4] <-`` the bits
-# ``y[e + p] + lam * u_p < 0`` of the 32 float32 values ``y[e : e + 32]`` (bit ``p % 8`` of
-# byte ``p // 8``), ``u`` one group of ``dither16``: the 16 hashes ``hash32(c + j, k0, k1)``,
-# their low halves for ``p < 16`` and their high halves for the rest, each ``t`` giving
-# ``u = (2 t + 1) 2**-16 - 1``. Bit for bit the reference's rounded ``fl(y + fl(lam u)) < 0``,
-# in fewer operations: a rounded sum is negative iff the exact one is (rounding keeps the
-# sign and never makes 0 of a nonzero sum of floats), so the bit is ``y < fl(lam (-u))``
-# (``-u`` is exact, and rounding is symmetric), no add; and ``-u 2**16 = 65535 - 2 t`` is an
-# integer, converted exactly. ``_quant32_prescaled`` takes ``lam 2**-16`` instead of ``lam``
-# and multiplies once: the same products when ``lam 2**-16`` is exact (:func:`prescale`).
-# Measured on a chunk in L2: 15.3 -> 11.9 us per 65536 elements. Each output byte is one
-# vector compare whose mask is the byte (``vmovmskps``). Call them through :func:`quant32`.
+# _quant32(y, e, z0, lam, out, o): ``out[o : o + 4] <-`` the bits ``y[e + p] + lam * u_p < 0``
+# of the 32 float32 values ``y[e : e + 32]`` (bit ``p % 8`` of byte ``p // 8``), ``u`` one
+# group of ``dither16``: the 8 words ``mix64(z0 + j GAMMA)`` (``z0 = key + 8 g GAMMA`` for
+# group g), as 16 32-bit halves, their low 16 bits for ``p < 16`` and their high 16 bits
+# for the rest, each ``t`` giving ``u = (2 t + 1) 2**-16 - 1``. Bit for bit the reference's
+# rounded ``fl(y + fl(lam u)) < 0``, in fewer operations: a rounded sum is negative iff the
+# exact one is (rounding keeps the sign and never makes 0 of a nonzero sum of floats), so
+# the bit is ``y < fl(lam (-u))`` (``-u`` is exact, and rounding is symmetric), no add; and
+# ``-u 2**16 = 65535 - 2 t`` is an integer, converted exactly. ``_quant32_prescaled`` takes
+# ``lam 2**-16`` instead of ``lam`` and multiplies once: the same products when
+# ``lam 2**-16`` is exact (:func:`prescale`). Measured on a chunk in L2: 15.3 -> 11.9 us per
+# 65536 elements for that; 14.2 -> 9.6 us for SplitMix64's words (two 64-bit multiplies
+# per 64 bits) instead of two ``hash32`` per 32 bits (four 32-bit multiplies per 32 bits).
+# Each output byte is one vector compare whose mask is the byte (``vmovmskps``). Call them
+# through :func:`quant32`.
 _quant32 = _make_quant32(False)
 _quant32_prescaled = _make_quant32(True)
 
@@ -533,14 +531,15 @@ def prescale(lam):
 
 
 @numba.njit(inline="always", cache=True)
-def quant32(y, e, c, k0, k1, lam, lam16, exact, out, o):
+def quant32(y, e, z0, lam, lam16, exact, out, o):
     """``out[o : o + 4] <-`` the bits ``y[e + p] + lam * u_p < 0``, ``p < 32``, ``u`` the
-    group of ``dither16`` whose first hash is ``c`` (``k0, k1`` uint32; ``y`` contiguous
-    float32); ``lam16, exact = prescale(lam)``. See ``_quant32`` above."""
+    group of ``dither16`` whose first word is ``mix64(z0)`` (``z0 = dither16_word(key,
+    8 g)`` for group g; ``y`` contiguous float32); ``lam16, exact = prescale(lam)``. See
+    ``_quant32`` above."""
     if exact:
-        _quant32_prescaled(y, e, c, k0, k1, lam16, out, o)
+        _quant32_prescaled(y, e, z0, lam16, out, o)
     else:
-        _quant32(y, e, c, k0, k1, lam, out, o)
+        _quant32(y, e, z0, lam, out, o)
 
 
 @intrinsic
@@ -1122,22 +1121,23 @@ def _prefetch_row(a, i, C):
 
 
 @numba.njit(inline="always", cache=True)
-def _quantize_chunk(a, buf, L, R, c0, C, nxt, T, lam, k0, k1, out):
+def _quantize_chunk(a, buf, L, R, c0, C, nxt, T, lam, key, out):
     """Row ``r`` of ``buf`` (R x C) holds elements ``r L + c0 ..``: ``out`` <- their bits
-    ``y + lam * u < 0``, ``u = dither16`` (one hash per two elements, see
-    :func:`gradzip.rng.dither16`), 32 elements at a time (:func:`_quant32`). ``C`` is a
-    multiple of 32. Meanwhile row ``r`` of the next chunk (``a[nxt + r T:]``; none if
+    ``y + lam * u < 0``, ``u = dither16`` of ``key`` (uint64; four values per 64-bit word,
+    see :func:`gradzip.rng.dither16`), 32 elements at a time (:func:`_quant32`). ``C`` is
+    a multiple of 32. Meanwhile row ``r`` of the next chunk (``a[nxt + r T:]``; none if
     ``nxt < 0``) is prefetched."""
     gpr = C // 32
     lam16, exact = prescale(lam)
+    step = U64(U64(8) * _GAMMA)  # from one group's first word to the next's
     for r in range(R):
         if nxt >= 0:
             _prefetch_row(a, nxt + r * T, C)
-        count = U32(((r * L + c0) // 32) * 16)
+        z0 = dither16_word(key, (r * L + c0) // 4)
         o = (r * L + c0) // 8
         for g in range(gpr):
-            e, cg, og = (r * gpr + g) * 32, U32(count + U32(16 * g)), o + 4 * g
-            quant32(buf, e, cg, k0, k1, lam, lam16, exact, out, og)
+            quant32(buf, (r * gpr + g) * 32, z0, lam, lam16, exact, out, o + 4 * g)
+            z0 = U64(z0 + step)
 
 
 @numba.njit(inline="always", cache=True)
@@ -1152,11 +1152,11 @@ def _chunk_at(q, L, R, C):
 
 
 @numba.njit(nogil=True, cache=True)
-def cols_quantize(a, m, lam, key0, key1, out, buf, start, stop):
+def cols_quantize(a, m, lam, key, out, buf, start, stop):
     """Pass 2 of the fused encoder: ``out`` <- the packed bits of ``Phi x + lam * u < 0``.
 
     ``a`` holds pass 1's result (:func:`rotate_stats`, in the layout of :func:`_layout`)
-    for ``n = 2**m``, ``u`` is ``dither16`` of the key ``(key0, key1)`` and ``lam`` a
+    for ``n = 2**m``, ``u`` is ``dither16`` of the key ``key`` (uint64) and ``lam`` a
     float32. Each column chunk is read once into ``buf`` (:func:`_chunk_sweeps`),
     finished there and quantized from L2: the rotated vector is never stored. Does the
     column chunks ``start // (n / nchunks) ..`` up to ``stop``'s (a kernel over ``n``
@@ -1167,12 +1167,10 @@ def cols_quantize(a, m, lam, key0, key1, out, buf, start, stop):
     m1, m2 = _budgets(4)
     mr, L, R, C = _grid(m, m1, m2, 8 * W, 4)
     per = (1 << m) // (L // C)
-    k0 = U32(key0)
-    k1 = U32(key1)
     for q in range(start // per, (stop + per - 1) // per):
         c0, base, nxt, T = _chunk_at(q, L, R, C)
         _chunk_sweeps(a, R, base, T, C, buf)
-        _quantize_chunk(a, buf, L, R, c0, C, nxt, T, lam, k0, k1, out)
+        _quantize_chunk(a, buf, L, R, c0, C, nxt, T, lam, U64(key), out)
 
 
 # ---------------------------------------------------------------------------------------

@@ -1,12 +1,12 @@
 """Fused CPU kernels of the one-bit quantizers (references in gradzip.compressors.onebit).
 
 Bit convention (as in :mod:`gradzip.bits`): bit ``j`` of byte ``i`` (LSB first) is 1 iff
-element ``8*i + j`` is negative. Dither ``u_i = dither16(key)[i]`` in (-1, 1): two values per
-32-bit hash (see :func:`gradzip.rng.dither16`; resolution ``2**-15``), which halves the hashing
+element ``8*i + j`` is negative. Dither ``u_i = dither16(key)[i]`` in (-1, 1): four values per
+64-bit word (see :func:`gradzip.rng.dither16`; resolution ``2**-15``), which cuts the hashing
 that dominates these kernels.
 
 The dithered quantizer takes 32 elements at a time with the vector kernel of the fused
-encoder (:func:`gradzip._numba.fwht.quant32`: the hashes in vector lanes, each output byte
+encoder (:func:`gradzip._numba.fwht.quant32`: the words in vector lanes, each output byte
 one vector compare mask). The other kernels, and the quantizer's last partial group, work
 on chunks that fit in L1/L2: they first compute one 0/1 byte per element in a small scratch
 array (a loop LLVM vectorizes, hash included), then pack 8 such bytes into one with a
@@ -24,7 +24,7 @@ import numpy as np
 
 from .fwht import prescale, quant32
 from .parallel import run
-from .rng import U32, dither16_group
+from .rng import U32, U64, dither16_group, dither16_word
 
 CHUNK = 1 << 12  # elements per work item: a multiple of 64; scratch stays in L1
 _MAGIC = np.uint64(0x0102040810204080)
@@ -82,7 +82,7 @@ def _pack_chunk(tmp, m, out):
 
 
 @numba.njit(inline="always", cache=True)
-def dither_sign_pack_chunk(ys, e0, lam, k0, k1, out, u, tmp):
+def dither_sign_pack_chunk(ys, e0, lam, key, out, u, tmp):
     """``out[e0//8 :]`` <- the packed bits ``ys[i] + lam * u[e0 + i] < 0``, ``i < ys.size``.
 
     ``e0`` (the stream index of ``ys[0]``) is a multiple of 32 and ``ys.size <= u.size``;
@@ -91,14 +91,14 @@ def dither_sign_pack_chunk(ys, e0, lam, k0, k1, out, u, tmp):
     """
     g0 = e0 // 32
     for g in range((ys.size + 31) // 32):
-        dither16_group(g0 + g, k0, k1, u, 32 * g)
+        dither16_group(g0 + g, key, u, 32 * g)
     for i in range(ys.size):
         tmp[i] = ys[i] + lam * u[i] < np.float32(0)
     _pack_chunk(tmp, ys.size, out[e0 // 8 : (e0 + ys.size + 7) // 8])
 
 
 @numba.njit(nogil=True, cache=True)
-def _dither_sign_pack(y, lam, k0, k1, out, start, stop):
+def _dither_sign_pack(y, lam, key, out, start, stop):
     """Elements ``start .. stop`` (``start`` a multiple of 32): whole groups of 32 with
     :func:`~gradzip._numba.fwht.quant32` (``quantize_`` measured 1.27 -> 0.89 ms at 6.5M
     elements against 0/1 bytes packed by multiplies), the last partial group with
@@ -106,11 +106,11 @@ def _dither_sign_pack(y, lam, k0, k1, out, start, stop):
     lam16, exact = prescale(lam)
     whole = start + (stop - start) // 32 * 32
     for e in range(start, whole, 32):
-        quant32(y, e, U32((e // 32) * 16), k0, k1, lam, lam16, exact, out, e // 8)
+        quant32(y, e, dither16_word(key, e // 4), lam, lam16, exact, out, e // 8)
     if whole < stop:
         u = np.empty(32, np.float32)
         tmp = np.zeros(32, np.uint8)
-        dither_sign_pack_chunk(y[whole:stop], whole, lam, k0, k1, out, u, tmp)
+        dither_sign_pack_chunk(y[whole:stop], whole, lam, key, out, u, tmp)
 
 
 @numba.njit(nogil=True, cache=True)
@@ -124,14 +124,14 @@ def _sign_pack(y, out, start, stop):
 
 
 @numba.njit(nogil=True, cache=True)
-def _unpack_subtract_dither(data, lam, k0, k1, out, start, stop):
+def _unpack_subtract_dither(data, lam, key, out, start, stop):
     u = np.empty(CHUNK, np.float32)
     for base in range(start, stop, CHUNK):
         os = out[base : min(stop, base + CHUNK)]
         ds = data[base // 8 : (base + os.size + 7) // 8]
         g0 = base // 32
         for g in range((os.size + 31) // 32):
-            dither16_group(g0 + g, k0, k1, u, 32 * g)
+            dither16_group(g0 + g, key, u, 32 * g)
         for i in range(os.size):
             os[i] = -lam * u[i]
         for i in range(os.size):
@@ -139,10 +139,10 @@ def _unpack_subtract_dither(data, lam, k0, k1, out, start, stop):
             os[i] += lam * (np.float32(1.0) - np.float32(2.0) * np.float32(bit))
 
 
-def dither_sign_pack(y, lam, k0, k1, out) -> None:
+def dither_sign_pack(y, lam, key, out) -> None:
     """out packs the bits ``y[e] + lam * u[e] < 0`` (standard dither); float32 ``y``."""
     y = np.ascontiguousarray(y)  # the vector kernel reads y[e : e + 32] as 4 vectors
-    run(_dither_sign_pack, y.size, y, np.float32(lam), U32(k0), U32(k1), out, align=CHUNK)
+    run(_dither_sign_pack, y.size, y, np.float32(lam), U64(key), out, align=CHUNK)
 
 
 def sign_pack(y, out) -> None:
@@ -150,6 +150,6 @@ def sign_pack(y, out) -> None:
     run(_sign_pack, y.size, y, out, align=CHUNK)
 
 
-def unpack_subtract_dither(data, lam, k0, k1, out) -> None:
+def unpack_subtract_dither(data, lam, key, out) -> None:
     """out[e] = lam * (+1 or -1 by bit e) - lam * u[e] (subtractive dither decoding)."""
-    run(_unpack_subtract_dither, out.size, data, np.float32(lam), k0, k1, out, align=CHUNK)
+    run(_unpack_subtract_dither, out.size, data, np.float32(lam), U64(key), out, align=CHUNK)

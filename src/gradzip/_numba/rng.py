@@ -5,17 +5,22 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from ..rng import MASK32
+from ..rng import GAMMA, MASK32
 
 U32 = np.uint32
+U64 = np.uint64
 _LB1 = U32(0x7FEB352D)
 _LB2 = U32(0x846CA68B)
 _SCALE = np.float32(2.0**-23)
 _SCALE16 = np.float32(2.0**-16)
 _LOW16 = U32(0xFFFF)
+_GAMMA = U64(GAMMA)
+_M1 = U64(0xBF58476D1CE4E5B9)
+_M2 = U64(0x94D049BB133111EB)
 
-# All arithmetic is in uint32 (each result cast back), so LLVM vectorizes it with 32-bit
-# lanes (vpmulld): with 64-bit lanes the multiplies are emulated and 3x slower.
+# The 32-bit hash is in uint32 arithmetic (each result cast back), so LLVM vectorizes it
+# with 32-bit lanes (vpmulld); dither16's words are uint64 (vpmullq with AVX-512DQ, as
+# here; emulated, and about 3x slower, on CPUs without it).
 
 
 @numba.njit(inline="always", cache=True)
@@ -47,17 +52,30 @@ def dither16_of(t):
 
 
 @numba.njit(inline="always", cache=True)
-def dither16_group(g, k0, k1, u, j0):
-    """``u[j0 : j0 + 32]`` <- the 32 values of group ``g`` of :func:`gradzip.rng.dither16`.
+def mix64(z):
+    """SplitMix64's output function (:func:`gradzip.rng.mix64`) on a uint64."""
+    z = U64(U64(z ^ (z >> U64(30))) * _M1)
+    z = U64(U64(z ^ (z >> U64(27))) * _M2)
+    return U64(z ^ (z >> U64(31)))
 
-    The 16 hashes are computed once and split: low halves to the first 16 elements, high
-    halves to the next 16 (a loop LLVM vectorizes with no shuffles).
-    """
-    c = U32(U32(g) * U32(16))
-    for j in range(16):
-        h = hash32(U32(c + U32(j)), k0, k1)
-        u[j0 + j] = dither16_of(U32(h & _LOW16))
-        u[j0 + 16 + j] = dither16_of(U32(h >> U32(16)))
+
+@numba.njit(inline="always", cache=True)
+def dither16_word(key, j):
+    """``key + j GAMMA`` (mod 2**64): the input of ``mix64`` for word ``j`` of ``dither16``."""
+    return U64(U64(key) + U64(U64(j) * _GAMMA))
+
+
+@numba.njit(inline="always", cache=True)
+def dither16_group(g, key, u, j0):
+    """``u[j0 : j0 + 32]`` <- the 32 values of group ``g`` of :func:`gradzip.rng.dither16`
+    (``key`` uint64): the 8 words split into 16 halves, their low 16 bits to the first 16
+    elements, their high 16 bits to the next 16."""
+    for j in range(8):
+        z = mix64(dither16_word(key, U64(8 * g + j)))
+        for h in range(2):
+            w = U32(U64(z >> U64(32 * h)) & U64(MASK32))
+            u[j0 + 2 * j + h] = dither16_of(U32(w & _LOW16))
+            u[j0 + 16 + 2 * j + h] = dither16_of(U32(w >> U32(16)))
 
 
 def split_key(key: int) -> tuple[np.uint32, np.uint32]:
@@ -82,17 +100,17 @@ def _rademacher(n, k0, k1, out):
 
 
 @numba.njit(cache=True)
-def _dither16(n, k0, k1, out):
+def _dither16(n, key, out):
     tmp = np.empty(32, np.float32)
     for g in range((n + 31) // 32):
-        dither16_group(g, k0, k1, tmp, 0)
+        dither16_group(g, key, tmp, 0)
         for j in range(min(32, n - 32 * g)):
             out[32 * g + j] = tmp[j]
 
 
 def dither16(key: int, n: int) -> np.ndarray:
     out = np.empty(n, np.float32)
-    _dither16(n, *split_key(key), out)
+    _dither16(n, U64(key), out)
     return out
 
 

@@ -9,8 +9,8 @@ DESIGN.md sections 3.1-3.3. Encoding a gradient g of length d:
    flattened coordinate exceeds lambda, which flattening makes rare); ``fixed`` lambda
    given, and then nothing but the d bits is sent.
 3. Draw the dither xi = lambda u from the shared seed, u uniform on (-1, 1)^d at a
-   resolution of 2^-15 (``rng.dither16``: two dither values per 32-bit hash, which halves
-   the hashing that dominates the quantizer; the probabilities are then multiples of
+   resolution of 2^-15 (``rng.dither16``: four dither values per 64-bit SplitMix64 word,
+   which cuts the hashing that dominates the quantizer; the probabilities are then multiples of
    2^-16, a bias of at most 2^-15 lambda per coordinate, far below the standard deviation
    of about lambda), and send the bits b = sign(y + xi).
 4. The receiver forms lambda b (``standard`` dither: E = y, Var = lambda^2 - y^2 where
@@ -70,12 +70,11 @@ def quantize_(y: torch.Tensor, lam: float, key: int | None, out: torch.Tensor) -
     """Writes the packed bits of :func:`quantize_reference` into ``out`` (uint8, CPU)."""
     if y.device.type == "cpu" and y.dtype == torch.float32:
         from .._numba import quantize as k
-        from .._numba.rng import split_key
 
         if key is None:
             k.sign_pack(y.numpy(), out.numpy())
         else:
-            k.dither_sign_pack(y.numpy(), lam, *split_key(key), out.numpy())
+            k.dither_sign_pack(y.numpy(), lam, key, out.numpy())
     else:
         out.copy_(quantize_reference(y, lam, key).cpu())
 
@@ -93,10 +92,9 @@ def dequantize_reference(data, n, lam, key, device=None) -> torch.Tensor:
 def dequantize(data, n, lam, key, device=None) -> torch.Tensor:
     if (device is None or torch.device(device).type == "cpu") and key is not None:
         from .._numba.quantize import unpack_subtract_dither
-        from .._numba.rng import split_key
 
         out = _alloc.empty(n)
-        unpack_subtract_dither(data.numpy(), lam, *split_key(key), out.numpy())
+        unpack_subtract_dither(data.numpy(), lam, key, out.numpy())
         return out
     return dequantize_reference(data, n, lam, key, device)
 
