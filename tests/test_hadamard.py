@@ -575,13 +575,27 @@ def test_unrotate_signs_matches_reference(n, chunked, monkeypatch):
 
 
 def test_run_pieces_covers_everything_once_and_raises():
-    seen = []
-    hadamard._run_pieces(1000, 64, lambda w, i, j: seen.append((i, j)))
-    assert sorted(seen) == [(i, min(1000, i + 64)) for i in range(0, 1000, 64)]
-    assert hadamard._piece(1 << 24, 1 << 15) % (1 << 15) == 0
+    from gradzip._numba.parallel import threads
+
+    for n, unit in ((1000, 64), (1 << 24, 1 << 15), (1 << 24, 1 << 16), (64, 64), (5, 8)):
+        seen = []
+        hadamard._run_pieces(n, unit, lambda w, i, j, seen=seen: seen.append((i, j, w)))
+        seen.sort()
+        assert [(i, j) for i, j, _ in seen] == list(
+            zip([0] + [j for _, j, _ in seen[:-1]], [j for _, j, _ in seen], strict=True)
+        )
+        assert seen[0][0] == 0 and seen[-1][1] == n  # contiguous, exactly [0, n)
+        assert all(i % unit == 0 and (j % unit == 0 or j == n) for i, j, _ in seen)
+        assert {w for *_, w in seen} <= set(range(threads()))
+        sizes = [j - i for i, j, _ in seen]
+        # guided: sizes never grow, and the first takes a fixed share of the whole
+        assert sizes == sorted(sizes, reverse=True) or sizes[-1] < unit
+        if threads() > 1 and n // unit >= 64:
+            assert len(seen) <= 64 * threads()
+            assert sizes[0] == unit * -(-(n // unit) // (hadamard.SHARE * threads()))
 
     def boom(w, i, j):
-        if i == 128:
+        if i <= 128 < j:
             raise RuntimeError("piece failed")
 
     with pytest.raises(RuntimeError, match="piece failed"):
