@@ -137,6 +137,12 @@ def empty(n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     return torch.from_numpy(_take(nbytes)).view(dtype)
 
 
+def empty_bytes(n: int) -> np.ndarray:
+    """``n`` uninitialized bytes as a numpy array (large ones from the pool, like
+    :func:`empty`), for code that fills them through numpy before any tensor exists."""
+    return np.empty(n, np.uint8) if n < _LARGE else _take(n)
+
+
 _scratch = threading.local()
 
 
@@ -150,7 +156,21 @@ def scratch(n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     size = n * dtype.itemsize
     if size < _LARGE:
         return torch.empty(n, dtype=dtype)
+    return torch.from_numpy(_scratch_bytes(size)).view(dtype)
+
+
+def scratch_array(n: int, dtype=np.float32) -> np.ndarray:
+    """:func:`scratch` as a numpy array of exactly ``n`` elements (``ALIGN``-aligned), for
+    kernels that take numpy: no tensor is made (each torch call costs tens of microseconds
+    when a large pass has left the caches cold)."""
+    size = n * np.dtype(dtype).itemsize
+    if size < _LARGE:
+        return aligned_numpy(n, dtype)
+    return _scratch_bytes(size).view(dtype)
+
+
+def _scratch_bytes(size: int) -> np.ndarray:
     buf = getattr(_scratch, "buf", None)
-    if buf is None or buf.numel() < size:
-        buf = _scratch.buf = torch.from_numpy(aligned_numpy(size, np.uint8))
-    return buf[:size].view(dtype)
+    if buf is None or buf.size < size:
+        buf = _scratch.buf = aligned_numpy(size, np.uint8)
+    return buf[:size]

@@ -475,15 +475,16 @@ def rotate_quantize_(
     key: int,
     scale_of: Callable[[float, bool], float],
     dither_key: int,
-    out: torch.Tensor,
+    out: torch.Tensor | np.ndarray,
     scratch: torch.Tensor | None = None,
 ) -> float:
     """The dithered one-bit quantization of ``Phi x``, fused with the rotation; returns lambda.
 
-    ``out`` (uint8, ``len(x) / 8`` bytes) receives the packed bits ``Phi x + lam * u < 0``
-    with ``u = rng.dither16(dither_key, len(x))`` (bit ``j`` of byte ``i`` for element
-    ``8 i + j``), exactly the bits of ``quantize_reference(rotate_reference(x, key), lam,
-    dither_key)`` in :mod:`gradzip.compressors.onebit`. ``lam = scale_of(sq, finite)`` is
+    ``out`` (uint8, ``len(x) / 8`` bytes, a CPU tensor or a numpy array) receives the
+    packed bits ``Phi x + lam * u < 0`` with ``u = rng.dither16(dither_key, len(x))`` (bit
+    ``j`` of byte ``i`` for element ``8 i + j``), exactly the bits of
+    ``quantize_reference(rotate_reference(x, key), lam, dither_key)`` in
+    :mod:`gradzip.compressors.onebit`. ``lam = scale_of(sq, finite)`` is
     chosen between the two passes from ``sq = ||x||_2**2`` (float64; the rotation preserves
     it, so the ``norm`` scale rule needs nothing else) and ``finite`` (no NaN or inf in
     ``x``, exactly when ``sq`` is finite); ``scale_of`` raises to refuse the input, and then
@@ -501,18 +502,22 @@ def rotate_quantize_(
     if not can_rotate_quantize(x):
         raise ValueError("rotate_quantize_ needs a contiguous 1-D CPU float32 power-of-two x")
     d = x.numel()
-    if out.dtype != torch.uint8 or out.numel() != d // 8 or not out.is_contiguous():
-        raise ValueError(f"out must be a contiguous uint8 tensor of {d // 8} bytes")
+    o = out.numpy() if isinstance(out, torch.Tensor) and out.device.type == "cpu" else out
+    if not (isinstance(o, np.ndarray) and o.dtype == np.uint8 and o.shape == (d // 8,)):
+        raise ValueError(f"out must be a uint8 CPU tensor or array of {d // 8} bytes")
+    if not o.flags.c_contiguous:
+        raise ValueError("out must be contiguous")
     k = _kernel()
     m = d.bit_length() - 1
     size = fused_scratch_numel(d)
     if scratch is None or scratch.numel() < size or scratch.data_ptr() % 32:
-        scratch = _alloc.scratch(size)  # pass 1 streams rows into it
+        y = _alloc.scratch_array(size)  # pass 1 streams rows into it
+    else:
+        y = scratch.detach().view(-1)[:size].numpy()
     L, R, C = k.grid(m, 4)
     k0, k1 = _split_key(key)
     dk = np.uint64(_key64(dither_key))
     a = x.detach().numpy()
-    y = scratch.detach().view(-1)[:size].numpy()
     sq = np.empty(R, np.float64)
     stab = _scaled_table(m)
     rows, bufs = _row_buffers(2 * L, np.float32), _chunk_buffers(R, C)
@@ -524,7 +529,7 @@ def rotate_quantize_(
     total = float(sq.sum())
     finite = math.isfinite(total)  # a float64 sum of float32 squares cannot overflow
     lam = scale_of(total, finite)
-    lam32, o = np.float32(lam), out.numpy()
+    lam32 = np.float32(lam)
     _run_pieces(
         d,
         d // (L // C),
@@ -578,7 +583,7 @@ def unrotate_signs(
     bits = data.contiguous().numpy()
     chunked = m >= CHUNKED_DECODE_FROM
     rows = _row_buffers(2 * L if chunked else 8 * (32 // 4), np.float32)
-    a = _alloc.scratch(fused_scratch_numel(n)).numpy() if chunked else o
+    a = _alloc.scratch_array(fused_scratch_numel(n)) if chunked else o
     _run_pieces(
         n,
         L,

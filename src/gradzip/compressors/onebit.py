@@ -41,7 +41,7 @@ import torch
 
 from .. import _alloc, bits, hadamard, rng
 from ..wire import MAX_NUMEL, Payload, PayloadError
-from .base import Compressor, EncodeContext, NonFiniteError, pack_f32, read_f32
+from .base import Compressor, EncodeContext, NonFiniteError, read_f32
 
 SCALES = ("max", "norm", "fixed")
 DITHERS = ("standard", "subtractive")
@@ -216,7 +216,7 @@ class OneBit(Compressor):
         lam = _f32_up(lam)
         w = ctx.writer(self.section_lengths(ctx.d))
         if self.scale != "fixed":
-            w.sections[0].copy_(torch.frombuffer(bytearray(pack_f32(lam)), dtype=torch.uint8))
+            w.put_f32(0, lam)
         quantize_(y, lam, ctx.key(rng.STREAM_DITHER), w.sections[-1])
         return w.finish()
 
@@ -238,9 +238,9 @@ class OneBit(Compressor):
             return _f32_up(self.norm_scale(math.sqrt(sq), ctx.d))
 
         lam = hadamard.rotate_quantize_(
-            v, ctx.key(rng.STREAM_ROTATION), scale_of, ctx.key(rng.STREAM_DITHER), w.sections[-1]
+            v, ctx.key(rng.STREAM_ROTATION), scale_of, ctx.key(rng.STREAM_DITHER), w.arrays[-1]
         )
-        w.sections[0].copy_(torch.frombuffer(bytearray(pack_f32(lam)), dtype=torch.uint8))
+        w.put_f32(0, lam)
         return w.finish()
 
     def _decode(self, p: Payload, device) -> torch.Tensor:

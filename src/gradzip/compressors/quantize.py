@@ -64,7 +64,7 @@ import torch
 
 from .. import _alloc, bits, rng
 from ..wire import Payload, PayloadError
-from .base import Compressor, EncodeContext, pack_f32, read_f32
+from .base import Compressor, EncodeContext, read_f32
 
 F32_MAX = float(np.finfo(np.float32).max)
 MAX_QSGD_LEVELS = (1 << 15) - 1  # codes of at most 16 bits (the kernels)
@@ -118,10 +118,6 @@ def _check_range(name: str, ctx: EncodeContext, value: float, what: str) -> floa
     if not math.isfinite(v) or ctx.stats()[1] > F32_MAX:
         raise ValueError(f"{name}: {what} {value:.3g} exceeds the float32 range")
     return v
-
-
-def _write_scale(section: torch.Tensor, v: float) -> None:
-    section.numpy()[:] = np.frombuffer(pack_f32(v), np.uint8)
 
 
 def _cpu(device) -> bool:
@@ -239,7 +235,7 @@ class _Quantizer(Compressor):
         scalar = self._scalar(ctx) if self.n_scalars else 0.0
         w = ctx.writer(self.section_lengths(ctx.d))
         if self.n_scalars:
-            _write_scale(w.sections[0], scalar)
+            w.put_f32(0, scalar)
         key = ctx.key(rng.STREAM_ROUNDING)
         out = w.sections[-1]
         if fast and x.device.type == "cpu":

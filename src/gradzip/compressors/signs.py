@@ -21,7 +21,7 @@ import torch
 
 from .. import _alloc, bits, hadamard, rng
 from ..wire import Payload
-from .base import Compressor, EncodeContext, pack_f32, read_f32
+from .base import Compressor, EncodeContext, read_f32
 from .onebit import quantize_
 
 
@@ -29,7 +29,7 @@ def _write(ctx: EncodeContext, y: torch.Tensor, scale: float | None) -> Payload:
     n = bits.packed_size(ctx.d)
     w = ctx.writer([n] if scale is None else [4, n])
     if scale is not None:
-        w.sections[0].copy_(torch.frombuffer(bytearray(pack_f32(scale)), dtype=torch.uint8))
+        w.put_f32(0, scale)
     quantize_(y, 0.0, None, w.sections[-1])
     return w.finish()
 
