@@ -65,16 +65,19 @@ them (the pad staggers them). Chunk-major (``S = C``: each chunk contiguous) mad
 7.2 -> 6.3 ms, but pass 1 then streams each row in runs of 512 bytes 256 KiB apart, and
 its stores did not overlap its compute, spread over the row or not; in runs of 4 KiB and
 spread over the next row's work they do: pass 1 5.34 -> 4.72 ms, pass 2 3.85 -> 4.01 ms
-(the chunk's rows are no longer one contiguous read). Streamed after each row instead of
-spread, the runs of 4 KiB gained nothing.
+(the chunk's rows are no longer one contiguous read); then spread over the first two
+thirds of the row's work only (:func:`_row_streaming`), pass 1 4.9 -> 4.5 ms. Streamed
+after each row instead of spread, the runs of 4 KiB gained nothing. What is left of the
+stores still costs pass 1 about 0.7 ms (4.2 ms against 3.5 ms with no stores at all).
 
 The decoder's inverse rotation of ``lam * b`` builds its pass-1 input from the payload's
 bits in registers (:func:`unrotate_signs_rows`, ``_hgroup_bits``) instead of unpacking
 them into a float vector first: one pass over ``4 n`` bytes less in each direction. From
-2**24 its pass 1 streams into a scratch buffer in the same layout, and its pass 2
-(:func:`cols_unrotate`) finishes each chunk in L2 and streams it to the output rows with
-non-temporal stores: measured 9.1 -> 8.7 ms for both passes at 2**24 against the rows in
-place in the output and an in-place column pass.
+2**24 its pass 1 streams into a scratch buffer in the same layout (4.18 -> 3.92 ms against
+chunk-major, with stores streamed after each row), and its pass 2 (:func:`cols_unrotate`)
+finishes each chunk in L2 and streams it to the output rows with non-temporal stores:
+measured 9.1 -> 8.7 ms for both passes at 2**24 against the rows in place in the output
+and an in-place column pass.
 
 Both run their passes as plain ``nogil`` kernels on pieces of the work that the calling
 thread and the pool of :mod:`gradzip._numba.parallel` pull one after another
