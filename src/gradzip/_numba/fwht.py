@@ -294,6 +294,18 @@ _bfly4 = _make_bfly(4)
 _bfly2 = _make_bfly(2)
 
 
+@numba.njit(inline="always", cache=True)
+def _bfly(a, i, s, radix):
+    """``_bfly<radix>(a, i, s)``, radix 8, 4 or 2 (the last sweep of a transform may need
+    fewer than 3 stages)."""
+    if radix == 8:
+        _bfly8(a, i, s)
+    elif radix == 4:
+        _bfly4(a, i, s)
+    else:
+        _bfly2(a, i, s)
+
+
 def _make_bfly_to(radix: int):
     @intrinsic
     def bfly_to(typingctx, a, i, s, b, j, t):
@@ -707,12 +719,7 @@ def _sweeps(a, off, n, h, post, k0, k1, sbase, tab):
         for b in range(off, off + n, radix * h):
             for jg in range(b, b + h, G):
                 for j in range(jg, jg + G, W):
-                    if radix == 8:
-                        _bfly8(a, j, h)
-                    elif radix == 4:
-                        _bfly4(a, j, h)
-                    else:
-                        _bfly2(a, j, h)
+                    _bfly(a, j, h, radix)
                 if post and last:  # these radix groups are final
                     for k in range(radix):
                         e = jg + k * h
@@ -787,12 +794,7 @@ def _cols(a, off, L, R, c0, C, post, k0, k1, sbase, tab):
             for r in range(b, b + h):
                 i = off + r * L + c0
                 for c in range(i, i + C, W):
-                    if radix == 8:
-                        _bfly8(a, c, h * L)
-                    elif radix == 4:
-                        _bfly4(a, c, h * L)
-                    else:
-                        _bfly2(a, c, h * L)
+                    _bfly(a, c, h * L, radix)
                 if post and radix * h == R:
                     for k in range(radix):
                         rk = r + k * h
@@ -979,12 +981,7 @@ def _sweeps_streaming(a, off, n, h, prev, dst, rp, R, S, P, s, ng, per):
         for b in range(off, off + n, radix * h):
             for jg in range(b, b + h, G):
                 for j in range(jg, jg + G, W):
-                    if radix == 8:
-                        _bfly8(a, j, h)
-                    elif radix == 4:
-                        _bfly4(a, j, h)
-                    else:
-                        _bfly2(a, j, h)
+                    _bfly(a, j, h, radix)
                 if s < ng:
                     s = _stream_groups(prev, dst, rp, R, S, P, s, min(ng, s + per))
         h *= radix
@@ -1108,12 +1105,7 @@ def _chunk_sweeps(a, R, base, T, C, buf):
                             _bfly2_to(a, i + c, T, buf, j + c, C)
                 else:
                     for c in range(j, j + C, W):
-                        if radix == 8:
-                            _bfly8(buf, c, h * C)
-                        elif radix == 4:
-                            _bfly4(buf, c, h * C)
-                        else:
-                            _bfly2(buf, c, h * C)
+                        _bfly(buf, c, h * C, radix)
         h *= radix
 
 
