@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import threading
 
 import numba
 import numpy as np
@@ -594,9 +595,16 @@ def test_run_pieces_covers_everything_once_and_raises():
             assert len(seen) <= 64 * threads()
             assert sizes[0] == unit * -(-(n // unit) // (hadamard.SHARE * threads()))
 
+    # below POOLED_PIECES_FROM: one call, on the calling thread
+    seen = []
+    n = hadamard.POOLED_PIECES_FROM - 64
+    hadamard._run_pieces(n, 64, lambda w, i, j: seen.append((w, i, j, threading.get_ident())))
+    assert seen == [(0, 0, n, threading.get_ident())]
+
     def boom(w, i, j):
         if i <= 128 < j:
             raise RuntimeError("piece failed")
 
-    with pytest.raises(RuntimeError, match="piece failed"):
-        hadamard._run_pieces(1000, 64, boom)
+    for n in (1000, 1 << 24):  # alone and pooled
+        with pytest.raises(RuntimeError, match="piece failed"):
+            hadamard._run_pieces(n, 64, boom)
