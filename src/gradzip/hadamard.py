@@ -587,7 +587,7 @@ def unrotate_signs(
     tab = _table(torch.float32)
     bits = data.contiguous().numpy()
     chunked = m >= CHUNKED_DECODE_FROM
-    rows = _row_buffers(2 * L if chunked else 8 * (32 // 4), np.float32)
+    rows = _row_buffers(2 * L, np.float32)  # the encoder's: used by the chunked route
     a = _alloc.scratch_array(fused_scratch_numel(n)) if chunked else o
     _run_pieces(
         n,

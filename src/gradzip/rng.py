@@ -114,14 +114,14 @@ def symmetric_uniform(key: int, n: int, device=None) -> torch.Tensor:
     return ((h >> 9) * 2 + 1).to(torch.float32) * 2.0**-23 - 1.0
 
 
-def _signed64(v: int) -> int:
+def signed64(v: int) -> int:
     """A 64-bit word as the int64 that holds it."""
     return v - (1 << 64) if v >> 63 else v
 
 
 GAMMA = 0x9E3779B97F4A7C15
-_M1 = _signed64(0xBF58476D1CE4E5B9)
-_M2 = _signed64(0x94D049BB133111EB)
+_M1 = signed64(0xBF58476D1CE4E5B9)
+_M2 = signed64(0x94D049BB133111EB)
 
 
 def _lshr64(z: torch.Tensor, s: int) -> torch.Tensor:
@@ -146,7 +146,7 @@ def dither16(key: int, n: int, device=None) -> torch.Tensor:
     """
     _check(key, n, 4)
     groups = -(-n // 32)
-    z = mix64(_signed64(key) + _counters(8 * groups, device) * _signed64(GAMMA))
+    z = mix64(signed64(key) + _counters(8 * groups, device) * signed64(GAMMA))
     w = torch.stack((z & MASK32, _lshr64(z, 32)), dim=1).reshape(groups, 1, 16)
     t = torch.cat((w & 0xFFFF, w >> 16), dim=1).reshape(-1)[:n]
     return (t * 2 + 1).to(torch.float32) * 2.0**-16 - 1.0

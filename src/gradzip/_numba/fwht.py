@@ -114,6 +114,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from ..rng import GAMMA, signed64
 from .bits import _load_u64
 from .rng import _GAMMA, _M1, _M2, U64, dither16_word, hash32
 
@@ -339,6 +340,17 @@ _bfly4_to = _make_bfly_to(4)
 _bfly2_to = _make_bfly_to(2)
 
 
+@numba.njit(inline="always", cache=True)
+def _bfly_to(a, i, s, b, j, t, radix):
+    """``_bfly<radix>_to(a, i, s, b, j, t)``, radix 8, 4 or 2 (as :func:`_bfly`)."""
+    if radix == 8:
+        _bfly8_to(a, i, s, b, j, t)
+    elif radix == 4:
+        _bfly4_to(a, i, s, b, j, t)
+    else:
+        _bfly2_to(a, i, s, b, j, t)
+
+
 def _hgroup_codegen(signed: bool):
     def codegen(context, builder, sig, args):
         V, sdata, i0, ddata, j0 = _src_dst(context, builder, sig, args)
@@ -466,7 +478,7 @@ def _mix64_vec(b, z):
     """:func:`gradzip._numba.rng.mix64` on a vector of uint64 lanes."""
 
     def c(v):
-        return ir.Constant(z.type, [v - (1 << 64) if v >> 63 else v] * z.type.count)
+        return ir.Constant(z.type, [signed64(v)] * z.type.count)
 
     z = b.mul(b.xor(z, b.lshr(z, c(30))), c(int(_M1)))
     z = b.mul(b.xor(z, b.lshr(z, c(27))), c(int(_M2)))
@@ -489,8 +501,8 @@ def _make_quant32(prescaled: bool):
             base = V.splat(context.cast(b, args[2], sig.args[2], types.uint64), v64)
             words = []
             for g in range(2):  # mix64 of z0 + j GAMMA, j = 4g .. 4g + 3, as 8 halves
-                steps = [((4 * g + j) * int(_GAMMA)) % (1 << 64) for j in range(4)]
-                steps = ir.Constant(v64, [v - (1 << 64) if v >> 63 else v for v in steps])
+                steps = [signed64(((4 * g + j) * GAMMA) % (1 << 64)) for j in range(4)]
+                steps = ir.Constant(v64, steps)
                 words.append(b.bitcast(_mix64_vec(b, b.add(base, steps)), ity))
             ydata = V.data(sig.args[0], args[0])
             e0 = V.index(args[1], sig.args[1])
@@ -728,14 +740,12 @@ def _sweeps(a, off, n, h, post, k0, k1, sbase, tab):
 
 
 @numba.njit(cache=True)
-def _blocks(src, soff, dst, doff, n, nb, mode, post, k0, k1, sbase, scale, tab, sq=None, stab=None):
+def _blocks(src, soff, dst, doff, n, nb, mode, post, k0, k1, sbase, scale, tab):
     """``dst[doff : doff + n] <-`` the transform of each L1 block of ``nb`` elements.
 
     Per block: its lowest log2(8W) stages in registers as the input is read (with the sign
     flip and scale), while the same group of the next block is prefetched; then its other
-    stages while it is in L1 (and the post-transform signs if ``post``). With ``sq`` and
-    ``stab`` (ROTATE of float32 only; ``stab = scaled_sign_table(scale)``) the sum of
-    squares of the input too (``_hgroup_stats``).
+    stages while it is in L1 (and the post-transform signs if ``post``).
     """
     W = _lanes(dst)
     G = 8 * W
@@ -746,10 +756,7 @@ def _blocks(src, soff, dst, doff, n, nb, mode, post, k0, k1, sbase, scale, tab, 
                 _prefetch(src, p)
             if mode == ROTATE:
                 bits = _group_bits(sbase + g, G, k0, k1)
-                if sq is not None:  # pruned at compile time when not given
-                    _hgroup_stats(src, soff + g, dst, doff + g, bits, stab, sq)
-                else:
-                    _hgroup_signed(src, soff + g, dst, doff + g, bits, tab, scale)
+                _hgroup_signed(src, soff + g, dst, doff + g, bits, tab, scale)
             elif mode == UNROTATE:
                 _hgroup_signed(src, soff + g, dst, doff + g, _ZERO, tab, scale)
             else:
@@ -758,17 +765,15 @@ def _blocks(src, soff, dst, doff, n, nb, mode, post, k0, k1, sbase, scale, tab, 
 
 
 @numba.njit(cache=True)
-def _row(src, soff, dst, doff, m, m1, mode, post, k0, k1, sbase, scale, tab, sq=None, stab=None):
+def _row(src, soff, dst, doff, m, m1, mode, post, k0, k1, sbase, scale, tab):
     """``dst[doff : doff + n] <- H (pre(src[soff : soff + n]))``, n = 2**m, in place in dst.
 
     ``8W <= n`` and the row fits in L2; the work is blocked for L1. With ``post`` the
-    post-transform signs are applied too; with ``sq`` and ``stab``, see :func:`_blocks`.
+    post-transform signs are applied too.
     """
     n = 1 << m
     nb = 1 << min(m, m1)
-    _blocks(
-        src, soff, dst, doff, n, nb, mode, post and nb == n, k0, k1, sbase, scale, tab, sq, stab
-    )
+    _blocks(src, soff, dst, doff, n, nb, mode, post and nb == n, k0, k1, sbase, scale, tab)
     if nb < n:  # the stages between L1 blocks, on the whole row (in L2)
         _sweeps(dst, doff, n, nb, post, k0, k1, sbase, tab)
 
@@ -1097,12 +1102,7 @@ def _chunk_sweeps(a, R, base, T, C, buf):
                 if h == 1:
                     i = base + r * T
                     for c in range(0, C, W):
-                        if radix == 8:
-                            _bfly8_to(a, i + c, T, buf, j + c, C)
-                        elif radix == 4:
-                            _bfly4_to(a, i + c, T, buf, j + c, C)
-                        else:
-                            _bfly2_to(a, i + c, T, buf, j + c, C)
+                        _bfly_to(a, i + c, T, buf, j + c, C, radix)
                 else:
                     for c in range(j, j + C, W):
                         _bfly(buf, c, h * C, radix)

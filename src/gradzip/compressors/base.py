@@ -23,8 +23,6 @@ import torch
 from .. import rng
 from ..wire import DTYPE_CODES, MAX_NUMEL, PREFIX, Payload, PayloadError, PayloadWriter
 
-_F32 = struct.Struct("<f")
-
 
 class NonFiniteError(ValueError):
     """The input to ``encode`` holds NaN or inf (training uses it to detect divergence)."""
@@ -187,10 +185,6 @@ def _fmt(v) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
     return v.spec if isinstance(v, Compressor) else str(v)
-
-
-def pack_f32(*values: float) -> bytes:
-    return struct.pack(f"<{len(values)}f", *values)
 
 
 def read_f32(section: torch.Tensor, n: int, what: str) -> tuple[float, ...]:
