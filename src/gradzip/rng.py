@@ -37,6 +37,10 @@ import torch
 MASK32 = 0xFFFFFFFF
 MASK64 = 0xFFFFFFFFFFFFFFFF
 MAX_COUNTER = 1 << 32
+# SplitMix64: the state's step and the two multipliers of its output function (mix64)
+GAMMA = 0x9E3779B97F4A7C15
+MIX_M1 = 0xBF58476D1CE4E5B9
+MIX_M2 = 0x94D049BB133111EB
 
 # Stream identifiers: one per kind of shared randomness, so that streams never collide.
 STREAM_ROTATION = 1
@@ -49,9 +53,9 @@ _LB2 = 0x846CA68B
 
 
 def _splitmix64(z: int) -> int:
-    z = (z + 0x9E3779B97F4A7C15) & MASK64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK64
+    z = (z + GAMMA) & MASK64
+    z = ((z ^ (z >> 30)) * MIX_M1) & MASK64
+    z = ((z ^ (z >> 27)) * MIX_M2) & MASK64
     return z ^ (z >> 31)
 
 
@@ -119,9 +123,8 @@ def signed64(v: int) -> int:
     return v - (1 << 64) if v >> 63 else v
 
 
-GAMMA = 0x9E3779B97F4A7C15
-_M1 = signed64(0xBF58476D1CE4E5B9)
-_M2 = signed64(0x94D049BB133111EB)
+_M1 = signed64(MIX_M1)
+_M2 = signed64(MIX_M2)
 
 
 def _lshr64(z: torch.Tensor, s: int) -> torch.Tensor:

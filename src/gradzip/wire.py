@@ -280,11 +280,7 @@ class PayloadWriter:
     def sections(self) -> list[torch.Tensor]:
         """The sections as ``uint8`` tensor views (made on first use)."""
         if self._sections is None:
-            data, start = self.data, self.header.size
-            self._sections = []
-            for n in self.header.section_lengths:
-                self._sections.append(data[start : start + n])
-                start += n
+            self._sections = [torch.from_numpy(a) for a in self.arrays]
         return self._sections
 
     def put_f32(self, i: int, *values: float) -> None:

@@ -928,17 +928,15 @@ def two_pass(m: int, itemsize: int) -> bool:
 def layout(m: int) -> tuple[int, int]:
     """``(S, P)``: the column blocks of the fused passes' intermediate for ``n = 2**m`` (see
     :func:`_layout`)."""
-    m1, m2 = _budgets(4)
-    _, L, R, C = _grid(m, m1, m2, 32, 4)
+    L, _, C = grid(m, 4)
     return _layout(L, C)
 
 
 def scratch_size(m: int) -> int:
     """Elements of the fused passes' intermediate for ``n = 2**m`` (``n`` and the padding
     of :func:`_layout`)."""
-    m1, m2 = _budgets(4)
-    _, L, R, C = _grid(m, m1, m2, 32, 4)
-    S, P = _layout(L, C)
+    L, R, _ = grid(m, 4)
+    S, P = layout(m)
     return (L // S) * R * (S + P)
 
 

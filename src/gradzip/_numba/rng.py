@@ -5,7 +5,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from ..rng import GAMMA, MASK32
+from ..rng import GAMMA, MASK32, MIX_M1, MIX_M2
 
 U32 = np.uint32
 U64 = np.uint64
@@ -15,8 +15,8 @@ _SCALE = np.float32(2.0**-23)
 _SCALE16 = np.float32(2.0**-16)
 _LOW16 = U32(0xFFFF)
 _GAMMA = U64(GAMMA)
-_M1 = U64(0xBF58476D1CE4E5B9)
-_M2 = U64(0x94D049BB133111EB)
+_M1 = U64(MIX_M1)
+_M2 = U64(MIX_M2)
 
 # The 32-bit hash is in uint32 arithmetic (each result cast back), so LLVM vectorizes it
 # with 32-bit lanes (vpmulld); dither16's words are uint64: one vpmullq per multiply with

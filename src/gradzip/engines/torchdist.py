@@ -93,6 +93,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from .. import rng
 from ..feedback import FeedbackState
 from .core import Algorithm, ServerState, WorkerState
 from .simulated import StepStats
@@ -111,7 +112,6 @@ FAULT_ENV = "GRADZIP_TEST_FAULT"
 IDLE = timedelta(days=7)  # how long a worker waits for the next command
 SHORT = timedelta(seconds=10)  # stopping, at the end
 _MAX_MSG = 1 << 16
-_GOLDEN = 0x9E3779B97F4A7C15
 
 
 class WorkerError(RuntimeError):
@@ -157,7 +157,7 @@ def _describe(e: BaseException, where: str) -> str:
 
 def shard_seed(seed: int, j: int) -> int:
     """The seed of shard j's payloads (shard 0 keeps the run's seed)."""
-    return (seed + j * _GOLDEN) & 0xFFFFFFFFFFFFFFFF
+    return (seed + j * rng.GAMMA) & rng.MASK64
 
 
 def launched_by_torchrun() -> bool:
