@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 TORCH_HOOKS = ("none", "torch-fp16", "torch-powersgd")
+OPTIMIZERS = ("sgd", "adam", "adamw")
 
 
 class CNN(nn.Module):
@@ -61,9 +62,12 @@ def parse_args(argv=None):
                    "a gradzip method preset or compressor spec")  # fmt: skip
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch-size", type=int, default=32, help="per rank")
-    p.add_argument("--lr", type=float, default=0.05)
-    p.add_argument("--momentum", type=float, default=0.0,
-                   help="fosgd's noise needs 0 at this step size (0.9 diverges)")  # fmt: skip
+    p.add_argument("--optimizer", default="sgd", choices=OPTIMIZERS)
+    p.add_argument("--lr", type=float, default=None,
+                   help="step size (default: 0.05 for sgd, 1e-3 for adam and adamw)")  # fmt: skip
+    p.add_argument("--momentum", type=float, default=0.9, help="sgd's momentum")
+    p.add_argument("--nesterov", action="store_true", help="sgd: Nesterov momentum")
+    p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--width", type=int, default=2048, help="hidden units of the classifier")
     p.add_argument("--eval-every", type=int, default=50, help="steps (0: only at the end)")
     p.add_argument("--eval-size", type=int, default=10000, help="test images used")
@@ -80,7 +84,21 @@ def parse_args(argv=None):
     p.add_argument("--save", default="", help="checkpoint file written at the end (rank 0)")
     p.add_argument("--resume", default="", help="checkpoint to start from")
     p.add_argument("--json", default="", help="rank 0 writes its measurements here")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.lr is None:
+        args.lr = 0.05 if args.optimizer == "sgd" else 1e-3
+    return args
+
+
+def make_optimizer(params, args) -> torch.optim.Optimizer:
+    """The recipe: SGD with momentum (Nesterov or not), Adam or AdamW."""
+    if args.optimizer == "sgd":
+        return torch.optim.SGD(
+            params, lr=args.lr, momentum=args.momentum, nesterov=args.nesterov,
+            weight_decay=args.weight_decay,
+        )  # fmt: skip
+    cls = torch.optim.Adam if args.optimizer == "adam" else torch.optim.AdamW
+    return cls(params, lr=args.lr, weight_decay=args.weight_decay)
 
 
 def load_data(root: str):
@@ -155,7 +173,7 @@ def train(rank: int, world: int, args) -> dict:
         # ranks (a "collective mismatch" abort or a hang). One bucket avoids it.
         kw["bucket_cap_mb_list"] = [4096]
     model = DDP(CNN(args.width).to(device), device_ids=[device] if use_cuda else None, **kw)
-    opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum)
+    opt = make_optimizer(model.parameters(), args)
     state = attach_hook(model, args)
     start = 0
     if args.resume:
@@ -168,7 +186,7 @@ def train(rank: int, world: int, args) -> dict:
     nparams = sum(p.numel() for p in model.parameters())
     if rank == 0:
         print(f"[ddp] {world} ranks, {dist.get_backend()}, {nparams:,} parameters, "
-              f"--compress {args.compress}", flush=True)  # fmt: skip
+              f"--compress {args.compress}, {args.optimizer} lr {args.lr}", flush=True)  # fmt: skip
     times, timeline, train_time = [], [], 0.0
     reached = None
     for step in range(start, args.steps):

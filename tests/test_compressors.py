@@ -160,6 +160,13 @@ def test_casts_decode_misaligned_payloads(spec, dtype):
 VARIANTS = [
     "randk:unbiased=true",
     "onebit:dither=subtractive",
+    "onebit:rescale=mse",
+    "fosgd:scale=rms,c=0,rescale=mse",
+    "fosgd:scale=rms,c=1,rescale=mse",
+    "fosgd:scale=l1,c=1,rescale=mse",
+    "fosgd:scale=norm,c=1,rescale=mse",
+    "fosgd:scale=rms,c=0.5,rescale=unbiased",
+    "fosgd:scale=norm,c=1,rescale=none",
     "scaled(qsgd(levels=4))",
     "compose:topk(k=0.1)+natural_dithering(levels=8)",
 ]
@@ -214,6 +221,25 @@ def test_declared_contraction_holds(spec):
         )
 
 
+@pytest.mark.parametrize("spec", ALL + VARIANTS)
+def test_declared_exact_inner_product_holds(spec):
+    """Where declared: <C(x), x> = ||x||^2 draw by draw (float32 rounding aside), on a
+    Gaussian and on a sparse heavy-tailed vector."""
+    c = gz.compressor(spec)
+    if not c.exact_inner_product:
+        return
+    d = 256
+    g = torch.Generator().manual_seed(11)
+    sparse = torch.zeros(d)
+    sparse[torch.randperm(d, generator=g)[:8]] = torch.randn(8, generator=g) * 10
+    for x in (_x((d,), torch.float32, seed=7), sparse):
+        x64 = x.double()
+        n2 = float(x64 @ x64)
+        for seed in range(20):
+            y = c.decode(c.encode(x, seed=seed, step=1)).double()
+            assert float(y @ x64) == pytest.approx(n2, rel=1e-5), (spec, seed)
+
+
 def test_the_property_checks_can_fail():
     """A compressor that lies about omega or delta is caught by the checks above."""
     x = _x((256,), torch.float32, seed=5)
@@ -225,3 +251,8 @@ def test_the_property_checks_can_fail():
     y = t.decode(t.encode(x)).double()
     err = float((y - x.double()).square().sum() / x.double().square().sum())
     assert err > 1 - 1 / 1.05  # a claimed delta of 1.05 would fail
+    # the paper's fosgd (decode scale lambda) keeps the inner product only on average
+    f = gz.compressor("fosgd:scale=norm")
+    y = f.decode(f.encode(x, seed=1)).double()
+    n2 = float(x.double().square().sum())
+    assert abs(float(y @ x.double()) / n2 - 1) > 1e-3  # a claimed exact inner product fails

@@ -190,6 +190,44 @@ def test_fused_fosgd_encoder_matches_reference(d, monkeypatch):
         assert torch.equal(y, hadamard.unrotate_reference(z, key))
 
 
+@pytest.mark.parametrize(
+    "spec",
+    ["fosgd:scale=rms,c=0.5,rescale=unbiased", "fosgd:scale=rms,c=0,rescale=mse",
+     "fosgd:scale=norm,c=1,rescale=mse", "fosgd:scale=rms,c=1"],
+)  # fmt: skip
+@pytest.mark.parametrize("d", [1 << 16, 1 << 18, 1 << 20])
+def test_fused_rescaled_encoder_matches_reference(spec, d, monkeypatch):
+    """The fused encoder takes <b, y> in pass 2: its bits are the reference quantizer's at
+    lambda, its scale is the fit of the reference's <b, y> and ||y||^2, and the unfused path
+    gives the same payload up to the float32 rounding of the scale."""
+    c = gz.compressor(spec)
+    g = torch.Generator().manual_seed(d + 1)
+    spike = torch.zeros(d)
+    spike[int(torch.randint(d, (1,), generator=g))] = 2.0
+    for trial, x in enumerate((torch.randn(d, generator=g) * torch.rand(d, generator=g), spike)):
+        p = c.encode(x, seed=trial, step=1, worker=3)
+        h = p.header
+        key = rng.derive_key(h.seed, h.step, h.worker, rng.STREAM_ROTATION)
+        y = hadamard.rotate_reference(x, key)
+        lam = ob._f32_up(c.norm_scale(float(x.double().norm()), d))
+        dkey = rng.derive_key(h.seed, h.step, h.worker, rng.STREAM_DITHER)
+        want_bits = ob.quantize_reference(y, lam, dkey if lam > 0 else None)
+        assert torch.equal(p.section(1), want_bits)
+        (s,) = read_f32(p.section(0), 1, "scale")
+        if c.rescale == "none":
+            assert s == lam
+        else:
+            want = c._fitted(
+                ob.signed_sum_reference(y, want_bits), float(x.double() @ x.double()), d
+            )
+            assert s == pytest.approx(want, rel=2**-20)
+        with monkeypatch.context() as mp:
+            mp.setattr(hadamard, "can_rotate_quantize", lambda v: False)
+            q = c.encode(x, seed=trial, step=1, worker=3)
+        assert torch.equal(q.section(1), p.section(1))
+        assert read_f32(q.section(0), 1, "scale")[0] == pytest.approx(s, rel=2**-20)
+
+
 def test_fused_fosgd_rejects_non_finite_input_and_other_inputs_use_the_plain_path():
     d = 1 << 17
     for bad in (float("nan"), float("inf")):
@@ -247,3 +285,118 @@ def test_non_finite_input_is_a_non_finite_error_on_every_path():
         x[d // 3] = float("nan")
         with pytest.raises(NonFiniteError, match="non-finite"):
             gz.compressor("fosgd").encode(x)
+
+
+# --- the scale rules of issue 13: rms / l1 dither scales, decode-scale fitting ---------------
+
+
+@pytest.mark.parametrize("n", [1, 7, 8, 9, 63, 4096, 4097, (1 << 17) + 3])
+def test_signed_sum_kernel_matches_reference(n):
+    """<b, y> from packed bits: the numba kernel against the pure-torch reference."""
+    g = torch.Generator().manual_seed(n)
+    y = torch.randn(n, generator=g)
+    data = bits_mod.pack_bits(torch.rand(n, generator=g) < 0.3)
+    ref = ob.signed_sum_reference(y, data)
+    fast = ob.signed_sum(y, data)
+    assert fast == pytest.approx(ref, rel=1e-12, abs=1e-9)
+    if n >= 4096:  # the kernel really runs (not the fallback): float32 y, contiguous
+        assert ob.signed_sum(y[::2].contiguous(), bits_mod.pack_bits(y[::2] < 0)) == (
+            pytest.approx(float(y[::2].double().abs().sum()), rel=1e-12)
+        )
+
+
+@pytest.mark.parametrize(
+    "spec",
+    ["fosgd:scale=rms,c=0,rescale=mse", "fosgd:scale=rms,c=1,rescale=mse",
+     "fosgd:scale=l1,c=1,rescale=mse", "onebit:scale=max,rescale=mse",
+     "fosgd:scale=norm,c=1,rescale=mse"],
+)  # fmt: skip
+@pytest.mark.parametrize("d", [1, 3, 1000, 1 << 16])
+def test_mse_rescale_is_the_least_squares_fit(spec, d):
+    """rescale=mse decodes s b with s = <b, y> / d: then <C(x), x> = ||C(x)||^2 and
+    ||C(x) - x||^2 = ||x||^2 - ||C(x)||^2 < ||x||^2 (a projection), draw by draw."""
+    c = gz.compressor(spec)
+    x = torch.randn(d, generator=torch.Generator().manual_seed(d)) * torch.linspace(0.1, 3, d)
+    for seed in range(5):
+        y = c.decode(c.encode(x, seed=seed)).double()
+        x64 = x.double()
+        out2, ip, n2 = float(y @ y), float(y @ x64), float(x64 @ x64)
+        assert ip == pytest.approx(out2, rel=1e-5)
+        assert float((y - x64).square().sum()) == pytest.approx(n2 - out2, rel=1e-4, abs=1e-6)
+        # zero only when the dither left the bits uncorrelated with y (then nothing is sent)
+        assert out2 > 0 or (ip == 0 and "c=0," not in spec)
+    assert not c.unbiased and c.delta(d) is not None
+
+
+def test_unbiased_rescale_makes_the_inner_product_exact():
+    """rescale=unbiased: <C(x), x> = ||x||^2 for every draw; with c = 0 it is DRIVE."""
+    x = torch.randn(5000, generator=torch.Generator().manual_seed(3))
+    n2 = float(x.double().square().sum())
+    for spec in ("fosgd:scale=rms,c=0.5,rescale=unbiased", "fosgd:scale=rms,c=0,rescale=unbiased"):
+        c = gz.compressor(spec)
+        for seed in range(4):
+            y = c.decode(c.encode(x, seed=seed)).double()
+            assert float(y @ x.double()) == pytest.approx(n2, rel=1e-5)
+    drive = gz.compressor("drive")
+    c = gz.compressor("fosgd:scale=rms,c=0,rescale=unbiased")
+    a = drive.decode(drive.encode(x, seed=9, step=2, worker=1))
+    b = c.decode(c.encode(x, seed=9, step=2, worker=1))
+    torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
+
+
+def test_rms_and_l1_rules_send_their_lambda():
+    """rms: lambda = c ||x|| / sqrt(d); l1: lambda = c ||Phi x||_1 / d; both sent as float32
+    rounded up, and the bits are the dithered quantizer's at that lambda."""
+    d = 4099
+    x = torch.randn(d, generator=torch.Generator().manual_seed(4))
+    c = gz.compressor("fosgd:scale=rms,c=0.7")
+    p = c.encode(x, seed=1)
+    (lam,) = read_f32(p.section(0), 1, "scale")
+    want = 0.7 * float(x.double().norm()) / math.sqrt(d)
+    assert lam == ob._f32_up(want)
+    y = hadamard.rotate(x, rng.derive_key(1, 0, 0, rng.STREAM_ROTATION))
+    key = rng.derive_key(1, 0, 0, rng.STREAM_DITHER)
+    assert torch.equal(p.section(1), ob.quantize_reference(y, lam, key))
+    c = gz.compressor("fosgd:scale=l1,c=1.5")
+    (lam,) = read_f32(c.encode(x, seed=1).section(0), 1, "scale")
+    assert lam == pytest.approx(1.5 * float(y.double().abs().sum()) / d, rel=1e-6)
+
+
+def test_zero_dither_is_the_sign_of_the_rotated_vector():
+    x = torch.randn(3000, generator=torch.Generator().manual_seed(5))
+    p = gz.compressor("fosgd:scale=rms,c=0,rescale=mse").encode(x, seed=2)
+    y = hadamard.rotate(x, rng.derive_key(2, 0, 0, rng.STREAM_ROTATION))
+    assert torch.equal(p.section(1), bits_mod.pack_bits(y < 0))
+    (s,) = read_f32(p.section(0), 1, "scale")
+    assert s == pytest.approx(float(y.double().abs().sum()) / 3000, rel=1e-6)
+
+
+def test_rescale_parameters_are_validated_and_travel_in_the_header():
+    for bad, msg in [
+        ("fosgd:rescale=median", "rescale must be one of"),
+        ("onebit:scale=fixed,lam=1,rescale=mse", "scale=fixed sends none"),
+        ("fosgd:dither=subtractive,rescale=mse", "dither=standard only"),
+        ("fosgd:scale=rms,c=0", "positive number, got 0"),
+        ("fosgd:scale=norm,c=0,rescale=mse", "positive number, got 0"),
+        ("fosgd:scale=rms,c=-1,rescale=mse", "positive number or 0"),
+    ]:
+        with pytest.raises(ValueError, match=msg):
+            gz.compressor(bad)
+    c = gz.compressor("fosgd:scale=l1,c=0.25,rescale=unbiased")
+    assert ob.OneBit.from_params(c.to_params()) == c
+    raw = bytearray(c.to_params())
+    raw[3] = 7  # no such rescale
+    with pytest.raises(gz.PayloadError, match="rescale=7"):
+        ob.OneBit.from_params(bytes(raw))
+    # the byte was padding before rescale existed: 0 reads as rescale=none
+    assert ob.OneBit.from_params(gz.compressor("fosgd").to_params()).rescale == "none"
+
+
+def test_mse_rescale_declares_the_worst_case_delta_and_rotation_reaches_far_better():
+    """The declared worst case is d (a vector with one large coordinate); on a rotated
+    Gaussian-like vector the undithered sign's error is (1 - 2/pi)||x||^2 (delta ~ 1.57)."""
+    c = gz.compressor("fosgd:scale=rms,c=0,rescale=mse")
+    assert c.delta(1 << 20) == float(1 << 20)
+    assert gz.compressor("fosgd:scale=rms,c=2000,rescale=mse").delta(1 << 20) == 2000.0**2
+    x = torch.randn(1 << 14, generator=torch.Generator().manual_seed(6))
+    assert vnmse(c, x, range(8)) == pytest.approx(1 - 2 / math.pi, abs=0.01)

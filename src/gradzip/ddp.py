@@ -133,6 +133,9 @@ def _resolve(spec, uplink_rule, downlink, downlink_rule, layout) -> Config:
     cu, cd = compressor(up), compressor(down)  # the registry's error for a bad spec
     ur = _auto(cu) if ur == "auto" else ur
     dr = _auto(cd) if dr == "auto" else dr
+    feedback.check_feedback(ur, cu, "gradzip.ddp uplink")
+    if layout != "allgather":
+        feedback.check_feedback(dr, cd, "gradzip.ddp downlink")
     if layout == "allgather":
         down, dr = "identity", "none"  # nothing is sent down
     return Config(cu.spec, ur, cd.spec, dr, layout)
@@ -140,9 +143,10 @@ def _resolve(spec, uplink_rule, downlink, downlink_rule, layout) -> Config:
 
 def _auto(c) -> str:
     """``ef`` for a biased compressor that is contractive (class B3: error feedback needs
-    E||C(x) - x||^2 < ||x||^2, e.g. top-k, scaled sign), ``none`` otherwise (unbiased ones,
-    and biased ones whose error can exceed the input, such as fosgd's rare clipping or
-    plain sign, with which the memory would grow)."""
+    E||C(x) - x||^2 < ||x||^2, e.g. top-k, scaled sign, ``fosgd:rescale=mse``), ``none``
+    otherwise (unbiased ones, and biased ones whose error can exceed the input, such as
+    the paper's fosgd norm rule, gradzip's default fosgd or plain sign, with which the
+    memory would grow)."""
     return "ef" if not c.unbiased and c.delta(1 << 20) is not None else "none"
 
 

@@ -25,11 +25,42 @@ when both sides use ``ef``).
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
 
 RULES = ("none", "ef", "dq")
+
+
+class NonContractiveFeedbackWarning(UserWarning):
+    """Error feedback was asked for with a compressor that is not a contraction."""
+
+
+def contraction(c, d: int = 1 << 20) -> float | None:
+    """1 - 1/delta: the bound on E||C(x) - x||^2 / ||x||^2 the compressor declares for a
+    d-vector (class B3, or an unbiased one with omega < 1), None when it declares none."""
+    delta = c.delta(d)
+    if delta is not None:
+        return 1.0 - 1.0 / delta
+    omega = c.omega(d) if c.unbiased else None
+    return omega if omega is not None and omega < 1 else None
+
+
+def check_feedback(rule: str, c, where: str, d: int = 1 << 20) -> None:
+    """Warn when ``rule`` is ``ef`` and ``c`` declares no contraction: the memory
+    e <- v - C(v) then need not shrink, and with an error larger than the input (a norm
+    rule's dither, plain sign, QSGD at large d) it grows until the run diverges."""
+    if rule != "ef" or contraction(c, d) is not None:
+        return
+    warnings.warn(
+        f"{where}: error feedback with {c.spec}, which declares no contraction "
+        f"(E||C(x) - x||^2 < ||x||^2 is not guaranteed; class B3 delta is None): the memory "
+        f"can grow until training diverges. Use a contractive compressor (e.g. "
+        f"fosgd:rescale=mse, scaled_sign, topk) or the rule 'none'.",
+        NonContractiveFeedbackWarning,
+        stacklevel=3,
+    )
 
 
 @dataclass

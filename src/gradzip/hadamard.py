@@ -482,8 +482,10 @@ def rotate_quantize_(
     dither_key: int,
     out: torch.Tensor | np.ndarray,
     scratch: torch.Tensor | None = None,
-) -> float:
-    """The dithered one-bit quantization of ``Phi x``, fused with the rotation; returns lambda.
+    with_inner: bool = False,
+) -> float | tuple[float, float]:
+    """The dithered one-bit quantization of ``Phi x``, fused with the rotation; returns lambda
+    (with ``with_inner``: ``(lambda, <b, Phi x>)``, b = +-1 the signs sent, in float64).
 
     ``out`` (uint8, ``len(x) / 8`` bytes, a CPU tensor or a numpy array) receives the
     packed bits ``Phi x + lam * u < 0`` with ``u = rng.dither16(dither_key, len(x))`` (bit
@@ -535,12 +537,13 @@ def rotate_quantize_(
     finite = math.isfinite(total)  # a float64 sum of float32 squares cannot overflow
     lam = scale_of(total, finite)
     lam32 = np.float32(lam)
+    ip = np.zeros(L // C if with_inner else 0, np.float64)
     _run_pieces(
         d,
         d // (L // C),
-        lambda w, i, j: k.cols_quantize(y, m, lam32, dk, o, bufs[w], i, j),
+        lambda w, i, j: k.cols_quantize(y, m, lam32, dk, o, bufs[w], i, j, ip, k.SIGNS8),
     )
-    return lam
+    return (lam, float(ip.sum())) if with_inner else lam
 
 
 def fused_scratch_numel(n: int) -> int:

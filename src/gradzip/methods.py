@@ -30,7 +30,9 @@ class Method:
         if feedback._check(self.downlink_rule) == "dq":
             raise ValueError("the dq rule applies to the uplink only")
         up = compressor(self.uplink)  # validates the specs early, with a clear error
-        compressor(self.downlink)
+        down = compressor(self.downlink)
+        feedback.check_feedback(self.uplink_rule, up, "uplink")
+        feedback.check_feedback(self.downlink_rule, down, "downlink")
         if self.uplink_rule == "dq" and "range" not in {f.name for f in fields(up)}:
             raise ValueError(
                 f"the dq rule needs a quantizer with a fixed range (e.g. uniform), "

@@ -1148,8 +1148,25 @@ def _chunk_at(q, L, R, C):
     return c0, _block_base(c0, R, S, P), nxt, S + P
 
 
+#: row b: the signs (+1 where bit j of byte b is 0, -1 where it is 1) of its 8 elements
+SIGNS8 = np.array([[1.0 - 2.0 * ((b >> j) & 1) for j in range(8)] for b in range(256)], np.float32)
+
+
+@numba.njit(nogil=True, cache=True, fastmath={"reassoc", "contract", "nsz"})
+def signed_row(y, e, n, out, o, tab):
+    """``sum_i y[e + i] b_i`` over ``i < n`` (a multiple of 8), ``b_i`` = +-1 by bit ``i``
+    of ``out[o:]`` (set: -1); ``tab`` is :data:`SIGNS8`. Products in float32 (exact up
+    to one rounding), summed in float64: one table row and one 8-float vector per byte."""
+    s = 0.0
+    for b in range(n // 8):
+        t = tab[out[o + b]]
+        for j in range(8):
+            s += np.float64(y[e + 8 * b + j] * t[j])
+    return s
+
+
 @numba.njit(nogil=True, cache=True)
-def cols_quantize(a, m, lam, key, out, buf, start, stop):
+def cols_quantize(a, m, lam, key, out, buf, start, stop, ip, tab):
     """Pass 2 of the fused encoder: ``out`` <- the packed bits of ``Phi x + lam * u < 0``.
 
     ``a`` holds pass 1's result (:func:`rotate_stats`, in the layout of :func:`_layout`)
@@ -1158,7 +1175,9 @@ def cols_quantize(a, m, lam, key, out, buf, start, stop):
     finished there and quantized from L2: the rotated vector is never stored. Does the
     column chunks ``start // (n / nchunks) ..`` up to ``stop``'s (a kernel over ``n``
     elements aligned to ``n / nchunks``), with the chunk buffer ``buf`` (float32, at least
-    ``R * C`` elements; see :func:`grid`).
+    ``R * C`` elements; see :func:`grid`). Where ``ip`` (float64, one per chunk) is not
+    empty, ``ip[q]`` <- ``<b, y>`` over chunk q (:func:`signed_row` on the chunk while it
+    is still in L2; ``tab`` is :data:`SIGNS8`), for the scale fitted after the bits.
     """
     W = _lanes(a)
     m1, m2 = _budgets(4)
@@ -1168,6 +1187,11 @@ def cols_quantize(a, m, lam, key, out, buf, start, stop):
         c0, base, nxt, T = _chunk_at(q, L, R, C)
         _chunk_sweeps(a, R, base, T, C, buf)
         _quantize_chunk(a, buf, L, R, c0, C, nxt, T, lam, U64(key), out)
+        if ip.size:
+            s = 0.0
+            for r in range(R):
+                s += signed_row(buf, r * C, C, out, (r * L + c0) // 8, tab)
+            ip[q] = s
 
 
 # ---------------------------------------------------------------------------------------

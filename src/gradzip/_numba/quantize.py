@@ -153,3 +153,22 @@ def sign_pack(y, out) -> None:
 def unpack_subtract_dither(data, lam, key, out) -> None:
     """out[e] = lam * (+1 or -1 by bit e) - lam * u[e] (subtractive dither decoding)."""
     run(_unpack_subtract_dither, out.size, data, np.float32(lam), U64(key), out, align=CHUNK)
+
+
+@numba.njit(nogil=True, cache=True, fastmath=_REASSOC)
+def _signed_sum(y, data, start, stop):
+    """sum of ``y[i]`` with the sign of bit i flipped in (``start`` a multiple of 8)."""
+    ys = y[start:stop]
+    ds = data[start // 8 : (stop + 7) // 8]
+    s = 0.0
+    for i in range(ys.size):
+        bit = (ds[i >> 3] >> (i & 7)) & 1
+        v = np.float64(ys[i])
+        s += v - 2.0 * bit * v
+    return s
+
+
+def signed_sum(y, data) -> float:
+    """``sum_i y_i b_i`` in float64, ``b_i = -1`` where bit i of ``data`` is set, else +1:
+    the inner product of float32 ``y`` with the signs it was quantized to."""
+    return sum(run(_signed_sum, y.size, y, data, align=CHUNK))

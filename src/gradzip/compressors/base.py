@@ -110,6 +110,13 @@ class Compressor:
         """
         return None
 
+    @property
+    def exact_inner_product(self) -> bool:
+        """Whether the decoded vector has <C(x), x> = ||x||^2 for every draw whose bits
+        correlate with x (a scale fitted by the sender, as DRIVE's): the direction is
+        compressed, the step length along x is kept."""
+        return False
+
     def bits_per_coordinate(self, d: int) -> float:
         """Payload bits per coordinate for a d-vector, header excluded (exact)."""
         return 8 * sum(self.section_lengths(d)) / max(d, 1)

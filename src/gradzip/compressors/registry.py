@@ -243,6 +243,7 @@ def available_compressors(d: int = 1 << 20) -> list[dict]:
                 "unbiased": c.unbiased if c else None,
                 "omega": c.omega(d) if c else None,
                 "delta": c.delta(d) if c else None,
+                "exact_inner_product": c.exact_inner_product if c else None,
                 "bits_per_coordinate": c.bits_per_coordinate(d) if c else None,
                 "bits_formula": c.bits_formula if c else "that of the wrapped compressors",
             }

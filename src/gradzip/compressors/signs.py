@@ -99,6 +99,10 @@ class Drive(Compressor):
     def unbiased(self) -> bool:
         return False
 
+    @property
+    def exact_inner_product(self) -> bool:
+        return True  # <S sign(y), y> = S ||y||_1 = ||y||^2 = ||x||^2
+
     def section_lengths(self, d: int) -> list[int]:
         return [4, bits.packed_size(d)]
 

@@ -253,6 +253,59 @@ def _mlp_run(X, labels, steps, hidden, batch, lr, seed) -> list[torch.Tensor]:
     return out
 
 
+# --- the CNN of the DDP example on Fashion-MNIST -------------------------------------------
+
+DEFAULT_FASHION = "/usr/share/datasets/fashion-mnist"
+DEFAULT_CNN_STEPS = (0, 50, 200)
+
+
+def cnn_fashion_gradients(
+    root: str | Path = DEFAULT_FASHION,
+    steps: Sequence[int] = DEFAULT_CNN_STEPS,
+    width: int = 256,
+    batch: int = 32,
+    lr: float = 0.05,
+    momentum: float = 0.9,
+    seed: int = 0,
+) -> list[torch.Tensor]:
+    """Mini-batch gradients of the DDP example's CNN (``examples/ddp_fashion_mnist.py``,
+    classifier ``width`` wide: d = 410,922 at 256) along an SGD-momentum run on
+    Fashion-MNIST, one at each step in ``steps``, all parameters flattened in order."""
+    from ..problems.datasets import load_fashion_mnist
+
+    ds = load_fashion_mnist(root)
+    X = (ds.X - 0.2860) / 0.3530
+    with single_thread():
+        return _cnn_run(X, ds.y, steps, width, batch, lr, momentum, seed)
+
+
+def _cnn_run(X, labels, steps, width, batch, lr, momentum, seed) -> list[torch.Tensor]:
+    from torch import nn
+
+    state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        net = nn.Sequential(
+            nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Flatten(), nn.Linear(32 * 7 * 7, width), nn.ReLU(), nn.Linear(width, 10),
+        )  # fmt: skip
+    finally:
+        torch.random.set_rng_state(state)
+    opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=momentum)
+    g = _gen(seed)
+    want = set(steps)
+    out = []
+    for t in range(max(want) + 1 if want else 0):
+        rows = torch.randint(len(X), (batch,), generator=g)
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(net(X[rows]), labels[rows]).backward()
+        if t in want:
+            out.append(torch.cat([p.grad.reshape(-1) for p in net.parameters()]).clone())
+        opt.step()
+    return out
+
+
 # --- the default set ----------------------------------------------------------------------
 
 
