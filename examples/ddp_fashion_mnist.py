@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 TORCH_HOOKS = ("none", "torch-fp16", "torch-powersgd")
-OPTIMIZERS = ("sgd", "adam", "adamw")
+OPTIMIZERS = ("sgd", "adam", "adamw", "gradzip-adam", "gradzip-adamw")
 
 
 class CNN(nn.Module):
@@ -87,6 +87,11 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.lr is None:
         args.lr = 0.05 if args.optimizer == "sgd" else 1e-3
+    if args.nesterov and (args.optimizer != "sgd" or args.momentum <= 0):
+        p.error("--nesterov needs --optimizer sgd and --momentum > 0")
+    if args.optimizer.startswith("gradzip-") and args.start_step < 1:
+        p.error(f"--optimizer {args.optimizer} freezes Adam's variance after the uncompressed "
+                "warm-up: give its length with --start-step (e.g. 30)")  # fmt: skip
     return args
 
 
@@ -96,6 +101,13 @@ def make_optimizer(params, args) -> torch.optim.Optimizer:
         return torch.optim.SGD(
             params, lr=args.lr, momentum=args.momentum, nesterov=args.nesterov,
             weight_decay=args.weight_decay,
+        )  # fmt: skip
+    if args.optimizer.startswith("gradzip-"):  # variance frozen after the fp32 warm-up
+        import gradzip.optim
+
+        return gradzip.optim.Adam(
+            params, lr=args.lr, weight_decay=args.weight_decay,
+            decoupled=args.optimizer == "gradzip-adamw", freeze_after=args.start_step,
         )  # fmt: skip
     cls = torch.optim.Adam if args.optimizer == "adam" else torch.optim.AdamW
     return cls(params, lr=args.lr, weight_decay=args.weight_decay)

@@ -252,7 +252,7 @@ def test_the_property_checks_can_fail():
     err = float((y - x.double()).square().sum() / x.double().square().sum())
     assert err > 1 - 1 / 1.05  # a claimed delta of 1.05 would fail
     # the paper's fosgd (decode scale lambda) keeps the inner product only on average
-    f = gz.compressor("fosgd:scale=norm")
+    f = gz.compressor("fosgd:scale=norm,rescale=none")
     y = f.decode(f.encode(x, seed=1)).double()
     n2 = float(x.double().square().sum())
     assert abs(float(y @ x.double()) / n2 - 1) > 1e-3  # a claimed exact inner product fails

@@ -76,7 +76,7 @@ def test_central_contrast_of_the_paper():
     d = 1 << 14
     x = sparse_vector(d, 1, seed=4)
     plain = vnmse(gz.compressor("onebit:scale=max"), x, range(8))
-    flat = vnmse(gz.compressor("fosgd"), x, range(8))
+    flat = vnmse(gz.compressor(ob.PAPER_FOSGD), x, range(8))
     print(f"\nvNMSE at d=2^14, 1-sparse: onebit {plain:.1f} (d-1 = {d - 1}), fosgd {flat:.2f}")
     assert plain == pytest.approx(d - 1, rel=0.05)
     # norm rule: lambda^2 d / ||x||^2 - 1 = 2 ln(2d) - 1 ~ 19.8 for d = 2^14
@@ -88,7 +88,7 @@ def test_fosgd_bits_at_one_million():
     d = 1 << 20
     p = gz.compressor("fosgd").encode(torch.randn(d), seed=1)
     assert p.nbits / d <= 1.001
-    p = gz.compressor("fosgd:scale=fixed,lam=0.01").encode(torch.randn(d) * 1e-3, seed=1)
+    p = gz.compressor("fosgd:scale=fixed,lam=0.01,rescale=none").encode(torch.randn(d) * 1e-3)
     assert p.nbits == 8 * (d // 8 + p.header.size)  # nothing but the bits
 
 
@@ -164,7 +164,7 @@ def test_fused_fosgd_encoder_matches_reference(d, monkeypatch):
     g = torch.Generator().manual_seed(d)
     spike = torch.zeros(d)
     spike[int(torch.randint(d, (1,), generator=g))] = -3.0
-    c = gz.compressor("fosgd:c=1.5")
+    c = gz.compressor("fosgd:scale=norm,c=1.5,rescale=none")
     for trial, x in enumerate((torch.randn(d, generator=g), spike, 1e-30 * torch.randn(d))):
         assert hadamard.can_rotate_quantize(x)
         p = c.encode(x, seed=trial, step=d, worker=2)
@@ -238,9 +238,9 @@ def test_fused_fosgd_rejects_non_finite_input_and_other_inputs_use_the_plain_pat
     # not fused: other lengths, dtypes, rules, or no flattening; all still match the reference
     g = torch.Generator().manual_seed(0)
     for spec, x in (
-        ("fosgd", torch.randn(d + 8, generator=g)),
-        ("fosgd", torch.randn(d, generator=g).double()),
-        ("fosgd:scale=max", torch.randn(d, generator=g)),
+        (ob.PAPER_FOSGD, torch.randn(d + 8, generator=g)),
+        (ob.PAPER_FOSGD, torch.randn(d, generator=g).double()),
+        ("fosgd:scale=max,rescale=none", torch.randn(d, generator=g)),
         ("onebit:scale=norm", torch.randn(d, generator=g)),
     ):
         c = gz.compressor(spec)
@@ -349,7 +349,7 @@ def test_rms_and_l1_rules_send_their_lambda():
     rounded up, and the bits are the dithered quantizer's at that lambda."""
     d = 4099
     x = torch.randn(d, generator=torch.Generator().manual_seed(4))
-    c = gz.compressor("fosgd:scale=rms,c=0.7")
+    c = gz.compressor("fosgd:scale=rms,c=0.7,rescale=none")
     p = c.encode(x, seed=1)
     (lam,) = read_f32(p.section(0), 1, "scale")
     want = 0.7 * float(x.double().norm()) / math.sqrt(d)
@@ -357,7 +357,7 @@ def test_rms_and_l1_rules_send_their_lambda():
     y = hadamard.rotate(x, rng.derive_key(1, 0, 0, rng.STREAM_ROTATION))
     key = rng.derive_key(1, 0, 0, rng.STREAM_DITHER)
     assert torch.equal(p.section(1), ob.quantize_reference(y, lam, key))
-    c = gz.compressor("fosgd:scale=l1,c=1.5")
+    c = gz.compressor("fosgd:scale=l1,c=1.5,rescale=none")
     (lam,) = read_f32(c.encode(x, seed=1).section(0), 1, "scale")
     assert lam == pytest.approx(1.5 * float(y.double().abs().sum()) / d, rel=1e-6)
 
@@ -376,7 +376,8 @@ def test_rescale_parameters_are_validated_and_travel_in_the_header():
         ("fosgd:rescale=median", "rescale must be one of"),
         ("onebit:scale=fixed,lam=1,rescale=mse", "scale=fixed sends none"),
         ("fosgd:dither=subtractive,rescale=mse", "dither=standard only"),
-        ("fosgd:scale=rms,c=0", "positive number, got 0"),
+        ("fosgd:scale=rms,c=0,rescale=none", "positive number, got 0"),
+        ("fosgd:scale=fixed,lam=1", "add rescale=none"),
         ("fosgd:scale=norm,c=0,rescale=mse", "positive number, got 0"),
         ("fosgd:scale=rms,c=-1,rescale=mse", "positive number or 0"),
     ]:
@@ -389,7 +390,7 @@ def test_rescale_parameters_are_validated_and_travel_in_the_header():
     with pytest.raises(gz.PayloadError, match="rescale=7"):
         ob.OneBit.from_params(bytes(raw))
     # the byte was padding before rescale existed: 0 reads as rescale=none
-    assert ob.OneBit.from_params(gz.compressor("fosgd").to_params()).rescale == "none"
+    assert ob.OneBit.from_params(gz.compressor(ob.PAPER_FOSGD).to_params()).rescale == "none"
 
 
 def test_mse_rescale_declares_the_worst_case_delta_and_rotation_reaches_far_better():

@@ -86,6 +86,14 @@ def test_quick_verdicts_follow_the_numbers(quick_all):
     c = by["fosgd"]["variance"]
     r = c.numbers["ratio_at_dmax"]
     assert c.verdict == grade(r >= 10 and c.numbers["within_bound"], r >= 10)
+    for key in ("like-sgd", "like-sgd-paper"):  # speed and final accuracy both count
+        c = by["fosgd"][key]
+        fast = [v <= 4 for v in c.numbers["slowdown"].values()]
+        close = [v <= 0.5 for v in c.numbers["acc_gap_pp"].values()]
+        some = any(f and g for f, g in zip(fast, close, strict=True)) or all(fast)
+        if c.verdict == grade(True, True):
+            assert all(fast) and all(close)
+        assert c.verdict == grade(False, False) or some
     c = by["fosgd"]["downlink"]
     diffs = c.numbers["acc_diff_pp"].values()
     assert c.verdict == grade(all(v >= -1 for v in diffs), all(v >= -3 for v in diffs))

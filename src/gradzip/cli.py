@@ -200,8 +200,10 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("methods", help="list method presets")
     m.set_defaults(func=cmd_methods)
 
-    # `classes` is dispatched by main() to its own parser; listed here for the overview
+    # `classes` and `scales` are dispatched by main() to their own parsers; listed here for
+    # the overview
     sub.add_parser("classes", help="estimate the B1/B2/B3 class constants of compressors")
+    sub.add_parser("scales", help="FO-SGD's scale rules: error, shrinkage, contraction (plot)")
 
     r = sub.add_parser("reproduce", help="reproduce a seed paper's claims: figures and report")
     r.add_argument("paper", choices=("memsgd", "biased", "dqgd", "fosgd", "all"))
@@ -213,10 +215,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["classes"]:  # its own parser, so that `gradzip classes --help` is its help
-        from .experiments import classes
+    if argv[:1] in (["classes"], ["scales"]):  # own parsers: `gradzip classes --help` is theirs
+        from .experiments import classes, scales
 
-        return classes.main(argv[1:])
+        return (classes if argv[0] == "classes" else scales).main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, fields, replace
 
 from . import feedback
 from .compressors import Compressor, compressor
+from .compressors.onebit import PAPER_FOSGD
 
 
 @dataclass(frozen=True)
@@ -60,11 +61,12 @@ PRESETS: dict[str, tuple[str, str, str, str]] = {
     "sgd": ("identity", "none", "identity", "none"),
     "fosgd": ("fosgd", "none", "fosgd", "none"),
     "fosgd-up": ("fosgd", "none", "identity", "none"),
+    "fosgd-paper": (PAPER_FOSGD, "none", PAPER_FOSGD, "none"),
     "onebit": ("onebit:scale=max", "none", "onebit:scale=max", "none"),
     "memsgd-topk": ("topk:k=0.01", "ef", "identity", "none"),
     "memsgd-randk": ("randk:k=0.01", "ef", "identity", "none"),
     "ef-signsgd": ("scaled_sign", "ef", "identity", "none"),
-    "signsgd": ("sign", "none", "sign", "none"),
+    "signsgd": ("scaled_sign", "none", "scaled_sign", "none"),
     "qsgd": ("qsgd:levels=16", "none", "identity", "none"),
     "natural": ("natural", "none", "natural", "none"),
     "topk-natural-ef": (
@@ -79,13 +81,15 @@ PRESETS: dict[str, tuple[str, str, str, str]] = {
 
 DESCRIPTIONS = {
     "sgd": "uncompressed parameter-server SGD (float32 both ways)",
-    "fosgd": "FO-SGD: flattened one-bit both directions (Stollenwerk & Jacques)",
+    "fosgd": "FO-SGD: flattened one-bit both directions, gradzip's fitted scale",
     "fosgd-up": "FO-SGD on the uplink only",
+    "fosgd-paper": "FO-SGD as in the paper: norm scale rule (Stollenwerk & Jacques)",
     "onebit": "dithered one-bit without flattening, both directions",
     "memsgd-topk": "Mem-SGD: top-1% with error feedback (Stich et al.)",
     "memsgd-randk": "Mem-SGD: rand-1% with error feedback",
     "ef-signsgd": "EF-signSGD: scaled sign with error feedback (Karimireddy et al.)",
-    "signsgd": "signSGD with majority vote (Bernstein et al.)",
+    "signsgd": "signSGD with majority vote (Bernstein et al.), votes and result scaled by "
+    "mean |g| so that it trains at SGD's step sizes (the paper's: uplink/downlink sign)",
     "qsgd": "QSGD, 16 levels (Alistarh et al.)",
     "natural": "natural compression both directions (Horvath et al.)",
     "topk-natural-ef": "top-1% + natural dithering with error feedback (Beznosikov et al.)",

@@ -19,8 +19,8 @@ from .bench import vnmse
 
 METHODS = {
     "onebit (no flattening, max scale)": "onebit:scale=max",
-    "fosgd (flattened, norm scale)": "fosgd",
-    "fosgd (flattened, max scale)": "fosgd:scale=max",
+    "fosgd (flattened, norm scale)": "fosgd:scale=norm,c=1,rescale=none",
+    "fosgd (flattened, max scale)": "fosgd:scale=max,rescale=none",
 }
 
 

@@ -25,6 +25,7 @@ from .report import Claim, Section, fmt, grade, md_table, pyplot, savefig
 
 METHODS = (
     "sgd",
+    "fosgd-paper",
     "fosgd",
     "fosgd-up",
     "onebit",
@@ -51,7 +52,6 @@ class Config:
     mlp_batch: int = 32
     mlp_steps: int = 300
     mlp_lr: float = 0.1
-    sign_lr_factor: float = 0.01  # signSGD's step: lr times this (its update has entries +-1)
     workers: int = 4
     evals: int = 10
     seed: int = 0
@@ -110,9 +110,8 @@ def _train(cfg: Config, progress) -> dict[str, dict[str, common.Trace]]:
         prob = make()
         out[pname] = {}
         for m in METHODS:
-            step = lr * (cfg.sign_lr_factor if m == "signsgd" else 1.0)
             tr = common.train(
-                prob, m, m, steps, step, cfg.workers, max(1, steps // cfg.evals), cfg.seed
+                prob, m, m, steps, lr, cfg.workers, max(1, steps // cfg.evals), cfg.seed
             )
             tr.method["dim"] = prob.dim
             out[pname][m] = tr
@@ -155,45 +154,16 @@ def _claims(cfg: Config, by_dim, runs) -> list[Claim]:
             f"d = {dmax}: vNMSE {fmt(by_dim[ub][-1])} unflattened vs {fmt(by_dim[fl][-1])} "
             f"flattened ({fmt(ratio)}x); log-log slope in d {fmt(s_ub, 2)} vs {fmt(s_fl, 2)}; "
             f"sparse logreg final train loss onebit {fmt(lr['onebit'].final('train_loss'), 4)} vs "
-            f"fosgd {fmt(lr['fosgd'].final('train_loss'), 4)}",
+            f"fosgd-paper {fmt(lr['fosgd-paper'].final('train_loss'), 4)}",
         )
     )
-    # 2. converges like SGD with one bit per coordinate each way
-    slow, bpc, detail = {}, {}, []
-    for pname, trs in runs.items():
-        sgd, fo = trs["sgd"], trs["fosgd"]
-        i = max(1, len(sgd.rows) // 4)
-        target = sgd.rows[i]["train_loss"]
-        s_sgd = common.steps_to(sgd, "train_loss", target)
-        s_fo = common.steps_to(fo, "train_loss", target)
-        slow[pname] = s_fo / s_sgd
-        last = fo.rows[-1]
-        coords = fo.method["dim"] * cfg.workers * last["step"]
-        bpc[pname] = (last["bits_up"] / coords, last["bits_down"] / coords)
-        detail.append(
-            f"{pname}: {fmt(slow[pname])}x the steps of SGD to SGD's loss at step "
-            f"{sgd.rows[i]['step']}, {fmt(bpc[pname][0])}/{fmt(bpc[pname][1])} bits "
-            f"per coordinate up/down, final test acc {fmt(fo.final('test_acc'), 4)} "
-            f"vs SGD {fmt(sgd.final('test_acc'), 4)}"
-        )
-    ok = [s <= 4 for s in slow.values()]
-    big = max(runs, key=lambda p: runs[p]["fosgd"].method["dim"])  # headers amortized there
-    one_bit = max(bpc[big]) <= 1.1
-    claims.append(
-        Claim(
-            "like-sgd",
-            "FO-SGD converges like SGD (at most a constant-factor slowdown) with one "
-            "bit per coordinate in each direction",
-            "steps FO-SGD needs to reach the training loss SGD has at a quarter of the run, over "
-            "SGD's steps: holds if <= 4 on both problems with <= 1.1 measured bits per coordinate "
-            "each way on the larger model (on a few hundred coordinates the 52-byte header and "
-            "the padding to a power of two cost more than the bits themselves), partly if <= 4 "
-            "on one problem",
-            grade(all(ok) and one_bit, any(ok)),
-            {"slowdown": slow, "bits_per_coord": bpc},
-            "; ".join(detail),
-        )
-    )
+    # 2. converges like SGD with one bit per coordinate each way: the paper's setting and
+    # gradzip's default, each judged on speed, final accuracy and bits
+    for key, name, what in (
+        ("like-sgd-paper", "fosgd-paper", "FO-SGD as in the paper (norm scale rule)"),
+        ("like-sgd", "fosgd", "FO-SGD with gradzip's default scale (fitted, dither 0.5 rms)"),
+    ):
+        claims.append(_like_sgd(cfg, runs, key, name, what))
     # 3. the downlink
     diffs = {
         p: 100 * (t["fosgd"].final("test_acc") - t["fosgd-up"].final("test_acc"))
@@ -218,6 +188,51 @@ def _claims(cfg: Config, by_dim, runs) -> list[Claim]:
         )
     )
     return claims
+
+
+#: "converges like SGD" also needs the final test accuracy within this many points of SGD's
+ACC_GAP_PP = 0.5
+
+
+def _like_sgd(cfg: Config, runs, key: str, name: str, what: str) -> Claim:
+    slow, bpc, gap, detail = {}, {}, {}, []
+    for pname, trs in runs.items():
+        sgd, fo = trs["sgd"], trs[name]
+        i = max(1, len(sgd.rows) // 4)
+        target = sgd.rows[i]["train_loss"]
+        slow[pname] = common.steps_to(fo, "train_loss", target) / common.steps_to(
+            sgd, "train_loss", target
+        )
+        gap[pname] = 100 * (sgd.final("test_acc") - fo.final("test_acc"))
+        last = fo.rows[-1]
+        coords = fo.method["dim"] * cfg.workers * last["step"]
+        bpc[pname] = (last["bits_up"] / coords, last["bits_down"] / coords)
+        detail.append(
+            f"{pname}: {fmt(slow[pname])}x the steps of SGD to SGD's loss at step "
+            f"{sgd.rows[i]['step']}, final test acc {fmt(fo.final('test_acc'), 4)} vs SGD "
+            f"{fmt(sgd.final('test_acc'), 4)} ({fmt(-gap[pname], 2)} points), "
+            f"{fmt(bpc[pname][0])}/{fmt(bpc[pname][1])} bits per coordinate up/down"
+        )
+    fast = [s <= 4 for s in slow.values()]
+    close = [g <= ACC_GAP_PP for g in gap.values()]
+    big = max(runs, key=lambda p: runs[p][name].method["dim"])  # headers amortized there
+    one_bit = max(bpc[big]) <= 1.1
+    return Claim(
+        key,
+        f"{what} converges like SGD (at most a constant-factor slowdown, the same final "
+        "accuracy) with one bit per coordinate in each direction",
+        "steps needed to reach the training loss SGD has at a quarter of the run, over SGD's "
+        f"steps, and SGD's final test accuracy minus this method's: holds if <= 4 and <= "
+        f"{ACC_GAP_PP} points on both problems with <= 1.1 measured bits per coordinate each "
+        "way on the larger model (on a few hundred coordinates the header costs more than the "
+        "bits), partly if both hold on one problem or the slowdown alone holds on both",
+        grade(
+            all(fast) and all(close) and one_bit,
+            any(f and c for f, c in zip(fast, close, strict=True)) or all(fast),
+        ),
+        {"slowdown": slow, "acc_gap_pp": gap, "bits_per_coord": bpc},
+        "; ".join(detail),
+    )
 
 
 def _plot(out: Path, runs) -> list[str]:
@@ -326,8 +341,9 @@ def reproduce(out: Path, quick: bool = False, progress=print) -> Section:
         f"regression on w8a (batch {cfg.logreg_batch} per worker, lambda = 1/n) and "
         f"{cfg.mlp_steps} steps of a {cfg.mlp_hidden}-unit MLP on Fashion-MNIST "
         f"(batch {cfg.mlp_batch} per worker), {cfg.workers} workers, constant step.",
-        "All methods share one step size per problem, except signSGD (updates of +-1 per "
-        f"coordinate), whose step is {cfg.sign_lr_factor:g}x smaller; no per-method tuning.",
+        "All methods share one step size per problem; no per-method tuning. signsgd is the "
+        "scaled majority vote of gradzip's preset (scaled_sign both ways), which trains at "
+        "SGD's step sizes.",
         "Bits are counted from the payload bytes of both directions (headers included); "
         "methods whose downlink is uncompressed send float32 down.",
     ]
