@@ -30,8 +30,19 @@ RECIPES = {
     "adam": ["--optimizer", "adam", "--lr", "1e-3"],
     "adamw": ["--optimizer", "adamw", "--lr", "1e-3", "--weight-decay", "0.01"],
     "plain": ["--optimizer", "sgd", "--lr", "0.05", "--momentum", "0"],
-    # gradzip.optim.Adam: variance frozen after 30 fp32 steps (none: fp32 all along)
+    # gradzip.optim.Adam: variance frozen after 30 fp32 steps, gradients compressed in its
+    # preconditioned coordinates (none: fp32 all along, the same optimizer)
     "gradzip-adam": ["--optimizer", "gradzip-adam", "--lr", "1e-3", "--start-step", "30"],
+    "gradzip-adamw": [
+        "--optimizer",
+        "gradzip-adamw",
+        "--lr",
+        "1e-3",
+        "--weight-decay",
+        "0.01",
+        "--start-step",
+        "30",
+    ],
 }
 METHODS = ("none", "fosgd", "drive", "torch-powersgd")
 

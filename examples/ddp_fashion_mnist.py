@@ -90,8 +90,8 @@ def parse_args(argv=None):
     if args.nesterov and (args.optimizer != "sgd" or args.momentum <= 0):
         p.error("--nesterov needs --optimizer sgd and --momentum > 0")
     if args.optimizer.startswith("gradzip-") and args.start_step < 1:
-        p.error(f"--optimizer {args.optimizer} freezes Adam's variance after the uncompressed "
-                "warm-up: give its length with --start-step (e.g. 30)")  # fmt: skip
+        p.error(f"--optimizer {args.optimizer} freezes Adam's variance after the fp32 warm-up "
+                "of --start-step steps: give one (e.g. --start-step 30)")  # fmt: skip
     return args
 
 
@@ -187,6 +187,8 @@ def train(rank: int, world: int, args) -> dict:
     model = DDP(CNN(args.width).to(device), device_ids=[device] if use_cuda else None, **kw)
     opt = make_optimizer(model.parameters(), args)
     state = attach_hook(model, args)
+    if state is not None and args.optimizer.startswith("gradzip-"):
+        state.precondition_with(opt)  # compress g / sqrt(v): Adam's own scale (gradzip.optim)
     start = 0
     if args.resume:
         ck = torch.load(args.resume, map_location="cpu", weights_only=True)

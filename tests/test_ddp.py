@@ -182,6 +182,33 @@ def _checkpoint(rank: int, path: str) -> None:
                 assert (resumed - straight).abs().max() > 1e-4, spec
 
 
+def _preconditioned(rank: int) -> None:
+    """precondition_with(gradzip.optim.Adam): lossless compression stays plain DDP + Adam
+    (g / s, then times s: float rounding only); with fosgd the replicas stay identical."""
+    import gradzip.optim
+
+    ref, got = [], []
+    m = _model()
+    _train(m, gradzip.optim.Adam(m.parameters(), lr=1e-2), rank, 5, grads=ref)
+    m = _model()
+    st = ddp.register(m, "identity", allreduce_identity=False, min_numel=0)
+    opt = gradzip.optim.Adam(m.parameters(), lr=1e-2)
+    st.precondition_with(opt)
+    _train(m, opt, rank, 5, grads=got)
+    for t, (a, b) in enumerate(zip(ref, got, strict=True)):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7), (t, (a - b).abs().max())
+    m = _model()
+    st = ddp.register(m, "fosgd", min_numel=0)
+    opt = gradzip.optim.Adam(m.parameters(), lr=1e-2, freeze_after=2)
+    st.precondition_with(opt)
+    _train(m, opt, rank, 5)
+    _same_everywhere(_params(m), "fosgd preconditioned by Adam")
+    with pytest.raises(TypeError, match="no preconditioner"):
+        st.precondition_with(torch.optim.Adam(m.parameters()))
+    with pytest.raises(ValueError, match="does not hold the parameters"):
+        st.precondition_with(gradzip.optim.Adam(list(m.parameters())[:1]))
+
+
 def _worker(rank: int, world: int, port: int, tmp: str) -> None:
     faulthandler.enable()  # a crash in a rank prints every thread's Python stack
     os.environ["GRADZIP_THREADS"] = "1"
@@ -192,6 +219,7 @@ def _worker(rank: int, world: int, port: int, tmp: str) -> None:
     try:
         _differential(rank)
         _compressed(rank)
+        _preconditioned(rank)
         if world == 2:
             _checkpoint(rank, os.path.join(tmp, "ckpt.pt"))
     finally:

@@ -65,3 +65,16 @@ def test_bad_arguments_are_clear_errors():
                     ({"lr": -1}, "lr")]:  # fmt: skip
         with pytest.raises(ValueError, match=msg):
             go.Adam(ps, **kw)
+
+
+def test_preconditioner_is_the_floored_root_of_the_corrected_variance():
+    m = _model()
+    opt = go.Adam(m.parameters(), lr=1e-2, betas=(0.9, 0.99), floor=0.5, freeze_after=4)
+    p = next(iter(m.parameters()))
+    assert opt.preconditioner(p) is None  # nothing measured yet
+    _train(m, opt, steps=6)
+    v = opt.state[p]["exp_avg_sq"]
+    want = (v / (1 - 0.99**4)).sqrt()  # frozen after step 4: its bias correction too
+    want = want.clamp(min=0.5 * float(want.mean()))
+    torch.testing.assert_close(opt.preconditioner(p), want)
+    assert bool((opt.preconditioner(p) >= 0.5 * float(want.mean()) - 1e-12).all())

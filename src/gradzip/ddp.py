@@ -262,6 +262,7 @@ class GradzipState:
         self._traffic["dense_received"] = 0
         self._traffic["compressed_buckets"] = 0
         self._traffic["dense_buckets"] = 0
+        self._precond = None  # (optimizer, name -> parameter), see precondition_with
 
     # --- small helpers ------------------------------------------------------------------
     def warmup(self) -> None:
@@ -324,6 +325,37 @@ class GradzipState:
             raise PayloadError(f"{who} sent {y.numel()} coordinates, expected {numel}")
         return y.to(device=dev, dtype=torch.float32)
 
+    # --- preconditioning --------------------------------------------------------------------
+    def precondition_with(self, optimizer) -> None:
+        """Compress each gradient divided by the optimizer's per-coordinate scale (for
+        :class:`gradzip.optim.Adam`, sqrt(v_hat), the same on every rank), and multiply
+        the decoded average back: the compression noise then scales with each coordinate's
+        typical gradient, as Adam's step does, instead of being spread evenly (which Adam's
+        division by sqrt(v) amplifies on coordinates with small gradients)."""
+        if not hasattr(optimizer, "preconditioner"):
+            raise TypeError(
+                f"{type(optimizer).__name__} has no preconditioner(param); use gradzip.optim.Adam"
+            )
+        module_params = {}
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                i = self._index.get(id(p))
+                if i is not None:
+                    module_params[self.names[i]] = p
+        missing = [nm for nm in self.names if nm not in module_params]
+        if missing:
+            raise ValueError(f"the optimizer does not hold the parameters {missing[:5]}")
+        self._precond = (optimizer, module_params)
+
+    def _precond_flat(self, names, sizes, dev) -> torch.Tensor | None:
+        if self._precond is None:
+            return None
+        opt, params = self._precond
+        parts = [opt.preconditioner(params[nm]) for nm in names]
+        if any(s is None for s in parts):
+            return None  # before the optimizer's first step: nothing to scale by yet
+        return torch.cat([s.reshape(-1).to(dev, torch.float32) for s in parts])
+
     # --- the hook's work ------------------------------------------------------------------
     def _use_dense(self, d: int) -> bool:
         return self.dense or self.step < self.start_step or d < max(self.min_numel, self.n)
@@ -367,7 +399,12 @@ class GradzipState:
             g = torch.cat([v.reshape(-1) for v in views]).to(torch.float32)
         else:
             g = buf.detach().to(torch.float32)  # no copy for a float32 bucket
+        scale = self._precond_flat(names, sizes, g.device)
+        if scale is not None:  # compress g / s, decode, multiply back: noise scaled like v
+            g = g.div(scale) if g is buf else g.div_(scale)
         self._reduce_flat(names, sizes, g)
+        if scale is not None:
+            g.mul_(scale)
         if g is not buf:
             for v, part in zip(views, g.split(sizes), strict=True):
                 v.copy_(part)

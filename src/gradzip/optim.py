@@ -81,6 +81,22 @@ class Adam(torch.optim.Optimizer):
         super().__init__(params, defaults)
 
     @torch.no_grad()
+    def preconditioner(self, p: torch.Tensor) -> torch.Tensor | None:
+        """sqrt(v_hat) of parameter ``p``, floored at ``floor`` times its mean over the
+        tensor (None before the first step): the scale Adam divides the step by, which the
+        DDP hook can compress in (:meth:`gradzip.ddp.GradzipState.precondition_with`)."""
+        st = self.state.get(p)
+        if not st:
+            return None
+        group = next(g for g in self.param_groups if any(q is p for q in g["params"]))
+        b2, freeze = group["betas"][1], group["freeze_after"]
+        t = int(st["step"].item())
+        tv = t if freeze is None else min(t, freeze)
+        s = (st["exp_avg_sq"] / (1 - b2**tv)).sqrt_()
+        floor = max(group["floor"] * float(s.mean()), group["eps"])
+        return s.clamp_(min=floor)
+
+    @torch.no_grad()
     def step(self, closure=None):
         loss = None
         if closure is not None:
