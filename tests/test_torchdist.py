@@ -20,7 +20,7 @@ from gradzip.compressors.registry import names as compressor_names
 from gradzip.engines import Algorithm, SimulatedEngine
 from gradzip.engines import torchdist as td
 from gradzip.experiments.config import RunConfig
-from gradzip.experiments.runner import make_method, make_problem, read_metrics, train
+from gradzip.experiments.runner import make_algorithm, make_problem, read_metrics, train
 from gradzip.methods import PRESETS, method
 from gradzip.problems import build
 
@@ -42,7 +42,7 @@ def one_thread(monkeypatch):
 
 def _build(cfg: RunConfig):
     problem = make_problem(cfg)
-    return problem, Algorithm(make_method(cfg), problem.dim, seed=cfg.seed, momentum=cfg.momentum)
+    return problem, make_algorithm(cfg, problem.dim)
 
 
 def _needs(name: str) -> None:
@@ -95,7 +95,7 @@ def _same_state(a: dict, b: dict) -> None:
     for wa, wb in zip(a["workers"], b["workers"], strict=True):
         ea, eb = wa["feedback"]["error"], wb["feedback"]["error"]
         assert (ea is None and eb is None) or torch.equal(ea, eb)
-    for key in ("momentum",):
+    for key in ("momentum", "second"):
         va, vb = a["server"][key], b["server"][key]
         assert (va is None and vb is None) or torch.equal(va, vb)
     ea, eb = a["server"]["feedback"]["error"], b["server"]["feedback"]["error"]
@@ -141,19 +141,22 @@ def test_parameter_server_equals_simulated(name, one_thread):
     _check_against("torchdist", SimulatedEngine, cfg)
 
 
-def test_sharded_server_equals_its_simulation(one_thread):
+@pytest.mark.parametrize(
+    "opt", [{"momentum": 0.5}, {"optimizer": "adamw", "weight_decay": 0.01, "lr": 0.01}]
+)
+def test_sharded_server_equals_its_simulation(opt, one_thread):
     _needs("memsgd-topk")
-    # worker memories (ef), server memories (ef downlink) and server momentum, per shard
+    # worker memories (ef), server memories (ef downlink) and the server optimizer's state
+    # (momentum; Adam's two moments), per shard
     cfg = RunConfig(
         problem="softmax-digits",
         method="memsgd-topk",
         downlink="scaled_sign",
         downlink_rule="ef",
-        momentum=0.5,
         workers=3,
         lr=0.2,
         seed=5,
-    )
+    ).replace(**opt)
     _check_against("torchdist-sharded", td.ShardedSimulatedEngine, cfg)
 
 

@@ -105,7 +105,8 @@ def test_every_cli_flag_reaches_the_run(tmp_path):
         "uplink_rule": "ef", "downlink": "fp16", "downlink_rule": "ef", "dq_range": 2.0,
         "dq_decay": 0.5, "workers": 2, "split": "label", "batch_size": 7, "hidden": 9,
         "l2": 0.01, "steps": 3, "schedule": "bottou", "lr": 0.05, "lam": 0.2, "shift": 3.0,
-        "momentum": 0.5, "seed": 11, "eval_every": 2, "engine": "simulated",
+        "momentum": 0.5, "nesterov": True, "optimizer": "sgd", "weight_decay": 0.0,
+        "seed": 11, "eval_every": 2, "engine": "simulated",
         "checkpoint_every": 2, "out": str(tmp_path / "flags"),
     }  # fmt: skip
     assert set(values) == set(RunConfig.__dataclass_fields__)  # a new key needs a value here
@@ -115,6 +116,13 @@ def test_every_cli_flag_reaches_the_run(tmp_path):
     assert main(argv) == 0
     saved = json.loads((tmp_path / "flags" / "config.json").read_text())["config"]
     assert saved == values
+    # the keys that exclude those above: the server's Adam and its weight decay
+    more = ["--optimizer", "adamw", "--weight-decay", "0.01", "--nesterov", "false"]
+    argv = [a for a in argv if a not in ("--nesterov", "True")][:-2] + more
+    argv += ["--out", str(tmp_path / "adamw")]
+    assert main(argv) == 0
+    saved = json.loads((tmp_path / "adamw" / "config.json").read_text())["config"]
+    assert (saved["optimizer"], saved["weight_decay"], saved["nesterov"]) == ("adamw", 0.01, False)
 
 
 def test_toml_and_set(tmp_path):
@@ -234,3 +242,39 @@ def test_error_feedback_on_a_non_contractive_compressor_warns_and_presets_do_not
             method("sgd", uplink=spec, uplink_rule="ef", downlink=spec, downlink_rule="ef")
     assert ddp._auto(gz.compressor("fosgd:rescale=mse")) == "ef"
     assert ddp._auto(gz.compressor("fosgd")) == "none"  # not contractive in the worst case
+
+
+def _server_step_reference(opt: str, steps: int = 12):
+    """The simulated engine with identity compression against the same optimizer written
+    out by hand on the averaged gradient (torch.optim's definitions)."""
+    problem = build("softmax-digits", workers=3, batch_size=16)
+    lr, beta, wd = 0.05, 0.9, 0.01
+    kw = {"sgd": dict(momentum=beta), "nesterov": dict(momentum=beta, nesterov=True),
+          "adamw": dict(optimizer="adamw", weight_decay=wd)}[opt]  # fmt: skip
+    eng = SimulatedEngine(problem, Algorithm(method("sgd"), problem.dim, **kw), 3)
+    x = problem.initial_point().clone().requires_grad_()
+    ref = {"sgd": lambda p: torch.optim.SGD(p, lr=lr, momentum=beta),
+           "nesterov": lambda p: torch.optim.SGD(p, lr=lr, momentum=beta, nesterov=True),
+           "adamw": lambda p: torch.optim.AdamW(p, lr=lr, weight_decay=wd)}[opt]([x])  # fmt: skip
+    for t in range(steps):
+        eng.step(t, lr)
+        gs = [problem.gradient(x.detach(), problem.batch(0, t, i))[1] for i in range(3)]
+        x.grad = sum(gs) / 3
+        ref.step()
+    return eng.x, x.detach()
+
+
+@pytest.mark.parametrize("opt", ["sgd", "nesterov", "adamw"])
+def test_server_optimizers_are_torch_optimizers_on_the_mean(opt):
+    got, want = _server_step_reference(opt)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_server_optimizer_options_are_checked():
+    m, d = method("sgd"), 10
+    with pytest.raises(ValueError, match="unknown optimizer"):
+        Algorithm(m, d, optimizer="lamb")
+    with pytest.raises(ValueError, match="nesterov needs"):
+        Algorithm(m, d, nesterov=True)
+    with pytest.raises(ValueError, match="decoupled decay"):
+        Algorithm(m, d, weight_decay=0.1)

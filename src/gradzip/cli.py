@@ -159,7 +159,8 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     for name, f in RunConfig.__dataclass_fields__.items():
         kind = type(f.default)
         p.add_argument(
-            "--" + name.replace("_", "-"), dest=name, type=kind, default=None,
+            "--" + name.replace("_", "-"), dest=name, type=str if kind is bool else kind,
+            default=None,
             help=f"{HELP.get(name, '')} (default {f.default!r})",
         )  # fmt: skip
 

@@ -5,12 +5,15 @@ Engines differ only in how bytes move. Each step t:
 1. Worker i evaluates its gradient at the point its rule asks for (x, or DQ-GD's z_t).
 2. It forms v_i by its feedback rule, sends the bytes of C_up(v_i) (seed from t, i), and
    updates its memory with what the server will decode.
-3. The server decodes and averages the messages into g_hat, forms w (optionally with
-   heavy-ball momentum), applies its own rule, and sends the bytes of C_down(w)
-   (seed from t, SERVER).
+3. The server decodes and averages the messages into g_hat, forms w by its optimizer
+   (``sgd``: g_hat, or heavy-ball momentum m <- beta m + g_hat, w = m or, Nesterov,
+   w = g_hat + beta m; ``adam``/``adamw``: w = lr m_hat / (sqrt(v_hat) + eps), the
+   moments of g_hat in gradient units, bias-corrected with the global step), applies its
+   own rule, and sends the bytes of C_down(w) (seed from t, SERVER).
 4. Every replica, the server's included, applies the same decoded update:
    x <- x - s_t * decode(down), with s_t = lr_t for gradient-unit vectors and 1 for
-   vectors that already carry the step size (``ef``). So no copy drifts.
+   vectors that already carry the step size (``ef``, Adam); AdamW first decays
+   x <- (1 - lr_t wd) x. So no copy drifts.
 """
 
 from __future__ import annotations
@@ -25,6 +28,9 @@ from ..methods import Method
 from ..wire import PayloadError
 
 SERVER = (1 << 32) - 1  # the worker id the server's downlink seeds from
+OPTIMIZERS = ("sgd", "adam", "adamw")
+ADAM_BETAS = (0.9, 0.999)  # torch.optim.Adam's defaults
+ADAM_EPS = 1e-8
 
 
 @dataclass
@@ -43,37 +49,67 @@ class WorkerState:
 
 @dataclass
 class ServerState:
-    """The server's memory: downlink error and momentum buffer."""
+    """The server's memory: downlink error, momentum buffer, Adam's second moment."""
 
     feedback: feedback.FeedbackState = field(default_factory=feedback.FeedbackState)
-    momentum: torch.Tensor | None = None  # (d,) heavy-ball buffer
+    momentum: torch.Tensor | None = None  # (d,) heavy-ball buffer, or Adam's first moment
+    second: torch.Tensor | None = None  # (d,) Adam's second moment v
 
     def state_dict(self) -> dict:
         m = None if self.momentum is None else self.momentum.clone()
-        return {"feedback": self.feedback.state_dict(), "momentum": m}
+        v = None if self.second is None else self.second.clone()
+        return {"feedback": self.feedback.state_dict(), "momentum": m, "second": v}
 
     @classmethod
     def from_state_dict(cls, sd: dict) -> ServerState:
-        m = sd.get("momentum")
+        m, v = sd.get("momentum"), sd.get("second")
         return cls(
-            feedback.FeedbackState.from_state_dict(sd["feedback"]), None if m is None else m.clone()
+            feedback.FeedbackState.from_state_dict(sd["feedback"]),
+            None if m is None else m.clone(),
+            None if v is None else v.clone(),
         )
 
 
 class Algorithm:
     """The step of a :class:`Method`, as pure functions of explicit state."""
 
-    def __init__(self, method: Method, dim: int, seed: int = 0, momentum: float = 0.0):
+    def __init__(
+        self,
+        method: Method,
+        dim: int,
+        seed: int = 0,
+        momentum: float = 0.0,
+        *,
+        nesterov: bool = False,
+        optimizer: str = "sgd",
+        weight_decay: float = 0.0,
+    ):
         if not 0 <= momentum < 1:
             raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
+        if nesterov and (optimizer != "sgd" or not momentum):
+            raise ValueError("nesterov needs the sgd optimizer and a momentum > 0")
+        if weight_decay and optimizer != "adamw":
+            raise ValueError("weight_decay is AdamW's decoupled decay: use optimizer adamw")
+        if not weight_decay >= 0:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
         self.method = method
         self.dim = dim
         self.seed = seed
         self.momentum = momentum
+        self.nesterov = nesterov
+        self.optimizer = optimizer
+        self.weight_decay = weight_decay
         self.down = method.downlink_compressor()
         # where the step size is applied (see the module docstring, step 4)
         self.up_units = feedback.in_update_units(method.uplink_rule)
-        self.down_units = self.up_units or method.downlink_rule == "ef"
+        self.down_units = self.up_units or method.downlink_rule == "ef" or optimizer != "sgd"
+
+    def options(self) -> dict:
+        """The server optimizer's settings (an Algorithm for a shard takes the same)."""
+        return {"momentum": self.momentum, "nesterov": self.nesterov,
+                "optimizer": self.optimizer, "weight_decay": self.weight_decay}  # fmt: skip
 
     # --- worker side ------------------------------------------------------------------
     def gradient_point(self, x: torch.Tensor, lr: float, state: WorkerState) -> torch.Tensor:
@@ -108,23 +144,42 @@ class Algorithm:
         for i, data in enumerate(uplinks):
             g_hat += self._decode_checked(data, f"worker {i}")
         g_hat /= len(uplinks)
-        m = state.momentum
-        if self.momentum:
+        m, sq = state.momentum, state.second
+        if self.optimizer != "sgd":  # Adam on the gradient-unit mean, w in update units
+            w, m, sq = self._adam(t, g_hat / lr if self.up_units else g_hat, lr, m, sq)
+        elif self.momentum:
             m = g_hat if m is None else self.momentum * m + g_hat
-            g_hat = m
-        w = g_hat
+            w = g_hat + self.momentum * m if self.nesterov else m
+        else:
+            w = g_hat
         rule = self.method.downlink_rule
-        if rule == "ef" and not self.up_units:
+        if rule == "ef" and not self.down_units_before_rule:
             w = lr * w  # into update units, so the memory does not mix step sizes
         fb = state.feedback
         v = feedback.prepare(rule, w, 1.0, fb)
         p = self.down.encode(v, seed=self.seed, step=t, worker=SERVER)
         if rule != "none":
             fb = feedback.update(rule, fb, v, self.down.decode(p))
-        return p.data, ServerState(fb, m)
+        return p.data, ServerState(fb, m, sq)
+
+    @property
+    def down_units_before_rule(self) -> bool:
+        """Whether the server's w is in update units before its downlink rule."""
+        return self.up_units or self.optimizer != "sgd"
+
+    def _adam(self, t: int, g: torch.Tensor, lr: float, m, sq):
+        """Adam's step (Kingma & Ba, Alg. 1) at global step t (0-based), in update units."""
+        b1, b2, eps = ADAM_BETAS[0], ADAM_BETAS[1], ADAM_EPS
+        m = (1 - b1) * g if m is None else b1 * m + (1 - b1) * g  # 1. first moment
+        sq = (1 - b2) * g * g if sq is None else b2 * sq + (1 - b2) * g * g  # 2. second
+        k = t + 1  # 3. bias corrections
+        w = (lr / (1 - b1**k)) * m / ((sq / (1 - b2**k)).sqrt() + eps)
+        return w, m, sq
 
     # --- every replica ----------------------------------------------------------------
     def apply(self, x: torch.Tensor, downlink: torch.Tensor, lr: float) -> torch.Tensor:
         """Step 4: the new parameters from the downlink bytes."""
         u = self._decode_checked(downlink, "server")
+        if self.weight_decay:  # AdamW's decoupled decay, the same on every replica
+            x = x * (1 - lr * self.weight_decay)
         return x - (u if self.down_units else lr * u)

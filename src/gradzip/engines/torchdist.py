@@ -105,7 +105,7 @@ STEP, GET_STATE, SET_STATE, STOP = 1, 2, 3, 4  # commands
 OK, FAILED, ABORT = 0, 1, 2  # statuses
 META = 5  # int64 reply: [status, length, a, b, c]
 # message tags (one per kind of message between two ranks, so they can never be confused)
-T_CTRL, T_META, T_DATA, T_ERR, T_SFB, T_MOM, T_MSG = range(7)
+T_CTRL, T_META, T_DATA, T_ERR, T_SFB, T_MOM, T_MSG, T_SEC = range(8)
 
 TIMEOUT_ENV = "GRADZIP_DIST_TIMEOUT"
 FAULT_ENV = "GRADZIP_TEST_FAULT"
@@ -274,7 +274,7 @@ class ShardLayout:
         self.sizes = [d // shards + (j < d % shards) for j in range(shards)]
         self.algos = [
             Algorithm(
-                algorithm.method, s, seed=shard_seed(algorithm.seed, j), momentum=algorithm.momentum
+                algorithm.method, s, seed=shard_seed(algorithm.seed, j), **algorithm.options()
             )
             for j, s in enumerate(self.sizes)
         ]
@@ -324,12 +324,14 @@ class ShardLayout:
         """The shards' server memories as one full-vector ServerState state_dict."""
         fb = self.cat([s.feedback.error for s in states])
         m = self.cat([s.momentum for s in states])
-        return ServerState(FeedbackState(fb), m).state_dict()
+        v = self.cat([s.second for s in states])
+        return ServerState(FeedbackState(fb), m, v).state_dict()
 
     def server_states(self, sd: dict) -> list[ServerState]:
         full = ServerState.from_state_dict(sd)
         fbs, ms = self.split(full.feedback.error), self.split(full.momentum)
-        return [ServerState(FeedbackState(f), m) for f, m in zip(fbs, ms, strict=True)]
+        vs = self.split(full.second)
+        return [ServerState(FeedbackState(f), m, v) for f, m, v in zip(fbs, ms, vs, strict=True)]
 
     @staticmethod
     def bits(lens: list[list[int]], down: list[int]) -> tuple[int, int]:
@@ -344,6 +346,7 @@ def _check_sd(sd: dict, n: int, d: int) -> None:
         raise ValueError("checkpoint does not match this run (workers or model size differ)")
     vecs = [w["feedback"]["error"] for w in sd["workers"]]
     vecs += [sd["server"]["feedback"]["error"], sd["server"].get("momentum")]
+    vecs += [sd["server"].get("second")]
     if any(v is not None and v.shape != (d,) for v in vecs):
         raise ValueError("checkpoint does not match this run (a memory has the wrong size)")
 
@@ -945,11 +948,14 @@ class _ShardedReplica:
     # state, as seen from a rank r > 0 (rank 0 assembles it in ShardedTorchDistEngine)
     def reply_state(self) -> None:
         e, sfb, m = self.worker.feedback.error, self.server.feedback.error, self.server.momentum
-        flags = [int(v is not None) for v in (e, sfb, m)]
+        sec = self.server.second
+        flags = [int(v is not None) for v in (e, sfb, m, sec)]
         body = [(self.x, T_DATA)] + [
-            (v, tag) for v, tag in ((e, T_ERR), (sfb, T_SFB), (m, T_MOM)) if v is not None
+            (v, tag)
+            for v, tag in ((e, T_ERR), (sfb, T_SFB), (m, T_MOM), (sec, T_SEC))
+            if v is not None
         ]
-        meta = torch.tensor([OK, *flags, 0], dtype=torch.int64)
+        meta = torch.tensor([OK, *flags], dtype=torch.int64)
         dist.send(meta, 0, group=self.cl.group, tag=T_META)
         for t, tag in body:
             dist.send(t.contiguous(), 0, group=self.cl.group, tag=tag)
@@ -961,8 +967,9 @@ class _ShardedReplica:
         e = cl.recv(torch.empty(d), T_ERR) if int(head[0]) else None
         sfb = cl.recv(torch.empty(dr), T_SFB) if int(head[1]) else None
         m = cl.recv(torch.empty(dr), T_MOM) if int(head[2]) else None
+        sec = cl.recv(torch.empty(dr), T_SEC) if int(head[3]) else None
         self.worker = WorkerState(FeedbackState(e))
-        self.server = ServerState(FeedbackState(sfb), m)
+        self.server = ServerState(FeedbackState(sfb), m, sec)
         cl.reply(OK)
 
 
@@ -1020,11 +1027,12 @@ class ShardedTorchDistEngine:
             metas = cl.replies("collecting the ranks' state")
             bufs, recvs = {}, []
             for r in cl.peers:
-                f = [int(v) for v in metas[r][1:4]]
+                f = [int(v) for v in metas[r][1:5]]
                 b = {"x": torch.empty(d)}
                 b["e"] = torch.empty(d) if f[0] else None
                 b["sfb"] = torch.empty(sizes[r]) if f[1] else None
                 b["m"] = torch.empty(sizes[r]) if f[2] else None
+                b["v"] = torch.empty(sizes[r]) if f[3] else None
                 bufs[r] = b
                 recvs += [
                     (v, r, tag)
@@ -1033,6 +1041,7 @@ class ShardedTorchDistEngine:
                         (b["e"], T_ERR),
                         (b["sfb"], T_SFB),
                         (b["m"], T_MOM),
+                        (b["v"], T_SEC),
                     )
                     if v is not None
                 ]
@@ -1044,7 +1053,7 @@ class ShardedTorchDistEngine:
                 )
         errs = [rep.worker.feedback.error] + [bufs[r]["e"] for r in cl.peers]
         servers = [rep.server] + [
-            ServerState(FeedbackState(bufs[r]["sfb"]), bufs[r]["m"]) for r in cl.peers
+            ServerState(FeedbackState(bufs[r]["sfb"]), bufs[r]["m"], bufs[r]["v"]) for r in cl.peers
         ]
         return {
             "x": rep.x.clone(),
@@ -1063,12 +1072,12 @@ class ShardedTorchDistEngine:
             sends = []
             for r in cl.peers:
                 e, s = errs[r], servers[r]
-                vals = (e, s.feedback.error, s.momentum)
-                head = torch.tensor([*(int(v is not None) for v in vals), 0], dtype=torch.int64)
+                vals = (e, s.feedback.error, s.momentum, s.second)
+                head = torch.tensor([int(v is not None) for v in vals], dtype=torch.int64)
                 sends += [(head, r, T_META), (x, r, T_DATA)]
                 sends += [
                     (v.float(), r, tag)
-                    for v, tag in zip(vals, (T_ERR, T_SFB, T_MOM), strict=True)
+                    for v, tag in zip(vals, (T_ERR, T_SFB, T_MOM, T_SEC), strict=True)
                     if v is not None
                 ]
             cl.exchange("sending the ranks' state", sends)
@@ -1111,10 +1120,10 @@ def _sharded_worker(cfg, cl: _Cluster, problem, algo: Algorithm) -> tuple[int, i
 
 
 def _build(cfg):
-    from ..experiments.runner import make_method, make_problem
+    from ..experiments.runner import make_algorithm, make_problem
 
     problem = make_problem(cfg)
-    algo = Algorithm(make_method(cfg), problem.dim, seed=cfg.seed, momentum=cfg.momentum)
+    algo = make_algorithm(cfg, problem.dim)
     return problem, algo
 
 

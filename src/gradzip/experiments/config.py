@@ -35,6 +35,9 @@ class RunConfig:
     lam: float = 0.0  # schedule's lambda (0 = the problem's L2 constant)
     shift: float = 1.0  # memsgd's a
     momentum: float = 0.0  # server heavy-ball momentum
+    nesterov: bool = False  # Nesterov's form of the server momentum
+    optimizer: str = "sgd"  # the server's optimizer: sgd | adam | adamw
+    weight_decay: float = 0.0  # adamw's decoupled weight decay
     seed: int = 0
     eval_every: int = 25
     engine: str = "simulated"  # simulated | torchdist
@@ -68,6 +71,9 @@ HELP = {
     "lam": "lambda of the memsgd/bottou schedules (0 = the problem's L2 constant)",
     "shift": "memsgd schedule's shift a in gamma / (lambda (t + a))",
     "momentum": "server heavy-ball momentum (0 = none)",
+    "nesterov": "Nesterov momentum on the server (needs momentum > 0)",
+    "optimizer": "the server's optimizer on the averaged gradient: sgd | adam | adamw",
+    "weight_decay": "adamw's decoupled weight decay",
     "seed": "seed of data order, model init and all compressor randomness",
     "eval_every": "steps between test evaluations",
     "engine": "simulated | simulated-sharded | torchdist | torchdist-sharded",
@@ -76,10 +82,19 @@ HELP = {
 }
 
 
+_BOOLS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+
 def _convert(key: str, value):
     if key not in _FIELDS:
         raise ValueError(f"unknown config key {key!r}; valid keys: {', '.join(_FIELDS)}")
     kind = type(_FIELDS[key].default)
+    if kind is bool:
+        if isinstance(value, str) and value.strip().lower() in _BOOLS:
+            return _BOOLS[value.strip().lower()]
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"config key {key!r} needs true or false, got {value!r}")
     if isinstance(value, str) and kind is not str:
         try:
             return kind(float(value)) if kind is int and "." not in value else kind(value)

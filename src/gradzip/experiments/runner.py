@@ -35,6 +35,14 @@ def make_method(cfg: RunConfig) -> methods.Method:
     return methods.method(cfg.method, **over)
 
 
+def make_algorithm(cfg: RunConfig, dim: int) -> Algorithm:
+    """The step of the run: its method and the server's optimizer."""
+    return Algorithm(
+        make_method(cfg), dim, seed=cfg.seed, momentum=cfg.momentum, nesterov=cfg.nesterov,
+        optimizer=cfg.optimizer, weight_decay=cfg.weight_decay,
+    )  # fmt: skip
+
+
 def make_problem(cfg: RunConfig):
     return build(
         cfg.problem, cfg.data or None, workers=cfg.workers, split=cfg.split,
@@ -80,7 +88,7 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True) -> dict:
     problem = make_problem(cfg)
     method = make_method(cfg)
     schedule = make_schedule(cfg, problem)
-    algo = Algorithm(method, problem.dim, seed=cfg.seed, momentum=cfg.momentum)
+    algo = make_algorithm(cfg, problem.dim)
     if cfg.engine == "simulated":
         engine = SimulatedEngine(problem, algo, cfg.workers, seed=cfg.seed)
     elif cfg.engine in torchdist.ALL:
