@@ -242,6 +242,10 @@ def test_error_feedback_on_a_non_contractive_compressor_warns_and_presets_do_not
             method("sgd", uplink=spec, uplink_rule="ef", downlink=spec, downlink_rule="ef")
     assert ddp._auto(gz.compressor("fosgd:rescale=mse")) == "ef"
     assert ddp._auto(gz.compressor("fosgd")) == "none"  # not contractive in the worst case
+    # the engines' methods resolve `auto` the same way
+    m = method("sgd", uplink="fosgd:rescale=mse", uplink_rule="auto", downlink_rule="auto")
+    assert (m.uplink_rule, m.downlink_rule) == ("ef", "none")  # downlink: identity, unbiased
+    assert method("fosgd", uplink_rule="auto").uplink_rule == "none"
 
 
 def _server_step_reference(opt: str, steps: int = 12):

@@ -141,13 +141,7 @@ def _resolve(spec, uplink_rule, downlink, downlink_rule, layout) -> Config:
     return Config(cu.spec, ur, cd.spec, dr, layout)
 
 
-def _auto(c) -> str:
-    """``ef`` for a biased compressor that is contractive (class B3: error feedback needs
-    E||C(x) - x||^2 < ||x||^2, e.g. top-k, scaled sign, ``fosgd:rescale=mse``), ``none``
-    otherwise (unbiased ones, and biased ones whose error can exceed the input, such as
-    the paper's fosgd norm rule, gradzip's default fosgd or plain sign, with which the
-    memory would grow)."""
-    return "ef" if not c.unbiased and c.delta(1 << 20) is not None else "none"
+_auto = feedback.auto  # the engines' Method resolves ``auto`` the same way
 
 
 def _split_sizes(d: int, n: int) -> list[int]:

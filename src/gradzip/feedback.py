@@ -47,6 +47,14 @@ def contraction(c, d: int = 1 << 20) -> float | None:
     return omega if omega is not None and omega < 1 else None
 
 
+def auto(c, d: int = 1 << 20) -> str:
+    """The rule ``auto`` stands for: ``ef`` for a biased compressor that declares a
+    contraction (class B3: top-k, scaled sign, ``fosgd:rescale=mse``), ``none`` for
+    unbiased ones and for biased ones whose error can exceed the input (the paper's
+    fosgd, gradzip's default fosgd, plain sign), with which the memory could grow."""
+    return "ef" if not c.unbiased and c.delta(d) is not None else "none"
+
+
 def check_feedback(rule: str, c, where: str, d: int = 1 << 20) -> None:
     """Warn when ``rule`` is ``ef`` and ``c`` declares no contraction: the memory
     e <- v - C(v) then need not shrink, and with an error larger than the input (a norm

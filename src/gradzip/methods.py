@@ -19,14 +19,19 @@ class Method:
     """Who sends what. Compressors are spec strings (see gradzip.compressors.registry)."""
 
     uplink: str = "identity"  # workers -> server
-    uplink_rule: str = "none"  # none | ef | dq
+    uplink_rule: str = "none"  # none | ef | dq | auto (ef where the compressor contracts)
     downlink: str = "identity"  # server -> workers
-    downlink_rule: str = "none"  # none | ef
+    downlink_rule: str = "none"  # none | ef | auto
     # DQ-GD only: the quantizer's range r_t = dq_range * dq_decay**t, fixed in advance
     dq_range: float = 1.0
     dq_decay: float = 1.0
 
     def __post_init__(self):
+        for side in ("uplink", "downlink"):  # auto: resolved here, as the DDP hook does
+            if getattr(self, side + "_rule") == "auto":
+                object.__setattr__(
+                    self, side + "_rule", feedback.auto(compressor(getattr(self, side)))
+                )
         feedback._check(self.uplink_rule)
         if feedback._check(self.downlink_rule) == "dq":
             raise ValueError("the dq rule applies to the uplink only")

@@ -4,23 +4,32 @@ Stollenwerk & Jacques, "Flattened one-bit stochastic gradient descent" (arXiv 24
 DESIGN.md sections 3.1-3.3. Encoding a gradient g of length d:
 
 1. y = Phi g, the randomized Hadamard rotation (``flatten=True``), else y = g.
-2. Pick the scale lambda by the rule: ``max`` lambda = ||y||_inf (unbiased); ``norm``
-   lambda = c ||g||_2 sqrt(2 ln(2B) / B), B the rotation block (biased only where a
-   flattened coordinate exceeds lambda, which flattening makes rare); ``fixed`` lambda
-   given, and then nothing but the d bits is sent.
+2. Pick the dither's scale lambda by the rule: ``max`` lambda = ||y||_inf (unbiased);
+   ``norm`` lambda = c ||g||_2 sqrt(2 ln(2B) / B), B the rotation block (the paper's:
+   biased only where a flattened coordinate exceeds lambda, which flattening makes rare);
+   ``rms`` lambda = c ||g||_2 / sqrt(d) (c = 0: no dither); ``l1`` lambda = c ||y||_1 / d;
+   ``fixed`` lambda given, and then nothing but the d bits is sent.
 3. Draw the dither xi = lambda u from the shared seed, u uniform on (-1, 1)^d at a
    resolution of 2^-15 (``rng.dither16``: four dither values per 64-bit SplitMix64 word,
    which cuts the hashing that dominates the quantizer; the probabilities are then multiples of
    2^-16, a bias of at most 2^-15 lambda per coordinate, far below the standard deviation
    of about lambda), and send the bits b = sign(y + xi).
-4. The receiver forms lambda b (``standard`` dither: E = y, Var = lambda^2 - y^2 where
-   |y| <= lambda) or lambda b - xi (``subtractive``: unbiased, Var = lambda^2 / 3 whatever
-   y is), and rotates back: g_hat = Phi^T(...).
+4. The decode scale s (``rescale``), sent in lambda's place: lambda itself (``none``), or
+   fitted by the sender from y and the bits it made: <b, y> / d (``mse``, the least-squares
+   fit: a contraction) or ||y||^2 / <b, y> (``unbiased``: <C(g), g> = ||g||^2 exactly).
+5. The receiver forms s b (``standard`` dither; with s = lambda: E = y, Var = lambda^2 - y^2
+   where |y| <= lambda) or lambda b - xi (``subtractive``: unbiased, Var = lambda^2 / 3
+   whatever y is), and rotates back: g_hat = Phi^T(...).
 
-Fast paths (CPU float32, d a power of two >= 2^16): FO-SGD with the ``norm`` rule encodes
-in two passes over memory instead of five (``hadamard.rotate_quantize_``: the norm is taken
-during the rotation, the quantizer runs on each piece of the rotated vector as it is
-finished, which is never stored), and the ``standard`` dither decodes with the inverse
+gradzip's ``fosgd`` is ``scale=rms, c=0.5, rescale=unbiased`` (error about 0.7 ||g||^2,
+chosen by ``gradzip scales`` and training runs: docs/fosgd.md); the paper's is
+:data:`PAPER_FOSGD`.
+
+Fast paths (CPU float32, d a power of two >= 2^16): FO-SGD with the ``norm`` or ``rms``
+rule encodes in two passes over memory instead of five (``hadamard.rotate_quantize_``: the
+norm is taken during the rotation, the quantizer runs on each piece of the rotated vector
+as it is finished, which is never stored, and sums <b, y> there for a fitted scale), and
+the ``standard`` dither decodes with the inverse
 rotation reading the bits directly (``hadamard.unrotate_signs``). Both give exactly the
 payload / output of the plain path, which the tests check against the pure-torch references.
 
