@@ -541,7 +541,7 @@ def rotate_quantize_(
     _run_pieces(
         d,
         d // (L // C),
-        lambda w, i, j: k.cols_quantize(y, m, lam32, dk, o, bufs[w], i, j, ip, k.SIGNS8),
+        lambda w, i, j: k.cols_quantize(y, m, lam32, dk, o, bufs[w], i, j, ip),
     )
     return (lam, float(ip.sum())) if with_inner else lam
 

@@ -485,48 +485,74 @@ def _mix64_vec(b, z):
     return b.xor(z, b.lshr(z, c(31)))
 
 
+def _quant32_codegen(prescaled: bool, summed: bool):
+    def codegen(context, builder, sig, args):
+        b = builder
+        V = _Vec(context, b, sig.args[0])
+        ity = V.ivty
+        v64 = ir.VectorType(_I64, 4)
+        base = V.splat(context.cast(b, args[2], sig.args[2], types.uint64), v64)
+        words = []
+        for g in range(2):  # mix64 of z0 + j GAMMA, j = 4g .. 4g + 3, as 8 halves
+            steps = [signed64(((4 * g + j) * GAMMA) % (1 << 64)) for j in range(4)]
+            steps = ir.Constant(v64, steps)
+            words.append(b.bitcast(_mix64_vec(b, b.add(base, steps)), ity))
+        ydata = V.data(sig.args[0], args[0])
+        e0 = V.index(args[1], sig.args[1])
+        odata = context.make_array(sig.args[4])(context, b, args[4]).data
+        o0 = V.index(args[5], sig.args[5])
+        lam_v = V.splat(args[3])
+
+        def ic(v):
+            return ir.Constant(ity, [v] * 8)
+
+        if summed:  # acc[0:8] += the 32 values y b (b = -1 where the bit is set)
+            accp = V.ptr(V.data(sig.args[6], args[6]), ir.Constant(_I64, 0))
+            accv = V.load(accp)
+        for k in range(4):
+            w = words[k % 2]
+            t = b.and_(w, ic(0xFFFF)) if k < 2 else b.lshr(w, ic(16))
+            s = b.sitofp(b.sub(ic(65535), b.add(t, t)), V.vty)  # -u 2**16, exact
+            if not prescaled:
+                s = b.fmul(s, V.const([2.0**-16] * 8))  # -u, exact
+            w = b.fmul(lam_v, s)
+            yv = V.load(V.ptr(ydata, e0, k))
+            mask = b.fcmp_ordered("<", yv, w)
+            b.store(b.bitcast(mask, ir.IntType(8)), b.gep(odata, [b.add(o0, ir.Constant(_I64, k))]))
+            if summed:
+                accv = b.fadd(accv, b.select(mask, b.fneg(yv), yv))
+        if summed:
+            V.store(accv, accp)
+        return context.get_dummy_value()
+
+    return codegen
+
+
+def _quant32_args_ok(y, e, z0, lam, out, o) -> bool:
+    ok = isinstance(y, types.Array) and y.dtype == types.float32 and lam == types.float32
+    ok = ok and isinstance(out, types.Array) and out.dtype == types.uint8
+    return ok and _all_ints(e, z0, o)
+
+
 def _make_quant32(prescaled: bool):
     @intrinsic
     def quant32(typingctx, y, e, z0, lam, out, o):
-        ok = isinstance(y, types.Array) and y.dtype == types.float32 and lam == types.float32
-        ok = ok and isinstance(out, types.Array) and out.dtype == types.uint8
-        if not (ok and _all_ints(e, z0, o)):
+        if not _quant32_args_ok(y, e, z0, lam, out, o):
             return None
-
-        def codegen(context, builder, sig, args):
-            b = builder
-            V = _Vec(context, b, sig.args[0])
-            ity = V.ivty
-            v64 = ir.VectorType(_I64, 4)
-            base = V.splat(context.cast(b, args[2], sig.args[2], types.uint64), v64)
-            words = []
-            for g in range(2):  # mix64 of z0 + j GAMMA, j = 4g .. 4g + 3, as 8 halves
-                steps = [signed64(((4 * g + j) * GAMMA) % (1 << 64)) for j in range(4)]
-                steps = ir.Constant(v64, steps)
-                words.append(b.bitcast(_mix64_vec(b, b.add(base, steps)), ity))
-            ydata = V.data(sig.args[0], args[0])
-            e0 = V.index(args[1], sig.args[1])
-            odata = context.make_array(sig.args[4])(context, b, args[4]).data
-            o0 = V.index(args[5], sig.args[5])
-            lam_v = V.splat(args[3])
-
-            def ic(v):
-                return ir.Constant(ity, [v] * 8)
-
-            for k in range(4):
-                w = words[k % 2]
-                t = b.and_(w, ic(0xFFFF)) if k < 2 else b.lshr(w, ic(16))
-                s = b.sitofp(b.sub(ic(65535), b.add(t, t)), V.vty)  # -u 2**16, exact
-                if not prescaled:
-                    s = b.fmul(s, V.const([2.0**-16] * 8))  # -u, exact
-                w = b.fmul(lam_v, s)
-                byte = b.bitcast(b.fcmp_ordered("<", V.load(V.ptr(ydata, e0, k)), w), ir.IntType(8))
-                b.store(byte, b.gep(odata, [b.add(o0, ir.Constant(_I64, k))]))
-            return context.get_dummy_value()
-
-        return types.void(y, e, z0, lam, out, o), codegen
+        return types.void(y, e, z0, lam, out, o), _quant32_codegen(prescaled, False)
 
     return quant32
+
+
+def _make_quant32_sum(prescaled: bool):
+    @intrinsic
+    def quant32_sum(typingctx, y, e, z0, lam, out, o, acc):
+        ok = isinstance(acc, types.Array) and acc.dtype == types.float32
+        if not (ok and _quant32_args_ok(y, e, z0, lam, out, o)):
+            return None
+        return types.void(y, e, z0, lam, out, o, acc), _quant32_codegen(prescaled, True)
+
+    return quant32_sum
 
 
 # _quant32(y, e, z0, lam, out, o): ``out[o : o + 4] <-`` the bits ``y[e + p] + lam * u_p < 0``
@@ -546,6 +572,19 @@ def _make_quant32(prescaled: bool):
 # through :func:`quant32`.
 _quant32 = _make_quant32(False)
 _quant32_prescaled = _make_quant32(True)
+# the same, and ``acc[0:8] += `` the 32 products ``y b`` (``b = -1`` where the bit is set), in
+# float32 lanes: the fitted scales' <b, y> at the cost of one select and one add per vector
+_quant32_sum = _make_quant32_sum(False)
+_quant32_prescaled_sum = _make_quant32_sum(True)
+
+
+@numba.njit(inline="always", cache=True)
+def quant32_sum(y, e, z0, lam, lam16, exact, out, o, acc):
+    """:func:`quant32`, and ``acc[0:8] +=`` the 32 values ``y b`` (float32 lanes)."""
+    if exact:
+        _quant32_prescaled_sum(y, e, z0, lam16, out, o, acc)
+    else:
+        _quant32_sum(y, e, z0, lam, out, o, acc)
 
 
 @numba.njit(inline="always", cache=True)
@@ -1118,13 +1157,14 @@ def _prefetch_row(a, i, C):
 
 
 @numba.njit(inline="always", cache=True)
-def _quantize_chunk(a, buf, L, R, c0, C, nxt, T, lam, key, out):
+def _quantize_chunk(a, buf, L, R, c0, C, nxt, T, lam, key, out, acc):
     """Row ``r`` of ``buf`` (R x C) holds elements ``r L + c0 ..``: ``out`` <- their bits
     ``y + lam * u < 0``, ``u = dither16`` of ``key`` (uint64; four values per 64-bit word,
     see :func:`gradzip.rng.dither16`), 32 elements at a time (:func:`_quant32`). ``C`` is
     a multiple of 32. Meanwhile row ``r`` of the next chunk (``a[nxt + r T:]``; none if
     ``nxt < 0``) is prefetched."""
     gpr = C // 32
+    ip = 0.0
     lam16, exact = prescale(lam)
     step = U64(U64(8) * _GAMMA)  # from one group's first word to the next's
     for r in range(R):
@@ -1132,9 +1172,18 @@ def _quantize_chunk(a, buf, L, R, c0, C, nxt, T, lam, key, out):
             _prefetch_row(a, nxt + r * T, C)
         z0 = dither16_word(key, (r * L + c0) // 4)
         o = (r * L + c0) // 8
+        if acc.size:  # <b, y> of the row: float32 lanes, summed in float64 per row
+            acc[:] = 0
+            for g in range(gpr):
+                quant32_sum(buf, (r * gpr + g) * 32, z0, lam, lam16, exact, out, o + 4 * g, acc)
+                z0 = U64(z0 + step)
+            for j in range(8):
+                ip += np.float64(acc[j])
+            continue
         for g in range(gpr):
             quant32(buf, (r * gpr + g) * 32, z0, lam, lam16, exact, out, o + 4 * g)
             z0 = U64(z0 + step)
+    return ip
 
 
 @numba.njit(inline="always", cache=True)
@@ -1148,25 +1197,8 @@ def _chunk_at(q, L, R, C):
     return c0, _block_base(c0, R, S, P), nxt, S + P
 
 
-#: row b: the signs (+1 where bit j of byte b is 0, -1 where it is 1) of its 8 elements
-SIGNS8 = np.array([[1.0 - 2.0 * ((b >> j) & 1) for j in range(8)] for b in range(256)], np.float32)
-
-
-@numba.njit(nogil=True, cache=True, fastmath={"reassoc", "contract", "nsz"})
-def signed_row(y, e, n, out, o, tab):
-    """``sum_i y[e + i] b_i`` over ``i < n`` (a multiple of 8), ``b_i`` = +-1 by bit ``i``
-    of ``out[o:]`` (set: -1); ``tab`` is :data:`SIGNS8`. Products in float32 (exact up
-    to one rounding), summed in float64: one table row and one 8-float vector per byte."""
-    s = 0.0
-    for b in range(n // 8):
-        t = tab[out[o + b]]
-        for j in range(8):
-            s += np.float64(y[e + 8 * b + j] * t[j])
-    return s
-
-
 @numba.njit(nogil=True, cache=True)
-def cols_quantize(a, m, lam, key, out, buf, start, stop, ip, tab):
+def cols_quantize(a, m, lam, key, out, buf, start, stop, ip):
     """Pass 2 of the fused encoder: ``out`` <- the packed bits of ``Phi x + lam * u < 0``.
 
     ``a`` holds pass 1's result (:func:`rotate_stats`, in the layout of :func:`_layout`)
@@ -1176,9 +1208,10 @@ def cols_quantize(a, m, lam, key, out, buf, start, stop, ip, tab):
     column chunks ``start // (n / nchunks) ..`` up to ``stop``'s (a kernel over ``n``
     elements aligned to ``n / nchunks``), with the chunk buffer ``buf`` (float32, at least
     ``R * C`` elements; see :func:`grid`). Where ``ip`` (float64, one per chunk) is not
-    empty, ``ip[q]`` <- ``<b, y>`` over chunk q (:func:`signed_row` on the chunk while it
-    is still in L2; ``tab`` is :data:`SIGNS8`), for the scale fitted after the bits.
+    empty, ``ip[q]`` <- ``<b, y>`` over chunk q, summed in the quantizer's registers
+    (:func:`quant32_sum`), for the scale fitted after the bits.
     """
+    acc = np.zeros(8 if ip.size else 0, np.float32)
     W = _lanes(a)
     m1, m2 = _budgets(4)
     mr, L, R, C = _grid(m, m1, m2, 8 * W, 4)
@@ -1186,11 +1219,8 @@ def cols_quantize(a, m, lam, key, out, buf, start, stop, ip, tab):
     for q in range(start // per, (stop + per - 1) // per):
         c0, base, nxt, T = _chunk_at(q, L, R, C)
         _chunk_sweeps(a, R, base, T, C, buf)
-        _quantize_chunk(a, buf, L, R, c0, C, nxt, T, lam, U64(key), out)
+        s = _quantize_chunk(a, buf, L, R, c0, C, nxt, T, lam, U64(key), out, acc)
         if ip.size:
-            s = 0.0
-            for r in range(R):
-                s += signed_row(buf, r * C, C, out, (r * L + c0) // 8, tab)
             ip[q] = s
 
 
