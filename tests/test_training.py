@@ -282,3 +282,5 @@ def test_server_optimizer_options_are_checked():
         Algorithm(m, d, nesterov=True)
     with pytest.raises(ValueError, match="decoupled decay"):
         Algorithm(m, d, weight_decay=0.1)
+    with pytest.raises(ValueError, match="momentum is sgd's"):
+        Algorithm(m, d, momentum=0.9, optimizer="adam")

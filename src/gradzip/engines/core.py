@@ -88,6 +88,8 @@ class Algorithm:
             raise ValueError(f"momentum must be in [0, 1), got {momentum}")
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
+        if momentum and optimizer != "sgd":
+            raise ValueError(f"momentum is sgd's; {optimizer} has its betas {ADAM_BETAS}")
         if nesterov and (optimizer != "sgd" or not momentum):
             raise ValueError("nesterov needs the sgd optimizer and a momentum > 0")
         if weight_decay and optimizer != "adamw":
