@@ -240,6 +240,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"gradzip scales: error: LIBSVM data file not found: {args.data}", file=sys.stderr)
         return 2
     only = [s.strip() for s in args.sources.split(",")] if args.sources else None
+    known = sources(args.quick, args.data, args.fashion)
+    if only and set(only) - set(known):
+        bad = sorted(set(only) - set(known))
+        print(f"gradzip scales: error: unknown source(s) {bad}; valid: {', '.join(known)}",
+              file=sys.stderr)  # fmt: skip
+        return 2
     t0 = time.perf_counter()
     print(f"gradzip scales: {len(specs(args.quick))} configurations per source", flush=True)
     try:
