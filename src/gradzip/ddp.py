@@ -325,7 +325,9 @@ class GradzipState:
         :class:`gradzip.optim.Adam`, sqrt(v_hat), the same on every rank), and multiply
         the decoded average back: the compression noise then scales with each coordinate's
         typical gradient, as Adam's step does, instead of being spread evenly (which Adam's
-        division by sqrt(v) amplifies on coordinates with small gradients)."""
+        division by sqrt(v) amplifies on coordinates with small gradients). Not part of
+        :meth:`state_dict`: call it again when the job restarts (the scales are read from
+        the optimizer's state at every step, so a loaded optimizer is picked up)."""
         if not hasattr(optimizer, "preconditioner"):
             raise TypeError(
                 f"{type(optimizer).__name__} has no preconditioner(param); use gradzip.optim.Adam"
@@ -340,6 +342,7 @@ class GradzipState:
         if missing:
             raise ValueError(f"the optimizer does not hold the parameters {missing[:5]}")
         self._precond = (optimizer, module_params)
+        self._precond_flat_cache: dict[tuple, tuple[list, torch.Tensor]] = {}
 
     def _precond_flat(self, names, sizes, dev) -> torch.Tensor | None:
         if self._precond is None:
@@ -348,7 +351,13 @@ class GradzipState:
         parts = [opt.preconditioner(params[nm]) for nm in names]
         if any(s is None for s in parts):
             return None  # before the optimizer's first step: nothing to scale by yet
-        return torch.cat([s.reshape(-1).to(dev, torch.float32) for s in parts])
+        key = tuple(names)
+        hit = self._precond_flat_cache.get(key)
+        if hit is not None and all(a is b for a, b in zip(hit[0], parts, strict=True)):
+            return hit[1]  # the same scales as last step (a frozen v): no new copy
+        flat = torch.cat([s.reshape(-1).to(dev, torch.float32) for s in parts])
+        self._precond_flat_cache[key] = (parts, flat)
+        return flat
 
     # --- the hook's work ------------------------------------------------------------------
     def _use_dense(self, d: int) -> bool:

@@ -79,6 +79,7 @@ class Adam(torch.optim.Optimizer):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                         decoupled=decoupled, freeze_after=freeze_after, floor=floor)  # fmt: skip
         super().__init__(params, defaults)
+        self._frozen_scale: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # not saved
 
     @torch.no_grad()
     def preconditioner(self, p: torch.Tensor) -> torch.Tensor | None:
@@ -91,10 +92,17 @@ class Adam(torch.optim.Optimizer):
         group = next(g for g in self.param_groups if any(q is p for q in g["params"]))
         b2, freeze = group["betas"][1], group["freeze_after"]
         t = int(st["step"].item())
+        frozen = freeze is not None and t >= freeze
+        hit = self._frozen_scale.get(id(p))
+        if frozen and hit is not None and hit[0] is st["exp_avg_sq"]:
+            return hit[1]  # v no longer changes: the same tensor every step
         tv = t if freeze is None else min(t, freeze)
         s = (st["exp_avg_sq"] / (1 - b2**tv)).sqrt_()
         floor = max(group["floor"] * float(s.mean()), group["eps"])
-        return s.clamp_(min=floor)
+        s = s.clamp_(min=floor)
+        if frozen:
+            self._frozen_scale[id(p)] = (st["exp_avg_sq"], s)
+        return s
 
     @torch.no_grad()
     def step(self, closure=None):
