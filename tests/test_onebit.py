@@ -290,19 +290,21 @@ def test_non_finite_input_is_a_non_finite_error_on_every_path():
 # --- the scale rules of issue 13: rms / l1 dither scales, decode-scale fitting ---------------
 
 
-@pytest.mark.parametrize("n", [1, 7, 8, 9, 63, 4096, 4097, (1 << 17) + 3])
-def test_signed_sum_kernel_matches_reference(n):
-    """<b, y> from packed bits: the numba kernel against the pure-torch reference."""
+@pytest.mark.parametrize("n", [1, 7, 8, 31, 32, 33, 1000, 4097, (1 << 17) + 3])
+@pytest.mark.parametrize("lam", [0.0, 0.7])
+def test_quantize_sum_kernel_matches_reference(n, lam):
+    """The quantizer that also returns <b, y>: the same bits as quantize_, and the sum of
+    the reference, on fresh random inputs (lambda = 0: undithered signs)."""
     g = torch.Generator().manual_seed(n)
     y = torch.randn(n, generator=g)
-    data = bits_mod.pack_bits(torch.rand(n, generator=g) < 0.3)
-    ref = ob.signed_sum_reference(y, data)
-    fast = ob.signed_sum(y, data)
-    assert fast == pytest.approx(ref, rel=1e-12, abs=1e-9)
-    if n >= 4096:  # the kernel really runs (not the fallback): float32 y, contiguous
-        assert ob.signed_sum(y[::2].contiguous(), bits_mod.pack_bits(y[::2] < 0)) == (
-            pytest.approx(float(y[::2].double().abs().sum()), rel=1e-12)
-        )
+    key = int(torch.randint(1 << 62, (1,), generator=g))
+    out = torch.zeros(bits_mod.packed_size(n), dtype=torch.uint8)
+    ip = ob.quantize_sum_(y, lam, key, out)
+    assert torch.equal(out, ob.quantize_reference(y, lam, key if lam else None))
+    assert ip == pytest.approx(ob.signed_sum_reference(y, out), rel=1e-6, abs=1e-9)
+    assert ob.signed_sum_reference(y, bits_mod.pack_bits(y < 0)) == pytest.approx(
+        float(y.double().abs().sum()), rel=1e-12
+    )
 
 
 @pytest.mark.parametrize(

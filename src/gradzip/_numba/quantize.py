@@ -22,7 +22,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from .fwht import prescale, quant32
+from .fwht import prescale, quant32, quant32_sum
 from .parallel import run
 from .rng import U32, U64, dither16_group, dither16_word
 
@@ -114,6 +114,30 @@ def _dither_sign_pack(y, lam, key, out, start, stop):
 
 
 @numba.njit(nogil=True, cache=True)
+def _dither_sign_pack_sum(y, lam, key, out, start, stop):
+    """:func:`_dither_sign_pack`, returning ``sum y_e b_e`` (``b = -1`` where the bit is
+    set): float32 lanes over 1024 elements at a time, then float64."""
+    lam16, exact = prescale(lam)
+    whole = start + (stop - start) // 32 * 32
+    acc = np.zeros(8, np.float32)
+    total = 0.0
+    for e in range(start, whole, 32):
+        quant32_sum(y, e, dither16_word(key, e // 4), lam, lam16, exact, out, e // 8, acc)
+        if (e - start) % 1024 == 992 or e + 32 == whole:
+            for j in range(8):
+                total += np.float64(acc[j])
+            acc[:] = 0
+    if whole < stop:
+        u = np.empty(32, np.float32)
+        tmp = np.zeros(32, np.uint8)
+        dither_sign_pack_chunk(y[whole:stop], whole, lam, key, out, u, tmp)
+        for i in range(whole, stop):
+            bit = (out[i >> 3] >> (i & 7)) & 1
+            total += np.float64(y[i]) * (1.0 - 2.0 * bit)
+    return total
+
+
+@numba.njit(nogil=True, cache=True)
 def _sign_pack(y, out, start, stop):
     tmp = np.zeros(CHUNK, np.uint8)
     for base in range(start, stop, CHUNK):
@@ -145,6 +169,13 @@ def dither_sign_pack(y, lam, key, out) -> None:
     run(_dither_sign_pack, y.size, y, np.float32(lam), U64(key), out, align=CHUNK)
 
 
+def dither_sign_pack_sum(y, lam, key, out) -> float:
+    """:func:`dither_sign_pack`, and return ``<b, y>`` (float64) from the same pass: the
+    fitted scales of ``rescale`` without reading ``y`` again."""
+    y = np.ascontiguousarray(y)
+    return sum(run(_dither_sign_pack_sum, y.size, y, np.float32(lam), U64(key), out, align=CHUNK))
+
+
 def sign_pack(y, out) -> None:
     """out packs the bits ``y[e] < 0`` (no dither)."""
     run(_sign_pack, y.size, y, out, align=CHUNK)
@@ -153,22 +184,3 @@ def sign_pack(y, out) -> None:
 def unpack_subtract_dither(data, lam, key, out) -> None:
     """out[e] = lam * (+1 or -1 by bit e) - lam * u[e] (subtractive dither decoding)."""
     run(_unpack_subtract_dither, out.size, data, np.float32(lam), U64(key), out, align=CHUNK)
-
-
-@numba.njit(nogil=True, cache=True, fastmath=_REASSOC)
-def _signed_sum(y, data, start, stop):
-    """sum of ``y[i]`` with the sign of bit i flipped in (``start`` a multiple of 8)."""
-    ys = y[start:stop]
-    ds = data[start // 8 : (stop + 7) // 8]
-    s = 0.0
-    for i in range(ys.size):
-        bit = (ds[i >> 3] >> (i & 7)) & 1
-        v = np.float64(ys[i])
-        s += v - 2.0 * bit * v
-    return s
-
-
-def signed_sum(y, data) -> float:
-    """``sum_i y_i b_i`` in float64, ``b_i = -1`` where bit i of ``data`` is set, else +1:
-    the inner product of float32 ``y`` with the signs it was quantized to."""
-    return sum(run(_signed_sum, y.size, y, data, align=CHUNK))

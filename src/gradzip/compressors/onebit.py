@@ -85,15 +85,6 @@ def signed_sum_reference(y: torch.Tensor, data: torch.Tensor) -> float:
     return float((y.to(torch.float64).cpu() * b).sum())
 
 
-def signed_sum(y: torch.Tensor, data: torch.Tensor) -> float:
-    """:func:`signed_sum_reference`, with the fast CPU kernel for float32."""
-    if y.device.type == "cpu" and y.dtype == torch.float32 and y.is_contiguous():
-        from .._numba.quantize import signed_sum as k
-
-        return k(y.numpy(), data.numpy())
-    return signed_sum_reference(y, data)
-
-
 def quantize_reference(y: torch.Tensor, lam: float, key: int | None) -> torch.Tensor:
     """Packed bits of ``y + lam * u < 0`` (``key=None``: no dither, bits of ``y < 0``)."""
     if key is not None:
@@ -112,6 +103,17 @@ def quantize_(y: torch.Tensor, lam: float, key: int | None, out: torch.Tensor) -
             k.dither_sign_pack(y.numpy(), lam, key, out.numpy())
     else:
         out.copy_(quantize_reference(y, lam, key).cpu())
+
+
+def quantize_sum_(y: torch.Tensor, lam: float, key: int | None, out: torch.Tensor) -> float:
+    """:func:`quantize_`, and return ``<b, y>`` (float64) of the bits just written: one pass
+    over ``y`` on the CPU fast path (``key`` is unused when ``lam`` is 0)."""
+    if y.device.type == "cpu" and y.dtype == torch.float32:
+        from .._numba.quantize import dither_sign_pack_sum
+
+        return dither_sign_pack_sum(y.numpy(), lam, key if lam > 0 else 0, out.numpy())
+    quantize_(y, lam, key if lam > 0 else None, out)
+    return signed_sum_reference(y, out)
 
 
 def dequantize_reference(data, n, lam, key, device=None) -> torch.Tensor:
@@ -306,16 +308,13 @@ class OneBit(Compressor):
         lam = _f32_up(lam)
         w = ctx.writer(self.section_lengths(ctx.d))
         packed = w.sections[-1]
-        quantize_(y, lam, ctx.key(rng.STREAM_DITHER) if lam > 0 else None, packed)
-        if self.rescale != "none":
-            lam = self._rescaled(y, packed, sq)
+        if self.rescale == "none":
+            quantize_(y, lam, ctx.key(rng.STREAM_DITHER) if lam > 0 else None, packed)
+        else:  # the decode scale fitted from <b, y>, summed while quantizing
+            lam = self._fitted(quantize_sum_(y, lam, ctx.key(rng.STREAM_DITHER), packed), sq, ctx.d)
         if self.scale != "fixed":
             w.put_f32(0, lam)
         return w.finish()
-
-    def _rescaled(self, y: torch.Tensor, packed: torch.Tensor, sq: float) -> float:
-        """The decode scale s of ``rescale`` from the bits just made (``sq = ||y||^2``)."""
-        return self._fitted(signed_sum(y, packed), sq, y.numel())
 
     def _fitted(self, ip: float, sq: float, d: int) -> float:
         """The decode scale from ``ip = <b, y>`` and ``sq = ||y||^2`` (float32 value)."""
