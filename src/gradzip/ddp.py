@@ -404,7 +404,7 @@ class GradzipState:
             g = buf.detach().to(torch.float32)  # no copy for a float32 bucket
         scale = self._precond_flat(names, sizes, g.device)
         if scale is not None:  # compress g / s, decode, multiply back: noise scaled like v
-            g = g.div(scale) if g is buf else g.div_(scale)
+            g.div_(scale)  # g is a copy or the bucket's own memory, which the result replaces
         self._reduce_flat(names, sizes, g)
         if scale is not None:
             g.mul_(scale)
