@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -207,8 +208,13 @@ def _like_sgd(cfg: Config, runs, key: str, name: str, what: str) -> Claim:
         last = fo.rows[-1]
         coords = fo.method["dim"] * cfg.workers * last["step"]
         bpc[pname] = (last["bits_up"] / coords, last["bits_down"] / coords)
+        speed = (
+            f"{fmt(slow[pname])}x the steps of SGD to"
+            if math.isfinite(slow[pname])
+            else "never reached"
+        )
         detail.append(
-            f"{pname}: {fmt(slow[pname])}x the steps of SGD to SGD's loss at step "
+            f"{pname}: {speed} SGD's loss at step "
             f"{sgd.rows[i]['step']}, final test acc {fmt(fo.final('test_acc'), 4)} vs SGD "
             f"{fmt(sgd.final('test_acc'), 4)} ({fmt(-gap[pname], 2)} points), "
             f"{fmt(bpc[pname][0])}/{fmt(bpc[pname][1])} bits per coordinate up/down"
