@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import gradzip as gz
+import gradzip.methods
 from gradzip import ddp
 
 
@@ -209,6 +210,77 @@ def _preconditioned(rank: int) -> None:
         st.precondition_with(gradzip.optim.Adam(list(m.parameters())[:1]))
 
 
+# the hook against the engines' sharded step: a preset with worker EF, the default 1-bit
+# method, and a compressor spec that takes EF on both sides (the server's memory too)
+VERSUS = {
+    "memsgd-topk": gradzip.methods.method("memsgd-topk"),
+    "fosgd": gradzip.methods.method("fosgd"),
+    "topk:k=0.1": gradzip.methods.Method("topk:k=0.1", "auto", "topk:k=0.1", "auto"),
+}
+VERSUS_LR, VERSUS_STEPS = 0.5, 4  # a power of two: EF in update units scales exactly
+
+
+def _versus_engine(rank: int, tmp: str) -> None:
+    """Train with the hook (plain SGD, one bucket); rank 0 saves the parameters in the
+    hook's canonical order (the engine's vector) for the parent to compare."""
+    for spec in VERSUS:
+        m = _model()
+        st = ddp.register(m, spec, min_numel=0, seed=7)
+        _train(m, torch.optim.SGD(m.parameters(), lr=VERSUS_LR), rank, VERSUS_STEPS)
+        if rank == 0:
+            x = torch.cat([p.detach().reshape(-1) for p in reversed(list(m.parameters()))])
+            torch.save({"x": x, "step": st.step}, os.path.join(tmp, f"versus-{spec}.pt"))
+
+
+class _NetProblem:
+    """_Net as an engine problem: x is the parameters in the hook's canonical order
+    (decreasing index), worker i's batch at step t is rank i's."""
+
+    def __init__(self):
+        torch.manual_seed(0)
+        self.net = _Net()
+        self.params = list(reversed(list(self.net.parameters())))
+        self.sizes = [p.numel() for p in self.params]
+
+    def initial_point(self) -> torch.Tensor:
+        return torch.cat([p.detach().reshape(-1) for p in self.params])
+
+    def batch(self, seed, t, worker):
+        return _batch(worker, t)
+
+    def gradient(self, x, batch):
+        with torch.no_grad():
+            for p, part in zip(self.params, x.split(self.sizes), strict=True):
+                p.copy_(part.view_as(p))
+        self.net.zero_grad()
+        loss = F.cross_entropy(self.net(batch[0]), batch[1])
+        loss.backward()
+        return loss.item(), torch.cat([p.grad.reshape(-1) for p in self.params])
+
+
+def _check_versus_engine(world: int, tmp: str) -> None:
+    from gradzip import rng
+    from gradzip.engines.core import Algorithm
+    from gradzip.engines.sharded import ShardedSimulatedEngine
+
+    torch.set_num_threads(1)
+    for spec, method in VERSUS.items():
+        hooked = torch.load(os.path.join(tmp, f"versus-{spec}.pt"))
+        problem = _NetProblem()
+        # the hook's bucket seed: its run seed folded with the bucket's first parameter
+        bucket_seed = rng.fold(7, len(problem.sizes), rng.BUCKET_MIX)
+        algo = Algorithm(method, sum(problem.sizes), seed=bucket_seed)
+        engine = ShardedSimulatedEngine(problem, algo, world)
+        for t in range(VERSUS_STEPS):
+            engine.step(t, VERSUS_LR)
+        assert hooked["step"] == VERSUS_STEPS
+        assert not torch.equal(engine.x, problem.initial_point()), spec
+        assert torch.equal(hooked["x"], engine.x), (
+            f"{spec}: the hook and simulated-sharded differ by "
+            f"{(hooked['x'] - engine.x).abs().max().item():.3g}"
+        )
+
+
 def _worker(rank: int, world: int, port: int, tmp: str) -> None:
     faulthandler.enable()  # a crash in a rank prints every thread's Python stack
     os.environ["GRADZIP_THREADS"] = "1"
@@ -220,6 +292,7 @@ def _worker(rank: int, world: int, port: int, tmp: str) -> None:
         _differential(rank)
         _compressed(rank)
         _preconditioned(rank)
+        _versus_engine(rank, tmp)
         if world == 2:
             _checkpoint(rank, os.path.join(tmp, "ckpt.pt"))
     finally:
@@ -253,6 +326,7 @@ def test_ddp_hook_gloo(world, tmp_path, monkeypatch):
     for var in ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "GRADZIP_THREADS"):
         monkeypatch.setenv(var, "1")
     mp.spawn(_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world)
+    _check_versus_engine(world, str(tmp_path))
 
 
 def test_bad_specs():

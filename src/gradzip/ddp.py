@@ -74,17 +74,18 @@ the rest of the backward pass (dense fallbacks do overlap).
 
 # no `from __future__ import annotations`: DDP checks the hook's annotations at runtime
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from . import feedback
-from .compressors import compressor, decode
-from .engines.core import SERVER
-from .engines.torchdist import shard_seed
-from .methods import PRESETS
-from .wire import PayloadError
+from . import feedback, rng
+from .compressors import compressor
+from .engines.core import Algorithm, ServerState, WorkerState
+from .engines.sharded import ShardLayout
+from .feedback import FeedbackState
+from .methods import PRESETS, Method
 
 __all__ = ["GradzipState", "hook", "register", "LAYOUTS", "FORMAT"]
 
@@ -92,7 +93,6 @@ LAYOUTS = ("sharded", "allgather")
 FORMAT = "gradzip.ddp/1"
 _RULES = ("none", "ef", "auto")
 _MASK = (1 << 64) - 1
-_BUCKET_MIX = 0xD1B54A32D192ED03
 _REPLICATED = "replicated"  # a server memory loaded from a checkpoint: the total, on every rank
 
 
@@ -142,11 +142,6 @@ def _resolve(spec, uplink_rule, downlink, downlink_rule, layout) -> Config:
 
 
 _auto = feedback.auto  # the engines' Method resolves ``auto`` the same way
-
-
-def _split_sizes(d: int, n: int) -> list[int]:
-    """The shards of a d-vector on n ranks (torch.tensor_split boundaries, as ShardLayout)."""
-    return [d // n + (j < d % n) for j in range(n)]
 
 
 class _Memory(dict):
@@ -222,6 +217,11 @@ class GradzipState:
         self.spec = spec
         self.up = compressor(self.config.uplink)
         self.down = compressor(self.config.downlink)
+        c = self.config
+        with warnings.catch_warnings():  # _resolve has warned, naming the hook
+            warnings.simplefilter("ignore", feedback.NonContractiveFeedbackWarning)
+            self.method = Method(c.uplink, c.uplink_rule, c.downlink, c.downlink_rule)
+        self._layouts: dict[tuple, ShardLayout] = {}
         self.start_step = int(start_step)
         self.min_numel = int(min_numel)
         self.seed = int(seed) & _MASK
@@ -292,8 +292,7 @@ class GradzipState:
         return out
 
     def _bucket_seed(self, names: list[str]) -> int:
-        first = self._pos[names[0]]
-        return (self.seed + (first + 1) * _BUCKET_MIX) & _MASK
+        return rng.fold(self.seed, self._pos[names[0]] + 1, rng.BUCKET_MIX)
 
     def _allgather_lengths(self, lens: list[int], dev) -> list[list[int]]:
         t = torch.tensor(lens, dtype=torch.int64, device=dev)
@@ -311,13 +310,6 @@ class GradzipState:
         self._traffic["sent"] += inp.numel()
         self._traffic["received"] += out.numel()
         return list(out.split(sizes))
-
-    @staticmethod
-    def _decode(data: torch.Tensor, numel: int, who: str, dev) -> torch.Tensor:
-        y = decode(data, device=dev).reshape(-1)
-        if y.numel() != numel:
-            raise PayloadError(f"{who} sent {y.numel()} coordinates, expected {numel}")
-        return y.to(device=dev, dtype=torch.float32)
 
     # --- preconditioning --------------------------------------------------------------------
     def precondition_with(self, optimizer) -> None:
@@ -413,38 +405,43 @@ class GradzipState:
                 v.copy_(part)
         return buf
 
+    def _layout(self, names: list[str], d: int, dev) -> ShardLayout:
+        """The bucket's step: the engines' :class:`ShardLayout` (one shard per rank, or one
+        shard for ``allgather``), seeded from the bucket; cached per bucket and device."""
+        key = (tuple(names), d, dev)
+        lay = self._layouts.get(key)
+        if lay is None:
+            bseed = self._bucket_seed(names)
+            algo = Algorithm(self.method, d, seed=bseed, device=dev)
+            lay = ShardLayout(algo, self.n if self.config.layout == "sharded" else 1)
+            self._layouts[key] = lay
+        return lay
+
     def _reduce_flat(self, names: list[str], sizes: list[int], g: torch.Tensor) -> None:
-        """Replace g (the bucket in canonical order, float32) by the decoded average."""
+        """Replace g (the bucket in canonical order, float32) by the decoded average: the
+        step of :class:`gradzip.engines.sharded.ShardLayout` in gradient units (lr = 1),
+        with this rank as worker r and as the server of shard r."""
         d = g.numel()
         dev, cdev = g.device, self._comm_device(g.device)
-        n, r, t, c = self.n, self.rank, self.step, self.config
-        bseed = self._bucket_seed(names)
+        n, r, t = self.n, self.rank, self.step
+        lay = self._layout(names, d, dev)
 
-        # 1. the uplink vector and its payloads
+        # 1. the uplink payloads, one per shard
         e = self.worker_error.get_flat(names, sizes, dev)
-        v = feedback.prepare(c.uplink_rule, g, 1.0, feedback.FeedbackState(e))
-        shards = _split_sizes(d, n) if c.layout == "sharded" else [d]
-        bounds = [sum(shards[:j]) for j in range(len(shards) + 1)]
-        vs = v.split(shards)
-        ups = [
-            self.up.encode(vj, seed=shard_seed(bseed, j), step=t, worker=r).data.reshape(-1)
-            for j, vj in enumerate(vs)
-        ]
-        if c.uplink_rule == "ef":  # e <- v - decode(C(v)), written over v when v is ours
-            new = v if v is not g else v.clone()
-            for j, u in enumerate(ups):
-                new[bounds[j] : bounds[j + 1]] -= self._decode(u, shards[j], "own uplink", dev)
-            self.worker_error.put_flat(names, sizes, new)
+        ups, ws = lay.encode_uplink(t, r, g, 1.0, WorkerState(FeedbackState(e)))
+        ups = [u.reshape(-1) for u in ups]
+        if ws.feedback.error is not e:
+            self.worker_error.put_flat(names, sizes, ws.feedback.error)
         self._traffic["compressed_buckets"] += 1
 
-        if c.layout == "allgather":
+        if self.config.layout == "allgather":
             lens = self._allgather_lengths([ups[0].numel()], cdev)
             sizes_in = [lens[i][0] if i != r else 0 for i in range(n)]
             got = self._a2a([ups[0] if j != r else ups[0][:0] for j in range(n)], sizes_in, cdev)
             got[r] = ups[0]
             acc = torch.zeros(d, device=dev)
             for i, data in enumerate(got):
-                acc += self._decode(data, d, f"rank {i}", dev)
+                acc += lay.algos[0].decode_downlink(data, f"rank {i}")
             g.copy_(acc.div_(n))
             return
 
@@ -455,24 +452,19 @@ class GradzipState:
         mine[r] = ups[r]
 
         # 3. serve shard r: average, server rule, compress
-        lo, hi = bounds[r], bounds[r + 1]
+        lo, hi = lay.bounds[r], lay.bounds[r + 1]
         sig = tuple(names)
         if any(nm in self.server_error and self._owner.get(nm) != sig for nm in names):
             self._migrate(names, sizes, sig, lo, hi, dev)
-        acc = torch.zeros(shards[r], device=dev)
-        for i, data in enumerate(mine):
-            acc += self._decode(data, shards[r], f"rank {i}", dev)
-        mean = acc.div_(n)
         es_full = self.server_error.get_flat(names, sizes, dev)
         es = None if es_full is None else es_full[lo:hi]
-        w = feedback.prepare(c.downlink_rule, mean, 1.0, feedback.FeedbackState(es))
-        down = self.down.encode(w, seed=shard_seed(bseed, r), step=t, worker=SERVER).data
+        down, ss = lay.aggregate(r, t, mine, 1.0, ServerState(FeedbackState(es)))
         down = down.reshape(-1)
-        if c.downlink_rule == "ef":
+        if ss.feedback.error is not es:
             if es_full is None:
                 es_full = torch.zeros(d, device=dev)
                 self.server_error.put_flat(names, sizes, es_full)
-            es_full[lo:hi] = w - self._decode(down, shards[r], "own downlink", dev)
+            es_full[lo:hi] = ss.feedback.error
             for nm in names:
                 self._owner[nm] = sig
 
@@ -485,7 +477,7 @@ class GradzipState:
         )
         downs[r] = down
         for j, x in enumerate(downs):  # every payload is decoded (and g read) before this
-            g[bounds[j] : bounds[j + 1]] = self._decode(x, shards[j], f"rank {j}", dev)
+            g[lay.bounds[j] : lay.bounds[j + 1]] = lay.algos[j].decode_downlink(x, f"rank {j}")
 
     def _after(self, bucket) -> None:
         if bucket.is_last():

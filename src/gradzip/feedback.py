@@ -1,10 +1,12 @@
 """Feedback rules: what a sender transmits given its gradient (or update) and its memory.
 
-DESIGN 3.4. A rule is a small value with two pure functions, in the optax style:
-``prepare(g, lr, state) -> v`` forms the vector to compress, and
-``update(state, v, decoded) -> state`` forms the new memory once the sender knows what
-the receiver will decode. State is an explicit :class:`FeedbackState`; a checkpoint is
-just the union of those states.
+DESIGN 3.4. A rule is a value (a :class:`Rule`, looked up by name with :func:`rule`)
+with pure functions, in the optax style: ``prepare(g, lr, state) -> v`` forms the vector
+to compress, and ``update(state, v, decoded) -> state`` forms the new memory once the
+sender knows what the receiver will decode; its attributes (``in_update_units``,
+``has_memory``, ...) tell the engines and the DDP hook how it composes, so they hold rule
+objects and never branch on names. A new rule is one subclass in this file. State is an
+explicit :class:`FeedbackState`; a checkpoint is just the union of those states.
 
 Rules:
 
@@ -26,11 +28,9 @@ when both sides use ``ef``).
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import torch
-
-RULES = ("none", "ef", "dq")
 
 
 class NonContractiveFeedbackWarning(UserWarning):
@@ -55,11 +55,11 @@ def auto(c, d: int = 1 << 20) -> str:
     return "ef" if not c.unbiased and c.delta(d) is not None else "none"
 
 
-def check_feedback(rule: str, c, where: str, d: int = 1 << 20) -> None:
-    """Warn when ``rule`` is ``ef`` and ``c`` declares no contraction: the memory
-    e <- v - C(v) then need not shrink, and with an error larger than the input (a norm
+def check_feedback(r, c, where: str, d: int = 1 << 20) -> None:
+    """Warn when the rule ``r`` needs a contraction (``ef``) and ``c`` declares none: the
+    memory e <- v - C(v) then need not shrink, and with an error larger than the input (a norm
     rule's dither, plain sign, QSGD at large d) it grows until the run diverges."""
-    if rule != "ef" or contraction(c, d) is not None:
+    if not rule(r).needs_contraction or contraction(c, d) is not None:
         return
     warnings.warn(
         f"{where}: error feedback with {c.spec}, which declares no contraction "
@@ -86,41 +86,129 @@ class FeedbackState:
         return cls(None if e is None else e.clone())
 
 
-def _check(rule: str) -> str:
-    if rule not in RULES:
-        raise ValueError(f"unknown feedback rule {rule!r}; valid: {', '.join(RULES)}")
-    return rule
+class Rule:
+    """A feedback rule as a value: what a sender transmits and what it remembers.
 
+    Subclasses override the three operations; the class attributes say how the rule
+    composes with the rest of the step, so that the engines and the hook ask the rule
+    instead of branching on its name."""
 
-def in_update_units(rule: str) -> bool:
-    """Whether the rule's vectors already include the step size (``ef``)."""
-    return _check(rule) == "ef"
+    name: str = ""
+    #: whether the vectors carry the step size (the receiver applies them as they are)
+    in_update_units: bool = False
+    #: whether the rule keeps a memory (``update`` is the identity otherwise)
+    has_memory: bool = False
+    #: whether the gradient is taken at a corrected point (a comm hook cannot)
+    needs_gradient_point: bool = False
+    #: whether the rule can serve the server's downlink as well as the uplink
+    downlink: bool = True
+    #: whether the memory stays bounded only for a contraction (see check_feedback)
+    needs_contraction: bool = False
 
+    def gradient_point(self, x: torch.Tensor, lr: float, state: FeedbackState) -> torch.Tensor:
+        """Where the sender evaluates its gradient."""
+        return x
 
-def gradient_point(rule: str, x: torch.Tensor, lr: float, state: FeedbackState) -> torch.Tensor:
-    """Where the sender evaluates its gradient: x, or DQ-GD's corrected point z_t."""
-    if _check(rule) == "dq" and state.error is not None:
-        return x + lr * state.error
-    return x
-
-
-def prepare(rule: str, g: torch.Tensor, lr: float, state: FeedbackState) -> torch.Tensor:
-    """The vector v to compress (step 1 of each rule)."""
-    _check(rule)
-    if rule == "none":
+    def prepare(self, g: torch.Tensor, lr: float, state: FeedbackState) -> torch.Tensor:
+        """The vector v to compress (step 1 of each rule)."""
         return g
-    if rule == "ef":
+
+    def update(self, state: FeedbackState, v: torch.Tensor, decoded: torch.Tensor) -> FeedbackState:
+        """The new memory once the sender knows what is decoded (step 3 of each rule)."""
+        return state
+
+    def compressor_at(self, compressor, t: int, method):
+        """The compressor the rule uses at step t (a rule with a schedule of its own)."""
+        return compressor
+
+    def check(self, compressor, side: str) -> None:
+        """Raise ValueError if the rule cannot run with ``compressor`` on ``side``."""
+        if side == "downlink" and not self.downlink:
+            raise ValueError(f"the {self.name} rule applies to the uplink only")
+
+    def __repr__(self) -> str:
+        return f"feedback.rule({self.name!r})"
+
+
+class _NoFeedback(Rule):
+    name = "none"
+
+
+class _ErrorFeedback(Rule):
+    name = "ef"
+    in_update_units = True
+    has_memory = True
+    needs_contraction = True
+
+    def prepare(self, g, lr, state):
         return lr * g if state.error is None else state.error + lr * g
-    return g if state.error is None else g - state.error  # dq: u_t = g(z_t) - e_{t-1}
+
+    def update(self, state, v, decoded):
+        return FeedbackState(v - decoded)  # e = v - C(v)
+
+
+class _DQFeedback(Rule):
+    name = "dq"
+    has_memory = True
+    needs_gradient_point = True
+    downlink = False
+
+    def gradient_point(self, x, lr, state):
+        return x if state.error is None else x + lr * state.error  # z_t = x_t + lr e_{t-1}
+
+    def prepare(self, g, lr, state):
+        return g if state.error is None else g - state.error  # u_t = g(z_t) - e_{t-1}
+
+    def update(self, state, v, decoded):
+        return FeedbackState(decoded - v)  # e_t = q_t - u_t
+
+    def compressor_at(self, compressor, t, method):
+        """The quantizer's range r_t = dq_range * dq_decay**t, fixed in advance."""
+        return replace(compressor, range=method.dq_range * method.dq_decay**t)
+
+    def check(self, compressor, side):
+        super().check(compressor, side)
+        if "range" not in {f.name for f in fields(compressor)}:
+            raise ValueError(
+                f"the dq rule needs a quantizer with a fixed range (e.g. uniform), "
+                f"got {compressor.spec!r}"
+            )
+
+
+#: name -> rule; a new rule is a subclass of :class:`Rule` added here
+RULES: dict[str, Rule] = {r.name: r for r in (_NoFeedback(), _ErrorFeedback(), _DQFeedback())}
+
+
+def rule(r: str | Rule) -> Rule:
+    """The rule of a name (a :class:`Rule` is returned as it is)."""
+    if isinstance(r, Rule):
+        return r
+    if r not in RULES:
+        raise ValueError(f"unknown feedback rule {r!r}; valid: {', '.join(RULES)}")
+    return RULES[r]
+
+
+def _check(r: str) -> str:
+    return rule(r).name
+
+
+def in_update_units(r: str | Rule) -> bool:
+    """Whether the rule's vectors already include the step size (``ef``)."""
+    return rule(r).in_update_units
+
+
+def gradient_point(r: str | Rule, x: torch.Tensor, lr: float, state: FeedbackState) -> torch.Tensor:
+    """Where the sender evaluates its gradient: x, or DQ-GD's corrected point z_t."""
+    return rule(r).gradient_point(x, lr, state)
+
+
+def prepare(r: str | Rule, g: torch.Tensor, lr: float, state: FeedbackState) -> torch.Tensor:
+    """The vector v to compress (step 1 of each rule)."""
+    return rule(r).prepare(g, lr, state)
 
 
 def update(
-    rule: str, state: FeedbackState, v: torch.Tensor, decoded: torch.Tensor
+    r: str | Rule, state: FeedbackState, v: torch.Tensor, decoded: torch.Tensor
 ) -> FeedbackState:
     """The new memory once the sender knows what is decoded (step 3 of each rule)."""
-    _check(rule)
-    if rule == "none":
-        return state
-    if rule == "ef":
-        return FeedbackState(v - decoded)  # e = v - C(v)
-    return FeedbackState(decoded - v)  # dq: e_t = q_t - u_t
+    return rule(r).update(state, v, decoded)

@@ -32,27 +32,30 @@ class Method:
                 object.__setattr__(
                     self, side + "_rule", feedback.auto(compressor(getattr(self, side)))
                 )
-        feedback._check(self.uplink_rule)
-        if feedback._check(self.downlink_rule) == "dq":
-            raise ValueError("the dq rule applies to the uplink only")
+        ur, dr = self.up_rule, self.down_rule  # unknown names: a clear error
         up = compressor(self.uplink)  # validates the specs early, with a clear error
         down = compressor(self.downlink)
-        feedback.check_feedback(self.uplink_rule, up, "uplink")
-        feedback.check_feedback(self.downlink_rule, down, "downlink")
-        if self.uplink_rule == "dq" and "range" not in {f.name for f in fields(up)}:
-            raise ValueError(
-                f"the dq rule needs a quantizer with a fixed range (e.g. uniform), "
-                f"got {self.uplink!r}"
-            )
+        ur.check(up, "uplink")
+        dr.check(up, "uplink")
+        feedback.check_feedback(ur, up, "uplink")
+        feedback.check_feedback(dr, down, "downlink")
         if not (self.dq_range > 0 and 0 < self.dq_decay <= 1):
             raise ValueError("dq_range must be > 0 and dq_decay in (0, 1]")
 
+    @property
+    def up_rule(self) -> feedback.Rule:
+        return feedback.rule(self.uplink_rule)
+
+    @property
+    def down_rule(self) -> feedback.Rule:
+        return feedback.rule(self.downlink_rule)
+
     def uplink_at(self, t: int) -> Compressor:
         """The uplink compressor at step t (DQ-GD: its range r_t, fixed in advance)."""
-        c = compressor(self.uplink)
-        if self.uplink_rule == "dq":
-            c = replace(c, range=self.dq_range * self.dq_decay**t)
-        return c
+        return self.up_rule.compressor_at(compressor(self.uplink), t, self)
+
+    def uplink_compressor(self) -> Compressor:
+        return compressor(self.uplink)
 
     def downlink_compressor(self) -> Compressor:
         return compressor(self.downlink)

@@ -48,6 +48,10 @@ STREAM_DITHER = 2
 STREAM_INDICES = 3
 STREAM_ROUNDING = 4
 
+# Sub-seeds (fold): a seed per shard of a vector, and per gradient bucket of the DDP hook
+SHARD_MIX = GAMMA
+BUCKET_MIX = 0xD1B54A32D192ED03
+
 _LB1 = 0x7FEB352D
 _LB2 = 0x846CA68B
 
@@ -57,6 +61,15 @@ def _splitmix64(z: int) -> int:
     z = ((z ^ (z >> 30)) * MIX_M1) & MASK64
     z = ((z ^ (z >> 27)) * MIX_M2) & MASK64
     return z ^ (z >> 31)
+
+
+def fold(seed: int, index: int, mix: int = SHARD_MIX) -> int:
+    """The sub-seed ``index`` of ``seed``: ``(seed + index * mix) mod 2**64``. The one
+    place seeds are split: the shards of a vector (``SHARD_MIX``; sub-seed 0 is the seed
+    itself) and the DDP hook's buckets (``BUCKET_MIX``, indexed by the bucket's first
+    parameter + 1). Payload headers carry the folded seed, so a receiver needs none of
+    this."""
+    return (seed + index * mix) & MASK64
 
 
 def derive_key(seed: int, step: int = 0, worker: int = 0, stream: int = 0) -> int:

@@ -83,6 +83,7 @@ class Algorithm:
         nesterov: bool = False,
         optimizer: str = "sgd",
         weight_decay: float = 0.0,
+        device: torch.device | str | None = None,
     ):
         if not 0 <= momentum < 1:
             raise ValueError(f"momentum must be in [0, 1), got {momentum}")
@@ -103,10 +104,14 @@ class Algorithm:
         self.nesterov = nesterov
         self.optimizer = optimizer
         self.weight_decay = weight_decay
+        self.device = None if device is None else torch.device(device)  # where decodes land
+        self.up = method.uplink_compressor()
         self.down = method.downlink_compressor()
+        self.up_rule = method.up_rule
+        self.down_rule = method.down_rule
         # where the step size is applied (see the module docstring, step 4)
-        self.up_units = feedback.in_update_units(method.uplink_rule)
-        self.down_units = self.up_units or method.downlink_rule == "ef" or optimizer != "sgd"
+        self.up_units = self.up_rule.in_update_units
+        self.down_units = self.up_units or self.down_rule.in_update_units or optimizer != "sgd"
 
     def options(self) -> dict:
         """The server optimizer's settings (an Algorithm for a shard takes the same)."""
@@ -115,23 +120,23 @@ class Algorithm:
 
     # --- worker side ------------------------------------------------------------------
     def gradient_point(self, x: torch.Tensor, lr: float, state: WorkerState) -> torch.Tensor:
-        return feedback.gradient_point(self.method.uplink_rule, x, lr, state.feedback)
+        return self.up_rule.gradient_point(x, lr, state.feedback)
 
     def encode_uplink(
         self, t: int, worker: int, g: torch.Tensor, lr: float, state: WorkerState
     ) -> tuple[torch.Tensor, WorkerState]:
         """Steps 2: the uplink bytes and the worker's new state."""
-        rule = self.method.uplink_rule
-        v = feedback.prepare(rule, g, lr, state.feedback)
-        c = self.method.uplink_at(t)
+        rule = self.up_rule
+        v = rule.prepare(g, lr, state.feedback)
+        c = rule.compressor_at(self.up, t, self.method)
         p = c.encode(v, seed=self.seed, step=t, worker=worker)
-        if rule != "none":
-            state = WorkerState(feedback.update(rule, state.feedback, v, c.decode(p)))
+        if rule.has_memory:
+            state = WorkerState(rule.update(state.feedback, v, c.decode(p)))
         return p.data, state
 
     # --- server side ------------------------------------------------------------------
     def _decode_checked(self, data: torch.Tensor, who: str) -> torch.Tensor:
-        y = decode(data)
+        y = decode(data, device=self.device)
         if y.shape != (self.dim,):
             raise PayloadError(
                 f"{who} sent a tensor of shape {tuple(y.shape)}, expected ({self.dim},)"
@@ -142,7 +147,7 @@ class Algorithm:
         self, t: int, uplinks: list[torch.Tensor], lr: float, state: ServerState
     ) -> tuple[torch.Tensor, ServerState]:
         """Step 3: average the uplink payloads and return the downlink bytes."""
-        g_hat = torch.zeros(self.dim)
+        g_hat = torch.zeros(self.dim, device=self.device)
         for i, data in enumerate(uplinks):
             g_hat += self._decode_checked(data, f"worker {i}")
         g_hat /= len(uplinks)
@@ -154,14 +159,14 @@ class Algorithm:
             w = g_hat + self.momentum * m if self.nesterov else m
         else:
             w = g_hat
-        rule = self.method.downlink_rule
-        if rule == "ef" and not self.down_units_before_rule:
+        rule = self.down_rule
+        if rule.in_update_units and not self.down_units_before_rule:
             w = lr * w  # into update units, so the memory does not mix step sizes
         fb = state.feedback
-        v = feedback.prepare(rule, w, 1.0, fb)
+        v = rule.prepare(w, 1.0, fb)
         p = self.down.encode(v, seed=self.seed, step=t, worker=SERVER)
-        if rule != "none":
-            fb = feedback.update(rule, fb, v, self.down.decode(p))
+        if rule.has_memory:
+            fb = rule.update(fb, v, self.down.decode(p))
         return p.data, ServerState(fb, m, sq)
 
     @property
@@ -179,6 +184,10 @@ class Algorithm:
         return w, m, sq
 
     # --- every replica ----------------------------------------------------------------
+    def decode_downlink(self, downlink: torch.Tensor, who: str = "server") -> torch.Tensor:
+        """The decoded downlink vector, checked against this step's dimension."""
+        return self._decode_checked(downlink, who)
+
     def apply(self, x: torch.Tensor, downlink: torch.Tensor, lr: float) -> torch.Tensor:
         """Step 4: the new parameters from the downlink bytes."""
         u = self._decode_checked(downlink, "server")

@@ -93,9 +93,9 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from .. import rng
 from ..feedback import FeedbackState
 from .core import Algorithm, ServerState, WorkerState
+from .sharded import ShardedSimulatedEngine, ShardLayout, check_state_dict
 from .simulated import StepStats
 
 ENGINES = ("torchdist", "torchdist-sharded")  # multi-process engines
@@ -153,11 +153,6 @@ def _tensor_text(t: torch.Tensor) -> str:
 def _describe(e: BaseException, where: str) -> str:
     """First line: the summary; then the traceback."""
     return f"{where}: {type(e).__name__}: {e}\n" + "".join(traceback.format_exception(e))
-
-
-def shard_seed(seed: int, j: int) -> int:
-    """The seed of shard j's payloads (shard 0 keeps the run's seed)."""
-    return (seed + j * rng.GAMMA) & rng.MASK64
 
 
 def launched_by_torchrun() -> bool:
@@ -257,148 +252,6 @@ class _Fault:
             data = data.clone()
             data[0] ^= 0xFF  # the magic: decode raises PayloadError
         return data
-
-
-# --- the sharded layout, shared by the simulated and the distributed sharded engines -------
-
-
-class ShardLayout:
-    """The step of an :class:`Algorithm` on n contiguous shards of the vector."""
-
-    def __init__(self, algorithm: Algorithm, shards: int):
-        d = algorithm.dim
-        if not 1 <= shards <= d:
-            raise ValueError(f"cannot split a vector of {d} into {shards} shards")
-        self.full = algorithm
-        self.n = shards
-        self.sizes = [d // shards + (j < d % shards) for j in range(shards)]
-        self.algos = [
-            Algorithm(
-                algorithm.method, s, seed=shard_seed(algorithm.seed, j), **algorithm.options()
-            )
-            for j, s in enumerate(self.sizes)
-        ]
-
-    def split(self, v: torch.Tensor | None) -> list[torch.Tensor | None]:
-        return [None] * self.n if v is None else list(v.split(self.sizes))
-
-    @staticmethod
-    def cat(parts: list[torch.Tensor | None]) -> torch.Tensor | None:
-        return None if parts[0] is None else torch.cat(parts)
-
-    def uplink(
-        self,
-        problem,
-        seed: int,
-        t: int,
-        worker: int,
-        x: torch.Tensor,
-        lr: float,
-        state: WorkerState,
-    ) -> tuple[float, list[torch.Tensor], WorkerState, float, float]:
-        """Worker ``worker``'s step: (loss, one payload per shard, new state, t_grad, t_enc)."""
-        t0 = time.perf_counter()
-        z = self.full.gradient_point(x, lr, state)
-        loss, g = problem.gradient(z, problem.batch(seed, t, worker))
-        t1 = time.perf_counter()
-        out, errs = [], []
-        for a, gj, ej in zip(
-            self.algos, self.split(g), self.split(state.feedback.error), strict=True
-        ):
-            data, st = a.encode_uplink(t, worker, gj, lr, WorkerState(FeedbackState(ej)))
-            out.append(data)
-            errs.append(st.feedback.error)
-        if errs[0] is not None:
-            state = WorkerState(FeedbackState(torch.cat(errs)))
-        return loss, out, state, t1 - t0, time.perf_counter() - t1
-
-    def apply(self, x: torch.Tensor, downs: list[torch.Tensor], lr: float) -> torch.Tensor:
-        return torch.cat(
-            [
-                a.apply(xj, dj, lr)
-                for a, xj, dj in zip(self.algos, self.split(x), downs, strict=True)
-            ]
-        )
-
-    def server_state_dict(self, states: list[ServerState]) -> dict:
-        """The shards' server memories as one full-vector ServerState state_dict."""
-        fb = self.cat([s.feedback.error for s in states])
-        m = self.cat([s.momentum for s in states])
-        v = self.cat([s.second for s in states])
-        return ServerState(FeedbackState(fb), m, v).state_dict()
-
-    def server_states(self, sd: dict) -> list[ServerState]:
-        full = ServerState.from_state_dict(sd)
-        fbs, ms = self.split(full.feedback.error), self.split(full.momentum)
-        vs = self.split(full.second)
-        return [ServerState(FeedbackState(f), m, v) for f, m, v in zip(fbs, ms, vs, strict=True)]
-
-    @staticmethod
-    def bits(lens: list[list[int]], down: list[int]) -> tuple[int, int]:
-        """Bits that cross the network: lens[i][j] bytes from worker i for shard j."""
-        n = len(down)
-        up = sum(8 * lens[i][j] for i in range(n) for j in range(n) if i != j)
-        return up, sum(8 * b * (n - 1) for b in down)
-
-
-def _check_sd(sd: dict, n: int, d: int) -> None:
-    if len(sd["workers"]) != n or sd["x"].shape != (d,):
-        raise ValueError("checkpoint does not match this run (workers or model size differ)")
-    vecs = [w["feedback"]["error"] for w in sd["workers"]]
-    vecs += [sd["server"]["feedback"]["error"], sd["server"].get("momentum")]
-    vecs += [sd["server"].get("second")]
-    if any(v is not None and v.shape != (d,) for v in vecs):
-        raise ValueError("checkpoint does not match this run (a memory has the wrong size)")
-
-
-class ShardedSimulatedEngine:
-    """The sharded layout with n workers in one process (the reference for the sharded
-    torch.distributed engine: same bytes, same trajectory, same bit counts)."""
-
-    def __init__(self, problem, algorithm: Algorithm, workers: int, seed: int = 0):
-        self.problem = problem
-        self.algo = algorithm
-        self.n = workers
-        self.seed = seed
-        self.layout = ShardLayout(algorithm, workers)
-        self.x = problem.initial_point()
-        self.workers = [WorkerState() for _ in range(workers)]
-        self.servers = [ServerState() for _ in range(workers)]
-
-    def step(self, t: int, lr: float) -> StepStats:
-        tc = tz = 0.0
-        ups, losses = [], []
-        for i in range(self.n):
-            loss, data, self.workers[i], a, b = self.layout.uplink(
-                self.problem, self.seed, t, i, self.x, lr, self.workers[i]
-            )
-            ups.append(data)
-            losses.append(loss)
-            tc, tz = tc + a, tz + b
-        t0 = time.perf_counter()
-        downs = []
-        for j, a in enumerate(self.layout.algos):
-            down, self.servers[j] = a.aggregate(t, [u[j] for u in ups], lr, self.servers[j])
-            downs.append(down)
-        self.x = self.layout.apply(self.x, downs, lr)
-        tz += time.perf_counter() - t0
-        up, down = ShardLayout.bits(
-            [[u.numel() for u in row] for row in ups], [d.numel() for d in downs]
-        )
-        return StepStats(sum(losses) / self.n, up, down, tc, tz, 0.0)
-
-    def state_dict(self) -> dict:
-        return {
-            "x": self.x.clone(),
-            "workers": [w.state_dict() for w in self.workers],
-            "server": self.layout.server_state_dict(self.servers),
-        }
-
-    def load_state_dict(self, sd: dict) -> None:
-        _check_sd(sd, self.n, self.x.numel())
-        self.x = sd["x"].clone()
-        self.workers = [WorkerState.from_state_dict(w) for w in sd["workers"]]
-        self.servers = self.layout.server_states(sd["server"])
 
 
 # --- the process group and the processes behind it ----------------------------------------
@@ -757,7 +610,7 @@ class TorchDistEngine:
         return {"x": self.x.clone(), "workers": workers, "server": self.server.state_dict()}
 
     def load_state_dict(self, sd: dict) -> None:
-        _check_sd(sd, self.n, self.problem.dim)
+        check_state_dict(sd, self.n, self.problem.dim)
         self.x = sd["x"].clone().float()
         self.server = ServerState.from_state_dict(sd["server"])
         self._scatter(self.x, [w["feedback"]["error"] for w in sd["workers"]])
@@ -915,7 +768,7 @@ class _ShardedReplica:
         t1 = time.perf_counter()
         own, msg, down = None, None, torch.empty(0, dtype=torch.uint8)
         try:
-            down, self.server = lay.algos[r].aggregate(t, mine, lr, self.server)
+            down, self.server = lay.aggregate(r, t, mine, lr, self.server)
         except Exception as e:
             own, msg = e, _text_tensor(_describe(e, f"at step {t}"))
         t2 = time.perf_counter()
@@ -1062,7 +915,7 @@ class ShardedTorchDistEngine:
         }
 
     def load_state_dict(self, sd: dict) -> None:
-        _check_sd(sd, self.n, self.problem.dim)
+        check_state_dict(sd, self.n, self.problem.dim)
         cl, rep = self.cluster, self.rep
         x = sd["x"].clone().float()
         errs = [w["feedback"]["error"] for w in sd["workers"]]

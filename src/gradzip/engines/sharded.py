@@ -1,0 +1,219 @@
+"""The sharded step: every worker also serves one contiguous shard of the vector.
+
+One implementation for the three places that run it: the simulated sharded engine
+(:class:`ShardedSimulatedEngine`, here), the torch.distributed sharded engine and the DDP
+comm hook (:mod:`gradzip.ddp`, one :class:`ShardLayout` per gradient bucket). They differ
+only in how the payloads move.
+
+A d-vector on n shards is cut at ``torch.tensor_split`` boundaries (:func:`shard_sizes`).
+Shard j runs the :class:`~gradzip.engines.core.Algorithm`'s own step on its d_j
+coordinates, with the seed ``shard_seed(seed, j)`` (:func:`gradzip.rng.fold`; shard 0
+keeps the seed); the payload headers therefore read (shard seed, t, worker) up and
+(shard seed, t, SERVER) down. The shard is folded into the seed rather than the worker id
+so that ``Algorithm.aggregate`` (which seeds its downlink from the fixed id SERVER) is
+reused unchanged, and so that shards never share rotation signs or dither. Feedback rules
+and server optimizers are coordinate-wise, so a worker's memory is one full vector and
+the shards' server memories put side by side are one full vector too: a checkpoint has
+the layout of the unsharded engine's.
+
+Per step, with worker i and shard j:
+
+1. worker i: :meth:`ShardLayout.encode_uplink`: the uplink vector by its rule, one
+   payload per shard;
+2. shard j's server: :meth:`ShardLayout.aggregate` of the n payloads of shard j: the
+   downlink payload of shard j;
+3. every replica: :meth:`ShardLayout.apply` (engines) or :meth:`ShardLayout.decode` (the
+   hook) of the n downlink payloads.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .. import rng
+from ..feedback import FeedbackState
+from .core import Algorithm, ServerState, WorkerState
+from .simulated import StepStats
+
+
+def shard_sizes(d: int, n: int) -> list[int]:
+    """The shards of a d-vector on n ranks (``torch.tensor_split`` boundaries)."""
+    return [d // n + (j < d % n) for j in range(n)]
+
+
+def shard_seed(seed: int, j: int) -> int:
+    """The seed of shard j's payloads (shard 0 keeps the run's seed)."""
+    return rng.fold(seed, j)
+
+
+class ShardLayout:
+    """The step of an :class:`Algorithm` on n contiguous shards of the vector."""
+
+    def __init__(self, algorithm: Algorithm, shards: int):
+        d = algorithm.dim
+        if not 1 <= shards <= d:
+            raise ValueError(f"cannot split a vector of {d} into {shards} shards")
+        self.full = algorithm
+        self.n = shards
+        self.sizes = shard_sizes(d, shards)
+        self.bounds = [sum(self.sizes[:j]) for j in range(shards + 1)]
+        self.algos = [
+            Algorithm(
+                algorithm.method,
+                s,
+                seed=shard_seed(algorithm.seed, j),
+                device=algorithm.device,
+                **algorithm.options(),
+            )
+            for j, s in enumerate(self.sizes)
+        ]
+
+    def split(self, v: torch.Tensor | None) -> list[torch.Tensor | None]:
+        return [None] * self.n if v is None else list(v.split(self.sizes))
+
+    @staticmethod
+    def cat(parts: list[torch.Tensor | None]) -> torch.Tensor | None:
+        return None if parts[0] is None else torch.cat(parts)
+
+    # --- 1. worker ----------------------------------------------------------------------
+    def encode_uplink(
+        self, t: int, worker: int, g: torch.Tensor, lr: float, state: WorkerState
+    ) -> tuple[list[torch.Tensor], WorkerState]:
+        """Worker ``worker``'s payloads, one per shard, and its new state."""
+        out, errs = [], []
+        for a, gj, ej in zip(
+            self.algos, self.split(g), self.split(state.feedback.error), strict=True
+        ):
+            data, st = a.encode_uplink(t, worker, gj, lr, WorkerState(FeedbackState(ej)))
+            out.append(data)
+            errs.append(st.feedback.error)
+        if errs[0] is not None:
+            state = WorkerState(FeedbackState(torch.cat(errs)))
+        return out, state
+
+    def uplink(
+        self,
+        problem,
+        seed: int,
+        t: int,
+        worker: int,
+        x: torch.Tensor,
+        lr: float,
+        state: WorkerState,
+    ) -> tuple[float, list[torch.Tensor], WorkerState, float, float]:
+        """Worker ``worker``'s step on a problem: (loss, one payload per shard, new state,
+        t_grad, t_enc)."""
+        t0 = time.perf_counter()
+        z = self.full.gradient_point(x, lr, state)
+        loss, g = problem.gradient(z, problem.batch(seed, t, worker))
+        t1 = time.perf_counter()
+        out, state = self.encode_uplink(t, worker, g, lr, state)
+        return loss, out, state, t1 - t0, time.perf_counter() - t1
+
+    # --- 2. shard j's server ------------------------------------------------------------
+    def aggregate(
+        self, j: int, t: int, uplinks: list[torch.Tensor], lr: float, state: ServerState
+    ) -> tuple[torch.Tensor, ServerState]:
+        """Shard j's downlink payload from the n workers' payloads of shard j."""
+        return self.algos[j].aggregate(t, uplinks, lr, state)
+
+    # --- 3. every replica ---------------------------------------------------------------
+    def decode(self, downs: list[torch.Tensor]) -> torch.Tensor:
+        """The decoded downlink vector (what ``apply`` steps by)."""
+        parts = zip(self.algos, downs, strict=True)
+        return torch.cat([a.decode_downlink(dj, f"shard {j}") for j, (a, dj) in enumerate(parts)])
+
+    def apply(self, x: torch.Tensor, downs: list[torch.Tensor], lr: float) -> torch.Tensor:
+        return torch.cat(
+            [
+                a.apply(xj, dj, lr)
+                for a, xj, dj in zip(self.algos, self.split(x), downs, strict=True)
+            ]
+        )
+
+    # --- checkpoints and bits -----------------------------------------------------------
+    def server_state_dict(self, states: list[ServerState]) -> dict:
+        """The shards' server memories as one full-vector ServerState state_dict."""
+        fb = self.cat([s.feedback.error for s in states])
+        m = self.cat([s.momentum for s in states])
+        v = self.cat([s.second for s in states])
+        return ServerState(FeedbackState(fb), m, v).state_dict()
+
+    def server_states(self, sd: dict) -> list[ServerState]:
+        full = ServerState.from_state_dict(sd)
+        fbs, ms = self.split(full.feedback.error), self.split(full.momentum)
+        vs = self.split(full.second)
+        return [ServerState(FeedbackState(f), m, v) for f, m, v in zip(fbs, ms, vs, strict=True)]
+
+    @staticmethod
+    def bits(lens: list[list[int]], down: list[int]) -> tuple[int, int]:
+        """Bits that cross the network: lens[i][j] bytes from worker i for shard j."""
+        n = len(down)
+        up = sum(8 * lens[i][j] for i in range(n) for j in range(n) if i != j)
+        return up, sum(8 * b * (n - 1) for b in down)
+
+
+def check_state_dict(sd: dict, n: int, d: int) -> None:
+    """Raise ValueError unless ``sd`` is an engine checkpoint for n workers and d
+    coordinates."""
+    if len(sd["workers"]) != n or sd["x"].shape != (d,):
+        raise ValueError("checkpoint does not match this run (workers or model size differ)")
+    vecs = [w["feedback"]["error"] for w in sd["workers"]]
+    vecs += [sd["server"]["feedback"]["error"], sd["server"].get("momentum")]
+    vecs += [sd["server"].get("second")]
+    if any(v is not None and v.shape != (d,) for v in vecs):
+        raise ValueError("checkpoint does not match this run (a memory has the wrong size)")
+
+
+class ShardedSimulatedEngine:
+    """The sharded layout with n workers in one process (the reference for the sharded
+    torch.distributed engine and the DDP hook: same bytes, same trajectory, same bits)."""
+
+    def __init__(self, problem, algorithm: Algorithm, workers: int, seed: int = 0):
+        self.problem = problem
+        self.algo = algorithm
+        self.n = workers
+        self.seed = seed
+        self.layout = ShardLayout(algorithm, workers)
+        self.x = problem.initial_point()
+        self.workers = [WorkerState() for _ in range(workers)]
+        self.servers = [ServerState() for _ in range(workers)]
+
+    def step(self, t: int, lr: float) -> StepStats:
+        tc = tz = 0.0
+        ups, losses = [], []
+        for i in range(self.n):
+            loss, data, self.workers[i], a, b = self.layout.uplink(
+                self.problem, self.seed, t, i, self.x, lr, self.workers[i]
+            )
+            ups.append(data)
+            losses.append(loss)
+            tc, tz = tc + a, tz + b
+        t0 = time.perf_counter()
+        downs = []
+        for j in range(self.n):
+            down, self.servers[j] = self.layout.aggregate(
+                j, t, [u[j] for u in ups], lr, self.servers[j]
+            )
+            downs.append(down)
+        self.x = self.layout.apply(self.x, downs, lr)
+        tz += time.perf_counter() - t0
+        up, down = ShardLayout.bits(
+            [[u.numel() for u in row] for row in ups], [d.numel() for d in downs]
+        )
+        return StepStats(sum(losses) / self.n, up, down, tc, tz, 0.0)
+
+    def state_dict(self) -> dict:
+        return {
+            "x": self.x.clone(),
+            "workers": [w.state_dict() for w in self.workers],
+            "server": self.layout.server_state_dict(self.servers),
+        }
+
+    def load_state_dict(self, sd: dict) -> None:
+        check_state_dict(sd, self.n, self.x.numel())
+        self.x = sd["x"].clone()
+        self.workers = [WorkerState.from_state_dict(w) for w in sd["workers"]]
+        self.servers = self.layout.server_states(sd["server"])
