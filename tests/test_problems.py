@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from gradzip.problems import DataError, build, datasets, smoothness
+from gradzip.problems import PROBLEMS, DataError, Recipe, build, datasets, models, smoothness
 
-A9A = Path(__file__).resolve().parents[2] / "shared" / "data" / "libsvm" / "a9a"
+A9A = datasets.libsvm_path("a9a")
 
 
 def write_idx(path: Path, magic: int, shape: tuple, data: bytes, gz: bool = True) -> None:
@@ -109,3 +109,39 @@ def test_synthetic_least_squares_condition_number():
 def test_unknown_problem():
     with pytest.raises(ValueError, match="available: .*mlp-digits"):
         build("nope")
+
+
+def test_problems_are_values(monkeypatch):
+    """A problem is a recipe in one map: a new one is one entry, and build takes it."""
+    assert all(isinstance(r, Recipe) for r in PROBLEMS.values())
+    recipe = Recipe(
+        lambda data, seed: datasets.load_diabetes(seed=seed),
+        lambda ds, hidden: models.mlp(ds.X.shape[1], 1, hidden),
+        "mse",
+    )
+    monkeypatch.setitem(PROBLEMS, "mlp-diabetes", recipe)
+    p = build("mlp-diabetes", workers=2, hidden=4)
+    assert p.dim == 10 * 4 + 4 + 4 + 1 and p.loss == "mse" and len(p.shards) == 2
+    assert torch.isfinite(p.gradient(p.initial_point(), p.batch(0, 0, 0))[1]).all()
+
+
+def test_data_dir_is_one_setting(monkeypatch, tmp_path):
+    monkeypatch.delenv(datasets.DATA_ENV, raising=False)
+    assert datasets.data_dir() == Path("../shared/data")
+    assert str(datasets.libsvm_path("w8a")) == "../shared/data/libsvm/w8a"
+    monkeypatch.setenv(datasets.DATA_ENV, str(tmp_path))
+    assert datasets.libsvm_path() == tmp_path / "libsvm" / "a9a"
+    with pytest.raises(DataError, match=f"not found: {tmp_path}"):
+        build("logreg")  # the default file, under the setting
+
+
+def test_reuse_reads_each_data_set_once(tmp_path):
+    f = tmp_path / "tiny"
+    f.write_text("1 1:1\n0 2:1\n1 1:0.5\n0 2:2\n1 1:2\n")
+    load = datasets.load_libsvm
+    assert datasets.load_libsvm(f) is not datasets.load_libsvm(f)
+    with datasets.reuse():
+        a = datasets.load_libsvm(f)
+        assert datasets.load_libsvm(f) is a and datasets.load_libsvm(f, seed=1) is not a
+    assert datasets.load_libsvm(f) is not a
+    assert datasets.load_libsvm is load  # nothing is patched

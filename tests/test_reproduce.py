@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 
 from gradzip import cli, reproduce
+from gradzip.problems import datasets
 from gradzip.reproduce import dqgd, memsgd
 from gradzip.reproduce.report import FAILS, HOLDS, PARTLY, VERDICTS, Claim, grade
 
-DATA = Path("../shared/data/libsvm")
+DATA = datasets.data_dir() / "libsvm"
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 needs_data = pytest.mark.skipif(
     not (DATA / "a9a").exists() or not (DATA / "w8a").exists() or not FASHION.is_dir(),

@@ -139,3 +139,32 @@ def test_pieces_that_share_bytes_are_merged_exactly(rate):
         z = np.empty(d, np.float32)
         nb.decode_streams(out_lo, out_hi, rate, lo, np.float32(0.7), z, pieces=pieces)
         np.testing.assert_array_equal(z, c.decode_reference(ref_lo, ref_hi, d).numpy())
+
+
+@pytest.mark.parametrize("rate", [0.4, 2.7, 9.0])
+def test_reference_is_generic_over_dtype(rate):
+    """The reference of steps 3 and 4 runs in its input's dtype: in float64 (DQ-GD's
+    reproduction) its cells and centres are the float64 formula's, bit for bit; in float32
+    they are the compressor's."""
+    from gradzip.compressors.uniform import cell_centre, cell_index, widths
+
+    d, r = 257, 0.3
+    w = widths(d, rate)
+    y = torch.randn(d, generator=torch.Generator().manual_seed(5), dtype=torch.float64) * 0.4
+    y[:3] = torch.tensor([-r, r, 1e-17])  # the edges, and a value float32 would move
+    idx = cell_index(y, w, r)
+    assert idx.dtype == torch.float64
+    levels = 2.0 ** w.double()
+    cell = 2 * r / levels
+    want = torch.minimum(torch.floor((y.clamp(-r, r) + r) / cell), levels - 1)
+    assert torch.equal(idx, want)
+    z = cell_centre(idx, w, r)
+    assert z.dtype == torch.float64
+    assert torch.equal(z, torch.where(w > 0, -r + (want + 0.5) * cell, 0.0))
+    c = gz.compressor(f"uniform:bits={rate},range={r},flatten=false")
+    y32 = y.float()
+    i32 = cell_index(y32, w, c.r32)
+    lo, hi = c.codes_reference(y32)
+    assert torch.equal(i32[w == allocation(d, rate)[0]].long(), lo)
+    assert torch.equal(i32[w == allocation(d, rate)[1]].long(), hi)
+    assert torch.equal(c.decode(c.encode(y32)), cell_centre(i32, w, c.r32))

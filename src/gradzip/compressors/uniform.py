@@ -39,10 +39,31 @@ def allocation(d: int, rate: float) -> tuple[int, int, int]:
     return lo, lo + 1, n_hi
 
 
-def _widths(d: int, rate: float, device=None) -> torch.Tensor:
+def widths(d: int, rate: float, device=None) -> torch.Tensor:
+    """Step 2: b_i = floor((i+1) R) - floor(i R) bits for coordinate i (int64)."""
     i = torch.arange(d + 1, dtype=torch.float64, device=device)
     f = torch.floor(i * rate)
     return (f[1:] - f[:-1]).to(torch.int64)
+
+
+# The reference of steps 3 and 4, in the dtype of its input: the compressor runs it in
+# float32 (with the payload's float32 range) as the oracle of its kernels; DQ-GD's
+# reproduction runs it in float64 (gradzip.reproduce.dqgd).
+
+
+def cell_index(y: torch.Tensor, w: torch.Tensor, r: float) -> torch.Tensor:
+    """Step 3: the cell of each y_i clipped to [-r, r], among 2^w_i equal cells, as a float
+    of y's dtype (the range is taken in that dtype; a NaN stays NaN)."""
+    levels = (1 << w).to(y.dtype)
+    idx = torch.floor((torch.clamp(y, -r, r) + r) / (2 * r / levels))
+    return torch.minimum(idx, levels - 1).clamp_min(0)
+
+
+def cell_centre(idx: torch.Tensor, w: torch.Tensor, r: float) -> torch.Tensor:
+    """Step 4 (before rotating back): the centre of cell ``idx`` (a float tensor, whose dtype
+    the result and the range take), 0 where w_i = 0."""
+    z = (idx + 0.5) * (2 * r / (1 << w).to(idx.dtype)) - r
+    return torch.where(w > 0, z, 0.0)
 
 
 @dataclass(frozen=True)
@@ -95,26 +116,19 @@ class Uniform(Compressor):
     def codes_reference(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Reference: the cell indices of the ``lo``-bit and the ``hi``-bit coordinates."""
         d = y.numel()
-        r = torch.tensor(self.r32, dtype=torch.float32, device=y.device)
-        w = _widths(d, self.bits, y.device)
-        levels = (1 << w).to(torch.float32)
-        cell = 2 * r / levels
-        idx = torch.floor((torch.minimum(torch.maximum(y, -r), r) + r) / cell)
-        idx = torch.minimum(idx, levels - 1).clamp_min(0).to(torch.int64)
+        w = widths(d, self.bits, y.device)
+        idx = cell_index(y, w, self.r32).to(torch.int64)
         lo, hi, _ = allocation(d, self.bits)
         return idx[w == lo], idx[w == hi]
 
     def decode_reference(self, codes_lo, codes_hi, d: int) -> torch.Tensor:
         """Reference: cell centres from the code arrays (before rotating back)."""
         lo, hi, _ = allocation(d, self.bits)
-        r = torch.tensor(self.r32, dtype=torch.float32)
-        w = _widths(d, self.bits)
+        w = widths(d, self.bits)
         idx = torch.zeros(d, dtype=torch.int64)
         idx[w == lo] = codes_lo.to(torch.int64)
         idx[w == hi] = codes_hi.to(torch.int64)
-        cell = 2 * r / (1 << w).to(torch.float32)
-        z = (idx.to(torch.float32) + 0.5) * cell - r
-        return torch.where(w > 0, z, torch.zeros(())).to(torch.float32)
+        return cell_centre(idx.to(torch.float32), w, self.r32)
 
     def _codes(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         d = y.numel()

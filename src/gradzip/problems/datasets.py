@@ -1,6 +1,7 @@
 """Datasets: read from paths (the project ships none), validated, as float32 tensors.
 
-- LIBSVM files (``../shared/data/libsvm/a9a`` and friends), binary labels mapped to {0, 1};
+- LIBSVM files (``libsvm/a9a`` and friends under :func:`data_dir`), binary labels mapped
+  to {0, 1};
 - Fashion-MNIST IDX files (Debian's ``dataset-fashion-mnist``:
   ``/usr/share/datasets/fashion-mnist``);
 - scikit-learn's bundled sets (digits, diabetes): no download;
@@ -8,20 +9,69 @@
 
 Every loader raises :class:`DataError` with a one-line message naming the path and what is
 wrong (missing file, malformed line, wrong magic number, ...).
+
+The folder of the shared data sets is one setting, :func:`data_dir`: the environment
+variable ``GRADZIP_DATA``, else ``../shared/data`` (relative to the working directory: the
+project root in a checkout). Within ``with reuse():`` each loader reads a data set once.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import gzip
+import os
 import struct
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-DEFAULT_LIBSVM = "../shared/data/libsvm/a9a"
+DATA_ENV = "GRADZIP_DATA"
+DEFAULT_DATA = "../shared/data"
 DEFAULT_FASHION = "/usr/share/datasets/fashion-mnist"
+#: feature counts of the LIBSVM files in ``data_dir() / "libsvm"`` (a file may omit the last)
+LIBSVM_FEATURES = {"a9a": 123, "a9a.t": 123, "w8a": 300, "mushrooms": 112, "phishing": 68}
+
+
+def data_dir() -> Path:
+    """The folder of the shared data sets: ``$GRADZIP_DATA``, else ``../shared/data``."""
+    return Path(os.environ.get(DATA_ENV) or DEFAULT_DATA)
+
+
+def libsvm_path(name: str = "a9a") -> Path:
+    """The LIBSVM file ``name`` in :func:`data_dir` (``a9a``, ``w8a``, ...)."""
+    return data_dir() / "libsvm" / name
+
+
+_REUSE: ContextVar[dict | None] = ContextVar("gradzip_datasets_reuse", default=None)
+
+
+@contextlib.contextmanager
+def reuse():
+    """Within the block, each loader call reads its data set once and returns the same
+    :class:`Dataset` to later calls with the same arguments (callers must not modify it)."""
+    token = _REUSE.set({})
+    try:
+        yield
+    finally:
+        _REUSE.reset(token)
+
+
+def _reusable(load):
+    @functools.wraps(load)
+    def wrapper(*args, **kwargs):
+        memo = _REUSE.get()
+        if memo is None:
+            return load(*args, **kwargs)
+        key = (load.__name__, args, tuple(sorted(kwargs.items())))
+        if key not in memo:
+            memo[key] = load(*args, **kwargs)
+        return memo[key]
+
+    return wrapper
 
 
 class DataError(ValueError):
@@ -44,10 +94,12 @@ def _exists(path: Path, what: str) -> Path:
     return path
 
 
-def _read_svmlight(path: Path, n_features: int | None):
+def read_libsvm(path: str | Path, n_features: int | None = None):
+    """``(X, y)``: the rows of a LIBSVM file as scikit-learn reads them (a float64 CSR
+    matrix) and its raw labels; :class:`DataError` for a missing, malformed or empty file."""
     from sklearn.datasets import load_svmlight_file
 
-    _exists(path, "LIBSVM file")
+    path = _exists(Path(path), "LIBSVM file")
     try:
         X, y = load_svmlight_file(str(path), n_features=n_features)
     except (ValueError, OSError) as e:
@@ -65,8 +117,9 @@ def _binary_labels(y: np.ndarray, path: Path) -> np.ndarray:
     return (y == values[1]).astype(np.int64)
 
 
+@_reusable
 def load_libsvm(
-    path: str | Path = DEFAULT_LIBSVM,
+    path: str | Path | None = None,
     test_path: str | Path | None = None,
     n_features: int | None = None,
     test_fraction: float = 0.2,
@@ -74,13 +127,14 @@ def load_libsvm(
 ) -> Dataset:
     """A binary LIBSVM set as dense tensors; labels mapped to {0, 1}.
 
-    With no ``test_path``, ``path + ".t"`` is used when it exists, else a seeded split.
+    ``path`` defaults to :func:`libsvm_path` ``("a9a")``. With no ``test_path``,
+    ``path + ".t"`` is used when it exists, else a seeded split.
     """
-    path = Path(path)
-    X, y = _read_svmlight(path, n_features)
+    path = Path(path) if path is not None else libsvm_path("a9a")
+    X, y = read_libsvm(path, n_features)
     tp = Path(test_path) if test_path else path.with_name(path.name + ".t")
     if tp.exists():
-        Xt, yt = _read_svmlight(tp, X.shape[1])
+        Xt, yt = read_libsvm(tp, X.shape[1])
         if Xt.shape[1] != X.shape[1]:
             raise DataError(f"{tp}: {Xt.shape[1]} features, {path} has {X.shape[1]}")
         y_all = _binary_labels(np.concatenate([y, yt]), path)
@@ -116,6 +170,7 @@ def _read_idx(path: Path, magic: int, dims: int) -> np.ndarray:
     return data.reshape(shape)
 
 
+@_reusable
 def load_fashion_mnist(root: str | Path = DEFAULT_FASHION) -> Dataset:
     """Fashion-MNIST from the four original IDX files (gzipped or not) in ``root``."""
     root = Path(root)

@@ -7,6 +7,7 @@ from (seed, step, worker), so every engine draws the same batches.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -108,6 +109,55 @@ class Problem:
         return out
 
 
+@dataclass(frozen=True)
+class Recipe:
+    """How a named problem is made: its data, its model and its loss."""
+
+    load: Callable[[str | None, int], datasets.Dataset]  # (data path or None, seed)
+    model: Callable[[datasets.Dataset, int], nn.Module]  # (dataset, hidden units)
+    loss: str  # one of LOSSES
+    seeded: bool = True  # re-initialize the model from the seed (linear models start at 0)
+
+
+def _linear(ds: datasets.Dataset, hidden: int) -> nn.Module:
+    return models.linear(ds.X.shape[1], 1)
+
+
+def _fashion(data: str | None, seed: int) -> datasets.Dataset:
+    return datasets.load_fashion_mnist(data or datasets.DEFAULT_FASHION)
+
+
+#: name -> recipe; a new problem is one entry here
+PROBLEMS: dict[str, Recipe] = {
+    "lsq-synthetic": Recipe(
+        lambda data, seed: datasets.synthetic_least_squares(seed=seed), _linear, "mse", False
+    ),
+    "lsq-diabetes": Recipe(
+        lambda data, seed: datasets.load_diabetes(seed=seed), _linear, "mse", False
+    ),
+    "logreg": Recipe(
+        lambda data, seed: datasets.load_libsvm(data or datasets.libsvm_path("a9a"), seed=seed),
+        _linear,
+        "logistic",
+        False,
+    ),
+    "softmax-digits": Recipe(
+        lambda data, seed: datasets.load_digits(seed=seed),
+        lambda ds, hidden: models.linear(64, 10),
+        "cross_entropy",
+    ),
+    "mlp-digits": Recipe(
+        lambda data, seed: datasets.load_digits(seed=seed),
+        lambda ds, hidden: models.mlp(64, 10, hidden),
+        "cross_entropy",
+    ),
+    "mlp-fashion": Recipe(
+        _fashion, lambda ds, hidden: models.mlp(784, 10, hidden), "cross_entropy"
+    ),
+    "cnn-fashion": Recipe(_fashion, lambda ds, hidden: models.cnn(10), "cross_entropy"),
+}
+
+
 def build(
     name: str,
     data: str | None = None,
@@ -119,41 +169,21 @@ def build(
     seed: int = 0,
     hidden: int = 128,
 ) -> Problem:
-    """A problem by name: lsq-synthetic, lsq-diabetes, logreg, softmax-digits, mlp-digits,
-    mlp-fashion, cnn-fashion. ``data`` is the dataset path where one is read."""
-    if name == "lsq-synthetic":
-        ds, model, loss = datasets.synthetic_least_squares(seed=seed), None, "mse"
-    elif name == "lsq-diabetes":
-        ds, model, loss = datasets.load_diabetes(seed=seed), None, "mse"
-    elif name == "logreg":
-        ds, model, loss = (
-            datasets.load_libsvm(data or datasets.DEFAULT_LIBSVM, seed=seed),
-            None,
-            "logistic",
-        )
-    elif name in ("softmax-digits", "mlp-digits"):
-        ds, loss = datasets.load_digits(seed=seed), "cross_entropy"
-        model = models.linear(64, 10) if name == "softmax-digits" else models.mlp(64, 10, hidden)
-    elif name in ("mlp-fashion", "cnn-fashion"):
-        ds, loss = datasets.load_fashion_mnist(data or datasets.DEFAULT_FASHION), "cross_entropy"
-        model = models.mlp(784, 10, hidden) if name == "mlp-fashion" else models.cnn(10)
-    else:
+    """A problem by name (a key of :data:`PROBLEMS`): lsq-synthetic, lsq-diabetes, logreg,
+    softmax-digits, mlp-digits, mlp-fashion, cnn-fashion. ``data`` is the dataset path where
+    one is read."""
+    if name not in PROBLEMS:
         raise ValueError(f"unknown problem {name!r}; available: {', '.join(PROBLEMS)}")
-    if model is None:
-        model = models.linear(ds.X.shape[1], 1)
-    else:
+    recipe = PROBLEMS[name]
+    ds = recipe.load(data, seed)
+    model = recipe.model(ds, hidden)
+    if recipe.seeded:
         models.init_(model, seed)
     if l2 is None:
-        l2 = 1.0 / len(ds.y) if loss == "logistic" else 0.0
-    p = Problem(name, ds, model, loss, l2=l2, batch_size=batch_size)
+        l2 = 1.0 / len(ds.y) if recipe.loss == "logistic" else 0.0
+    p = Problem(name, ds, model, recipe.loss, l2=l2, batch_size=batch_size)
     p.split(workers, split, seed)
     return p
-
-
-PROBLEMS = (
-    "lsq-synthetic", "lsq-diabetes", "logreg", "softmax-digits", "mlp-digits",
-    "mlp-fashion", "cnn-fashion",
-)  # fmt: skip
 
 
 def smoothness(problem: Problem) -> tuple[float, float]:

@@ -8,12 +8,11 @@ it); ``all`` runs the four and writes one combined ``OUT/report.md``.
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import importlib
 import time
 from pathlib import Path
 
+from ..problems import datasets
 from .report import Section, write_combined, write_section
 
 PAPERS = ("memsgd", "biased", "dqgd", "fosgd")
@@ -31,23 +30,6 @@ def run_paper(name: str, out: Path, quick: bool = False, progress=print) -> Sect
     return sec
 
 
-@contextlib.contextmanager
-def shared_data():
-    """Within the block, each data set is read once: ``all`` loads a9a, w8a and
-    Fashion-MNIST in several reproductions (the loaders' results are not modified)."""
-    from ..problems import datasets
-
-    names = ("load_libsvm", "load_fashion_mnist")
-    saved = {n: getattr(datasets, n) for n in names}
-    for n in names:
-        setattr(datasets, n, functools.cache(saved[n]))
-    try:
-        yield
-    finally:
-        for n, f in saved.items():
-            setattr(datasets, n, f)
-
-
 def combine(out: str | Path = "results/reproduce") -> Path:
     """(Re)write the combined ``OUT/report.md`` from the four papers' folders in ``OUT``."""
     return write_combined(Path(out), PAPERS)
@@ -59,7 +41,7 @@ def reproduce(
     """Run one reproduction (or ``all``); returns (report path, sections)."""
     out = Path(out)
     if name == "all":
-        with shared_data():
+        with datasets.reuse():  # a9a, w8a and Fashion-MNIST are read once for the four
             secs = [run_paper(p, out / p, quick, progress) for p in PAPERS]
         return combine(out), secs
     sec = run_paper(name, out / name, quick, progress)

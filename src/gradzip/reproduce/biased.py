@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +30,7 @@ from ..compressors import compressor
 from ..experiments import classes
 from ..feedback import NonContractiveFeedbackWarning
 from ..methods import Method
-from ..problems import build
+from ..problems import build, datasets
 from . import common
 from .report import Claim, Section, fmt, grade, md_table, pyplot, savefig
 
@@ -41,7 +41,7 @@ FLOOR = 1e-11  # below this, f(x) - f* of float32 iterates is rounding, not conv
 class Config:
     k_frac: float = 0.1  # top-k keeps this fraction of d
     nd_levels: int = 8  # natural dithering levels
-    logreg_data: str = "../shared/data/libsvm/a9a"
+    logreg_data: str = field(default_factory=lambda: str(datasets.libsvm_path("a9a")))
     logreg_l2: float = 0.05  # strong convexity, so that linear convergence shows in few steps
     logreg_steps: int = 200
     logreg_batch: int = 16  # stochastic setting, per worker

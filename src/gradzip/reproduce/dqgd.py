@@ -11,8 +11,10 @@ step eta = 2 / (L + mu), sigma = (L - mu) / (L + mu). For R bits per dimension:
   every message (a favourable, adaptive naive quantizer).
 
 Q is gradzip's ``uniform`` scalar quantizer (same Bresenham bit allocation for fractional
-R, same cells and clipping), re-implemented here in float64 because contraction rates over
-many steps reach 1e-10 relative errors, below float32's precision:
+R, same cells and clipping): its reference (:func:`gradzip.compressors.uniform.cell_index`
+and ``cell_centre``) run in float64, because contraction rates over many steps reach 1e-10
+relative errors, below float32's precision; the DQ-GD loop is :mod:`gradzip.feedback`'s
+``dq`` rule:
 
 - ``cube``: the ball of radius r is put in the cube [-r, r]^n (rho = sqrt(n));
 - ``flat``: a randomized Hadamard rotation (n padded to D = 2^ceil(log2 n), fresh signs
@@ -32,7 +34,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
+from .. import feedback, hadamard
+from ..compressors import uniform
 from ..problems import datasets
 from .report import Claim, Section, fmt, grade, md_table, pyplot, savefig
 
@@ -122,25 +127,24 @@ def diabetes() -> LSQ:
 
 
 def widths(d: int, rate: float) -> np.ndarray:
-    """Bits per coordinate: floor((i+1) R) - floor(i R), as gradzip's ``uniform``."""
-    f = np.floor(np.arange(d + 1) * rate)
-    return (f[1:] - f[:-1]).astype(np.int64)
+    """Bits per coordinate: floor((i+1) R) - floor(i R), gradzip's ``uniform`` allocation."""
+    return uniform.widths(d, rate).numpy()
 
 
 def quantize(y: np.ndarray, w: np.ndarray, half: float) -> tuple[np.ndarray, int]:
-    """Cells of [-half, half] per coordinate (2^w_i of them), centres; clipped count."""
+    """Cells of [-half, half] per coordinate (2^w_i of them), centres; clipped count.
+
+    gradzip's ``uniform`` reference, run in the dtype of ``y`` (float64 here)."""
     clipped = int((np.abs(y) > half).sum())
-    levels = np.exp2(w)
-    cell = 2 * half / levels
-    idx = np.minimum(np.floor((np.clip(y, -half, half) + half) / cell), levels - 1)
-    q = -half + (idx + 0.5) * cell
-    return np.where(w > 0, q, 0.0), clipped
+    yt, wt = torch.from_numpy(y), torch.as_tensor(w)
+    return uniform.cell_centre(uniform.cell_index(yt, wt, half), wt, half).numpy(), clipped
 
 
-def hadamard(D: int) -> np.ndarray:
-    H = np.array([[1.0]])
-    while H.shape[0] < D:
-        H = np.block([[H, H], [H, -H]])
+def walsh_hadamard(D: int) -> np.ndarray:
+    """The orthonormal D x D Walsh-Hadamard matrix (natural order), from gradzip's transform.
+    D <= 128 here: a matrix product is as fast as butterflies, and it keeps the bits of the
+    published numbers (a butterfly transform rounds differently)."""
+    H = hadamard.fwht_reference(torch.eye(D, dtype=torch.float64)).numpy()  # entries +-1
     return H / math.sqrt(D)
 
 
@@ -150,8 +154,8 @@ class Quantizer:
     def __init__(self, n: int, rate: float, flat: bool):
         self.n, self.rate, self.flat = n, rate, flat
         self.D = 1 << max(0, math.ceil(math.log2(n))) if flat else n
-        self.w = widths(self.D, rate * n / self.D)  # floor(R n) bits in all
-        self.H = hadamard(self.D) if flat else None
+        self.w = uniform.widths(self.D, rate * n / self.D)  # floor(R n) bits in all
+        self.H = walsh_hadamard(self.D) if flat else None
         self.rho = math.sqrt(2 * math.log(2 * self.D)) if flat else math.sqrt(n)
         self.shrink = math.sqrt(2 * math.log(2 * self.D) / self.D) if flat else 1.0
         self.clipped = 0
@@ -179,18 +183,26 @@ def rate_of(err0: float, errT: float, T: int) -> float:
     return (max(errT, 1e-300) / err0) ** (1.0 / T)
 
 
+def descend(grad, Q, x0: np.ndarray, eta: float, r: float, kappa: float, T: int, rng):
+    """x_T of DQ-GD: gradzip's ``dq`` feedback rule with the quantizer Q on the ball of
+    radius r kappa^t, in the dtype of x0 (``grad`` and ``Q`` take and return arrays)."""
+    x = torch.from_numpy(x0.copy())
+    state = feedback.FeedbackState(torch.zeros_like(x))  # e_{-1} = 0
+    for _ in range(T):
+        z = feedback.gradient_point("dq", x, eta, state)  # z_t = x_t + eta e_{t-1}
+        u = feedback.prepare("dq", torch.from_numpy(grad(z.numpy())), eta, state)
+        q = torch.from_numpy(Q(u.numpy(), r, rng))
+        state = feedback.update("dq", state, u, q)  # e_t = q_t - u_t
+        x = x - eta * q
+        r *= kappa
+    return x.numpy()
+
+
 def dqgd(p: LSQ, Q: Quantizer, x0: np.ndarray, T: int, rng) -> float:
-    eta, x, e = p.eta, x0.copy(), np.zeros(p.n)
     kappa = min(1.0, max(p.sigma, Q.rho * 2.0**-Q.rate))
     r = float(np.linalg.norm(p.grad(x0)))
     with np.errstate(all="ignore"):
-        for _ in range(T):
-            z = x + eta * e
-            u = p.grad(z) - e
-            q = Q(u, r, rng)
-            e = q - u
-            x = x - eta * q
-            r *= kappa
+        x = descend(p.grad, Q, x0, p.eta, r, kappa, T, rng)
     return rate_of(np.linalg.norm(x0 - p.x_star), float(np.linalg.norm(x - p.x_star)), T)
 
 
@@ -438,7 +450,7 @@ def reproduce(out: Path, quick: bool = False, progress=print) -> Section:
         "The naive quantizer gets the exact gradient norm as its range every step (32 more "
         "bits per step), which favours it.",
         "The quantizer is gradzip's `uniform` design (fractional R by Bresenham allocation; "
-        "with R < 1 some coordinates get no bits and decode to 0), in float64 in this "
-        "module; the library's float32 compressor cannot resolve relative errors of 1e-10.",
+        "with R < 1 some coordinates get no bits and decode to 0), its reference run in "
+        "float64; the library's float32 compressor cannot resolve relative errors of 1e-10.",
     ]
     return sec

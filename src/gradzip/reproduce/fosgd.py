@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..experiments import variance
-from ..problems import build
+from ..problems import build, datasets
 from . import common
 from .report import Claim, Section, fmt, grade, md_table, pyplot, savefig
 
@@ -44,7 +44,7 @@ class Config:
     d_fixed: int = 1 << 14
     ks: tuple[int, ...] = (1, 4, 16, 64, 256, 1024, 4096, 1 << 14)
     var_seeds: int = 20
-    logreg_data: str = "../shared/data/libsvm/w8a"
+    logreg_data: str = field(default_factory=lambda: str(datasets.libsvm_path("w8a")))
     logreg_batch: int = 4
     logreg_steps: int = 500
     logreg_lr: float = 0.2

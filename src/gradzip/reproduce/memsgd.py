@@ -11,10 +11,11 @@ L2-regularized logistic regression, lambda = 1/n, one worker, batch size 1:
   (t+1)^2-weighted average.
 
 Every message goes through gradzip's compressors (``topk``, ``randk``, ``qsgd``,
-``identity``): bits are counted from the bytes produced. The loop is a small driver of its
-own (gradients in float64 numpy on one row; the ``ef`` rule of :mod:`gradzip.feedback`
-written out) because the simulated engine's per-step overhead (~1 ms) would make the
-hundreds of thousands of steps here too slow for two shared cores.
+``identity``): bits are counted from the bytes produced. The loop (:func:`descend`) is a
+small driver of gradzip's parts (the ``ef`` and ``none`` rules of :mod:`gradzip.feedback`,
+the ``memsgd`` and ``bottou`` schedules) with gradients in float64 on one row, because the
+simulated engine's per-step overhead (~1 ms) would make the hundreds of thousands of steps
+here too slow for two shared cores; in float32 it is the engine's step (tested).
 
 The paper used epsilon (dense) and RCV1 (sparse); here a9a stands for the dense set
 (123 binary features, ~11% nonzero) and w8a for the sparse one (300 features, ~3.9%
@@ -31,12 +32,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .. import feedback
 from ..compressors import compressor
+from ..experiments.schedules import Schedule
 from ..problems import datasets
 from .report import Claim, Section, fmt, grade, md_table, pyplot, savefig
-
-DATA = Path("../shared/data/libsvm")
-FEATURES = {"a9a": 123, "w8a": 300}
 
 
 @dataclass(frozen=True)
@@ -120,7 +120,9 @@ class Logreg:
 
 
 def load(name: str, rows: int, seed: int) -> Logreg:
-    ds = datasets.load_libsvm(DATA / name, n_features=FEATURES.get(name))
+    ds = datasets.load_libsvm(
+        datasets.libsvm_path(name), n_features=datasets.LIBSVM_FEATURES.get(name)
+    )
     X = ds.X.double().numpy()
     y = ds.y.numpy() * 2.0 - 1.0
     if rows and rows < len(y):
@@ -148,6 +150,42 @@ class Run:
     point: str = "average"  # which iterate ``subopt`` is: average | last
 
 
+def descend(
+    grad,
+    d: int,
+    c,
+    steps: int,
+    schedule: Schedule,
+    rule: str,
+    average: Schedule,
+    seed: int,
+    dtype=torch.float64,
+    after_step=None,
+) -> torch.Tensor:
+    """x_T of SGD through the compressor ``c`` with gradzip's feedback ``rule`` (``ef``:
+    Mem-SGD) and step sizes ``schedule``, from x_0 = 0 in ``dtype``; ``grad(t, x)`` is the
+    stochastic gradient at step t. ``after_step(t, x_{t+1}, xbar_t, payload)`` sees every
+    step, with xbar_t the average of x_0..x_t weighted by ``average.averaging_weight``."""
+    x = torch.zeros(d, dtype=dtype)
+    state = feedback.FeedbackState(torch.zeros(d, dtype=dtype))  # e_0 = 0
+    units = feedback.in_update_units(rule)  # ef: v carries the step size
+    xbar, wsum = torch.zeros(d, dtype=dtype), 0.0
+    for t in range(steps):
+        g = grad(t, x)
+        w = average.averaging_weight(t)
+        wsum += w
+        xbar += (w / wsum) * (x - xbar)
+        eta = schedule(t)
+        v = feedback.prepare(rule, g, eta, state)  # ef: v = e + eta g
+        p = c.encode(v.float(), seed=seed, step=t)
+        dec = c.decode(p).to(dtype)
+        state = feedback.update(rule, state, v, dec)  # ef: e = v - C(v)
+        x = x - (dec if units else eta * dec)
+        if after_step is not None:
+            after_step(t, x, xbar, p)
+    return x
+
+
 def run_one(
     prob: Logreg,
     label: str,
@@ -159,44 +197,39 @@ def run_one(
     shift: float = 0.0,
     gamma0: float = 0.5,
 ) -> Run:
-    c = compressor(spec)
-    lam, n, d = prob.lam, prob.n, prob.d
+    lam, n = prob.lam, prob.n
     rows = np.random.default_rng(cfg.seed + 1).integers(0, n, steps)
     evals = set(np.unique(np.geomspace(1, steps, cfg.evals).astype(int)).tolist())
-    x = np.zeros(d)
-    e = np.zeros(d)
-    xbar, wsum = np.zeros(d), 0.0
-    bits = pbits = 0
-    run = Run(label, spec, memory, shift, [0.0], [prob.f(x) - fstar], [0.0], [0.0])
+    if memory:  # eta_t = gamma / (lambda (t + a)), weights (t + a)^2
+        schedule = Schedule("memsgd", cfg.gamma, lam, shift)
+        average = schedule
+    else:  # eta_t = gamma0 / (1 + gamma0 lambda t), weights (t + 1)^2
+        schedule = Schedule("bottou", gamma0, lam)
+        average = Schedule("memsgd", gamma0, lam, 1.0)
+    x0 = np.zeros(prob.d)
+    run = Run(label, spec, memory, shift, [0.0], [prob.f(x0) - fstar], [0.0], [0.0])
     last = [run.subopt[0]]
+    bits = [0, 0]  # on the wire; without the payload headers
+
+    def grad(t, x):
+        return torch.from_numpy(prob.grad_row(x.numpy(), int(rows[t])))
+
+    def after_step(t, x, xbar, p):
+        bits[0] += p.nbits
+        bits[1] += p.nbits - 8 * p.header.size
+        if t + 1 in evals:
+            run.epochs.append((t + 1) / n)
+            run.subopt.append(prob.f(xbar.numpy()) - fstar)
+            last.append(prob.f(x.numpy()) - fstar)
+            run.bits.append(float(bits[0]))
+            run.payload_bits.append(float(bits[1]))
+
     t0 = time.perf_counter()
     with torch.inference_mode():
-        for t in range(steps):
-            g = prob.grad_row(x, int(rows[t]))
-            w = (t + shift) ** 2 if memory else (t + 1.0) ** 2
-            wsum += w
-            xbar += (w / wsum) * (x - xbar)
-            if memory:
-                eta = cfg.gamma / (lam * (t + shift))
-                v = e + eta * g
-            else:
-                eta = gamma0 / (1 + gamma0 * lam * t)
-                v = g
-            p = c.encode(torch.from_numpy(v.astype(np.float32)), seed=cfg.seed, step=t)
-            dec = c.decode(p).double().numpy()
-            bits += p.nbits
-            pbits += p.nbits - 8 * p.header.size
-            if memory:
-                e = v - dec
-                x = x - dec
-            else:
-                x = x - eta * dec
-            if t + 1 in evals:
-                run.epochs.append((t + 1) / n)
-                run.subopt.append(prob.f(xbar) - fstar)
-                last.append(prob.f(x) - fstar)
-                run.bits.append(float(bits))
-                run.payload_bits.append(float(pbits))
+        descend(
+            grad, prob.d, compressor(spec), steps, schedule, "ef" if memory else "none",
+            average, cfg.seed, after_step=after_step,
+        )  # fmt: skip
     run.seconds = time.perf_counter() - t0
     if not memory and last[-1] < run.subopt[-1]:  # baselines: the better of the two
         run.subopt, run.point = last, "last"
