@@ -444,12 +444,12 @@ def test_fused_passes_with_several_chunks_per_column_block(monkeypatch):
     column chunks (at 2**24, eight): the encoder and both routes of the decoder still equal
     the reference bit for bit there."""
     from gradzip import bits
-    from gradzip._numba import fwht
+    from gradzip._numba import fused_onebit, fwht
     from gradzip.compressors.onebit import quantize_reference
 
     d = 1 << 22
     L, R, C = fwht.grid(22, 4)
-    S, P = fwht.layout(22)
+    S, P = fused_onebit.layout(22)
     assert S > C and S % C == 0 and P > 0
     g = _gen(d)
     x = torch.randn(d, generator=g)
@@ -459,7 +459,7 @@ def test_fused_passes_with_several_chunks_per_column_block(monkeypatch):
     assert torch.equal(out, quantize_reference(hadamard.rotate_reference(x, 5), lam, 6))
     ref = hadamard.unrotate_reference(bits.unpack_signs_reference(out, d, lam), 7)
     for chunked_from in (16, 40):  # through scratch, in place
-        monkeypatch.setattr(hadamard, "CHUNKED_DECODE_FROM", chunked_from)
+        monkeypatch.setattr(fused_onebit, "CHUNKED_DECODE_FROM", chunked_from)
         assert torch.equal(hadamard.unrotate_signs(out, d, lam, 7), ref)
 
 
@@ -550,8 +550,9 @@ def test_unrotate_signs_matches_reference(n, chunked, monkeypatch):
     """Both routes of the fused decoder (in place below ``CHUNKED_DECODE_FROM``, through scratch
     from there) equal the reference bit for bit."""
     from gradzip import bits
+    from gradzip._numba import fused_onebit
 
-    monkeypatch.setattr(hadamard, "CHUNKED_DECODE_FROM", 16 if chunked else 40)
+    monkeypatch.setattr(fused_onebit, "CHUNKED_DECODE_FROM", 16 if chunked else 40)
 
     g = _gen(n)
     data = torch.randint(0, 256, (n // 8,), dtype=torch.uint8, generator=g)
@@ -576,11 +577,12 @@ def test_unrotate_signs_matches_reference(n, chunked, monkeypatch):
 
 
 def test_run_pieces_covers_everything_once_and_raises():
+    from gradzip._numba import parallel
     from gradzip._numba.parallel import threads
 
     for n, unit in ((1000, 64), (1 << 24, 1 << 15), (1 << 24, 1 << 16), (64, 64), (5, 8)):
         seen = []
-        hadamard._run_pieces(n, unit, lambda w, i, j, seen=seen: seen.append((i, j, w)))
+        parallel.run_pieces(n, unit, lambda w, i, j, seen=seen: seen.append((i, j, w)))
         seen.sort()
         assert [(i, j) for i, j, _ in seen] == list(
             zip([0] + [j for _, j, _ in seen[:-1]], [j for _, j, _ in seen], strict=True)
@@ -593,12 +595,12 @@ def test_run_pieces_covers_everything_once_and_raises():
         assert sizes == sorted(sizes, reverse=True) or sizes[-1] < unit
         if threads() > 1 and n // unit >= 64:
             assert len(seen) <= 64 * threads()
-            assert sizes[0] == unit * -(-(n // unit) // (hadamard.SHARE * threads()))
+            assert sizes[0] == unit * -(-(n // unit) // (parallel.SHARE * threads()))
 
     # below POOLED_PIECES_FROM: one call, on the calling thread
     seen = []
-    n = hadamard.POOLED_PIECES_FROM - 64
-    hadamard._run_pieces(n, 64, lambda w, i, j: seen.append((w, i, j, threading.get_ident())))
+    n = parallel.POOLED_PIECES_FROM - 64
+    parallel.run_pieces(n, 64, lambda w, i, j: seen.append((w, i, j, threading.get_ident())))
     assert seen == [(0, 0, n, threading.get_ident())]
 
     def boom(w, i, j):
@@ -607,4 +609,4 @@ def test_run_pieces_covers_everything_once_and_raises():
 
     for n in (1000, 1 << 24):  # alone and pooled
         with pytest.raises(RuntimeError, match="piece failed"):
-            hadamard._run_pieces(n, 64, boom)
+            parallel.run_pieces(n, 64, boom)

@@ -40,17 +40,17 @@ by ``fl(1/sqrt(B))``, butterflies ``(a + b, a - b)`` at stride 1, 2, 4, ...), so
 results agree bit for bit. Calls on fewer than :data:`SERIAL_BELOW` elements stay on the
 calling thread.
 
-Two fused CPU float32 paths serve FO-SGD (lengths a power of two, ``2**16`` and up; see
-:mod:`gradzip._numba.fwht`): :func:`rotate_quantize_` computes the dithered one-bit bits
-of ``Phi x`` in two passes over memory, taking ``||x||_2`` on the way (the ``norm`` scale
-rule needs nothing else), and :func:`unrotate_signs` computes ``Phi^T (lam * b)`` straight
-from the packed bits. Each equals its unfused composition of references bit for bit.
+Two fused CPU float32 paths serve FO-SGD (lengths a power of two, ``2**16`` and up), the
+codec of :mod:`gradzip._numba.fused_onebit`: :func:`rotate_quantize_` computes the dithered
+one-bit bits of ``Phi x`` in two passes over memory, taking ``||x||_2`` on the way (the
+``norm`` scale rule needs nothing else), and :func:`unrotate_signs` computes
+``Phi^T (lam * b)`` straight from the packed bits. Each equals its unfused composition of
+references bit for bit. Here they check their tensors and hand the arrays to the codec.
 """
 
 from __future__ import annotations
 
 import math
-import threading
 from collections.abc import Callable
 
 import numpy as np
@@ -76,15 +76,8 @@ _FAST_DTYPES = (torch.float32, torch.float64)
 #: Below this many elements in one call, the fast path runs on the calling thread only.
 SERIAL_BELOW = 1 << 16
 #: log2 of the smallest single segment that :func:`_transform_threaded` runs on gradzip's
-#: pool: below it, dispatching the pieces costs more than numba's prange (measured here:
-#: 0.66 against 0.26 ms at 2**20, 2.3 against 1.5 ms at 2**22, equal at 2**24).
+#: pool: below it, dispatching the pieces costs more than numba's prange (docs/perf.md).
 POOLED_FROM = 23
-#: log2 of the smallest length the fused decoder takes through scratch (pass 1 streams its
-#: rows into it in column blocks, pass 2 reads column chunks and streams them into the
-#: output). Below, the data stays in L3 and working in place is faster (measured, in place
-#: against through scratch: 1.98 / 2.37 ms at 2**22, 4.14 / 4.67 at 2**23, but 9.35 / 8.80
-#: at 2**24).
-CHUNKED_DECODE_FROM = 24
 
 
 def _log2_exact(n: int) -> int:
@@ -149,13 +142,19 @@ def _check_vector(x: torch.Tensor) -> int:
     return d
 
 
-def rotate_reference(x: torch.Tensor, key: int) -> torch.Tensor:
-    """``Phi x`` along the last dimension, pure torch (see the module docstring)."""
+def _reference_start(x: torch.Tensor, key: int):
+    """``(z, d, B, w1, w2, scale)`` of the references: ``z`` a copy of ``x`` in the compute
+    dtype, ``d`` its length, ``B = rotation_block(d)`` and :func:`_step_weights`."""
     d = _check_vector(x)
     B = rotation_block(d)
     dtype = _compute_dtype(x.dtype)
-    w1, w2, _ = _step_weights(key, B, dtype, x.device)
-    z = x.to(dtype).clone()
+    w1, w2, scale = _step_weights(key, B, dtype, x.device)
+    return x.to(dtype).clone(), d, B, w1, w2, scale
+
+
+def rotate_reference(x: torch.Tensor, key: int) -> torch.Tensor:
+    """``Phi x`` along the last dimension, pure torch (see the module docstring)."""
+    z, d, B, w1, w2, _ = _reference_start(x, key)
     z[..., :B] = fwht_reference(z[..., :B] * w1)
     if d > B:
         z[..., d - B :] = fwht_reference(z[..., d - B :] * w2)
@@ -164,12 +163,8 @@ def rotate_reference(x: torch.Tensor, key: int) -> torch.Tensor:
 
 def unrotate_reference(y: torch.Tensor, key: int) -> torch.Tensor:
     """``Phi^T y`` (the inverse of :func:`rotate_reference`), pure torch."""
-    d = _check_vector(y)
-    B = rotation_block(d)
-    dtype = _compute_dtype(y.dtype)
-    w1, w2, scale = _step_weights(key, B, dtype, y.device)
+    z, d, B, w1, w2, scale = _reference_start(y, key)
     s1, s2 = w1 / scale, w2 / scale  # exactly +-1
-    z = y.to(dtype).clone()
     if d > B:
         z[..., d - B :] = fwht_reference(z[..., d - B :] * scale) * s2
     z[..., :B] = fwht_reference(z[..., :B] * scale) * s1
@@ -181,13 +176,18 @@ def unrotate_reference(y: torch.Tensor, key: int) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------
 
 _TABLES: dict[torch.dtype, np.ndarray] = {}
-_SCALED_TABLES: dict[int, np.ndarray] = {}
 
 
 def _kernel():
     from ._numba import fwht
 
     return fwht
+
+
+def _codec():
+    from ._numba import fused_onebit
+
+    return fused_onebit
 
 
 def _transform(numel: int):
@@ -202,13 +202,16 @@ def _transform(numel: int):
 
 def _transform_threaded(src, soff, sstride, dst, doff, dstride, nseg, m, mode, k0, k1, sb, sc, tab):
     """``fwht.transform`` (same arguments and results), with one large segment done by
-    :func:`_run_pieces` on gradzip's thread pool instead of numba's ``prange``.
+    :func:`gradzip._numba.parallel.run_pieces` on gradzip's thread pool instead of numba's
+    ``prange``.
 
     numba's OpenMP workers spin for milliseconds after a parallel region and took a core
-    from the thread pool the quantizer that follows runs on (``uniform`` at 2.5 bits
-    measured 42 ms with them spinning, 37 ms without); one pool for every pass avoids that.
+    from the thread pool the quantizer that follows runs on (docs/perf.md); one pool for
+    every pass avoids that.
     An out-of-place pass 1 streams its rows out (see ``fwht.rows_pass``).
     """
+    from ._numba.parallel import run_pieces, worker_buffers
+
     k = _kernel()
     if nseg != 1 or m < POOLED_FROM or not k.two_pass(m, dst.itemsize):
         k.transform(src, soff, sstride, dst, doff, dstride, nseg, m, mode, k0, k1, sb, sc, tab)
@@ -218,8 +221,8 @@ def _transform_threaded(src, soff, sstride, dst, doff, dstride, nseg, m, mode, k
     s_at = src.ctypes.data + soff * src.itemsize
     d_at = dst.ctypes.data + doff * dst.itemsize
     stream = s_at != d_at and d_at % 32 == 0
-    rows = _row_buffers(L, dst.dtype)
-    _run_pieces(
+    rows = worker_buffers("rows", L, dst.dtype)
+    run_pieces(
         n,
         L,
         lambda w, i, j: k.rows_pass(
@@ -227,7 +230,7 @@ def _transform_threaded(src, soff, sstride, dst, doff, dstride, nseg, m, mode, k
         ),
     )
     post = mode == k.UNROTATE
-    _run_pieces(
+    run_pieces(
         n,
         n // (L // C),
         lambda w, i, j: k.cols_pass(dst, doff, m, post, k0, k1, sb, tab, i, j),
@@ -240,15 +243,6 @@ def _table(dtype: torch.dtype) -> np.ndarray:
         tab = _TABLES[dtype] = _kernel().sign_table(
             np.float32 if dtype == torch.float32 else np.float64
         )
-    return tab
-
-
-def _scaled_table(m: int) -> np.ndarray:
-    """:func:`gradzip._numba.fwht.scaled_sign_table` of the float32 scale ``2**(-m/2)``."""
-    tab = _SCALED_TABLES.get(m)
-    if tab is None:
-        scale = np.float32(1.0 / math.sqrt(1 << m))
-        tab = _SCALED_TABLES[m] = _kernel().scaled_sign_table(scale)
     return tab
 
 
@@ -318,17 +312,8 @@ def _use_fast(x: torch.Tensor) -> bool:
     return x.device.type == "cpu"
 
 
-def rotate(x: torch.Tensor, key: int, out: torch.Tensor | None = None) -> torch.Tensor:
-    """``Phi x`` along the last dimension (any length ``d >= 1``; see the module docstring).
-
-    Leading dimensions are a batch, all rows rotated with the same signs. float32/float64 in,
-    same dtype out; other float dtypes are computed in, and returned as, float32. ``out``
-    (contiguous, the result's shape and dtype) receives the result and is returned; it may
-    be ``x`` itself but must not partially overlap it. Deterministic in ``key``.
-    """
-    if not _use_fast(x):
-        z = rotate_reference(x, key)
-        return z if out is None else out.copy_(z)
+def _rotate_cpu(x: torch.Tensor, key: int, out: torch.Tensor | None, inverse: bool):
+    """:func:`rotate` (or with ``inverse``, :func:`unrotate`) on the numba kernel."""
     x2, out, o2 = _prepare(x, out)
     d = x2.shape[1]
     if x2.shape[0] == 0:
@@ -342,12 +327,42 @@ def rotate(x: torch.Tensor, key: int, out: torch.Tensor | None = None) -> torch.
     a, o = x2.view(-1).numpy(), o2.view(-1).numpy()
     rows = x2.shape[0]
     t = _transform(rows * d)
-    t(a, 0, d, o, 0, d, rows, m, k.ROTATE, k0, k1, 0, scale, tab)
-    if d > B:
+    mode = k.UNROTATE if inverse else k.ROTATE
+
+    def step(src, off: int, sbase: int) -> None:
+        """One orthonormal step: the block of ``B`` at ``off`` of every row, into ``out``."""
+        t(src, off, d, o, off, d, rows, m, mode, k0, k1, sbase, scale, tab)
+
+    def keep(cols: slice) -> None:
+        """The coordinates the first step leaves alone, into ``out`` (unless in place)."""
         if o2.data_ptr() != x2.data_ptr():
-            o2[:, B:].copy_(x2[:, B:])
-        t(o, d - B, d, o, d - B, d, rows, m, k.ROTATE, k0, k1, B, scale, tab)
+            o2[:, cols].copy_(x2[:, cols])
+
+    if d == B:
+        step(a, 0, 0)
+    elif not inverse:  # the head with s1, then the tail with s2 (the module docstring)
+        step(a, 0, 0)
+        keep(slice(B, None))
+        step(o, d - B, B)
+    else:  # backwards: the tail, then the head
+        step(a, d - B, B)
+        keep(slice(None, d - B))
+        step(o, 0, 0)
     return out
+
+
+def rotate(x: torch.Tensor, key: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``Phi x`` along the last dimension (any length ``d >= 1``; see the module docstring).
+
+    Leading dimensions are a batch, all rows rotated with the same signs. float32/float64 in,
+    same dtype out; other float dtypes are computed in, and returned as, float32. ``out``
+    (contiguous, the result's shape and dtype) receives the result and is returned; it may
+    be ``x`` itself but must not partially overlap it. Deterministic in ``key``.
+    """
+    if not _use_fast(x):
+        z = rotate_reference(x, key)
+        return z if out is None else out.copy_(z)
+    return _rotate_cpu(x, key, out, inverse=False)
 
 
 def unrotate(y: torch.Tensor, key: int, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -355,111 +370,12 @@ def unrotate(y: torch.Tensor, key: int, out: torch.Tensor | None = None) -> torc
     if not _use_fast(y):
         z = unrotate_reference(y, key)
         return z if out is None else out.copy_(z)
-    y2, out, o2 = _prepare(y, out)
-    d = y2.shape[1]
-    if y2.shape[0] == 0:
-        return out
-    B = rotation_block(d)
-    m = B.bit_length() - 1
-    k = _kernel()
-    k0, k1 = _split_key(key)
-    scale = _np_scalar(1.0 / math.sqrt(B), out.dtype)
-    tab = _table(out.dtype)
-    a, o = y2.view(-1).numpy(), o2.view(-1).numpy()
-    rows = y2.shape[0]
-    t = _transform(rows * d)
-    if d > B:
-        t(a, d - B, d, o, d - B, d, rows, m, k.UNROTATE, k0, k1, B, scale, tab)
-        if o2.data_ptr() != y2.data_ptr():
-            o2[:, : d - B].copy_(y2[:, : d - B])
-        t(o, 0, d, o, 0, d, rows, m, k.UNROTATE, k0, k1, 0, scale, tab)
-    else:
-        t(a, 0, d, o, 0, d, rows, m, k.UNROTATE, k0, k1, 0, scale, tab)
-    return out
+    return _rotate_cpu(y, key, out, inverse=True)
 
 
 # ---------------------------------------------------------------------------------------
-# Fused encoder: rotation + norm + dithered one-bit quantization (CPU float32)
+# The fused one-bit codec of FO-SGD (CPU float32; gradzip._numba.fused_onebit)
 # ---------------------------------------------------------------------------------------
-
-
-#: The fused passes' pieces: each takes ``1 / (SHARE * threads)`` of the work not yet taken
-#: (guided scheduling: large pieces first, small ones at the end), and at least
-#: ``1 / (MIN_PIECES * threads)`` of all of it.
-SHARE = 2
-MIN_PIECES = 32
-#: Below this many elements a pass runs on the calling thread alone: handing pieces to the
-#: pool and waiting for them costs more than the second thread saves (fosgd encode, alone
-#: against pooled: 0.17 / 0.29 ms at 2**16, 0.36 / 0.37 at 2**18, 0.61 / 0.55 at 2**19;
-#: decode 0.10 / 0.25 at 2**16, 0.36 / 0.40 at 2**19, 0.67 / 0.58 at 2**20).
-POOLED_PIECES_FROM = 1 << 19
-_buffers = threading.local()
-
-
-def _run_pieces(n: int, unit: int, call: Callable[[int, int, int], object]) -> None:
-    """``call(w, start, stop)`` over ``[0, n)`` in pieces of whole units of ``unit`` elements.
-
-    The calling thread (``w = 0``) and up to ``threads() - 1`` threads of the shared pool
-    (``w = 1, 2, ...``) pull the pieces in order until none is left, each a fixed share of
-    the work left (see ``SHARE``): on a machine shared with other jobs, a thread that gets
-    less of its core leaves its share to the others instead of holding up the whole pass,
-    and the small last pieces leave little to wait for. Against 4 equal pieces per thread,
-    the fused encoder at 2**24 (about 9 ms) measured 0.2-0.5 ms faster while the machine
-    was busy and the same while it was quiet. ``call`` runs a ``nogil`` numba kernel.
-    """
-    from ._numba.parallel import thread_pool, threads
-
-    units = -(-n // unit)
-    workers = min(threads(), units)
-    if workers <= 1 or n < POOLED_PIECES_FROM:
-        call(0, 0, n)
-        return
-    least = max(1, units // (MIN_PIECES * workers))
-    taken = 0
-    lock = threading.Lock()
-
-    def work(w: int) -> None:
-        nonlocal taken
-        while True:
-            with lock:
-                start = taken
-                taken = min(units, start + max(least, -(-(units - start) // (SHARE * workers))))
-            if start == taken:
-                return
-            call(w, start * unit, min(n, taken * unit))
-
-    futures = [thread_pool().submit(work, w) for w in range(1, workers)]
-    try:
-        work(0)
-    finally:
-        for f in futures:
-            f.result()
-
-
-def _per_worker(name: str, key, make: Callable[[], object]) -> list:
-    """``[make() for each worker]`` (see :func:`_run_pieces`), kept by the calling thread and
-    made again only when ``key`` or the thread count changes: fresh memory would cost page
-    faults on every call, and other calling threads get their own."""
-    from ._numba.parallel import threads
-
-    key = (key, threads())
-    held = getattr(_buffers, name, None)
-    if held is None or held[0] != key:
-        held = (key, [make() for _ in range(threads())])
-        setattr(_buffers, name, held)
-    return held[1]
-
-
-def _chunk_buffers(R: int, C: int) -> list[np.ndarray]:
-    """Per-worker buffers of the fused encoder's pass 2: a column chunk (64-byte aligned: a
-    buffer 16 bytes off, as ``np.empty`` gives, splits half its vectors across cache lines
-    and measured 20% slower in pass 2)."""
-    return _per_worker("chunks", R * C, lambda: _alloc.aligned_numpy(R * C, np.float32))
-
-
-def _row_buffers(L: int, dtype) -> list[np.ndarray]:
-    """Per-worker pass-1 rows of ``L`` elements (32-byte aligned)."""
-    return _per_worker("rows", (L, np.dtype(dtype).str), lambda: _alloc.aligned_numpy(L, dtype))
 
 
 def can_rotate_quantize(x: torch.Tensor) -> bool:
@@ -471,7 +387,7 @@ def can_rotate_quantize(x: torch.Tensor) -> bool:
         and x.dtype == torch.float32
         and x.dim() == 1
         and x.is_contiguous()
-        and _kernel().fused_ok(x.numel())
+        and _codec().fused_ok(x.numel())
     )
 
 
@@ -498,11 +414,8 @@ def rotate_quantize_(
     ``out`` is left untouched. ``lam`` must be a float32 value.
 
     Compared with ``stats``, ``rotate`` and ``quantize_`` in a row it saves three passes
-    over memory: the norm is taken in pass 1 of the rotation on rows already in L2, and
-    pass 2 quantizes each column chunk as it finishes it, so the rotated vector is never
-    written back (see :func:`gradzip._numba.fwht.cols_quantize`). ``scratch`` holds pass
-    1's result (in column blocks with padded rows, see :mod:`gradzip._numba.fwht`): a
-    float32 tensor of at least :func:`fused_scratch_numel` ``(len(x))`` elements, 32-byte
+    over memory (see :mod:`gradzip._numba.fused_onebit`). ``scratch`` holds pass 1's result:
+    a float32 tensor of at least :func:`fused_scratch_numel` ``(len(x))`` elements, 32-byte
     aligned; otherwise (and by default) a reused per-thread buffer is used.
     ``x`` must satisfy :func:`can_rotate_quantize`.
     """
@@ -514,48 +427,28 @@ def rotate_quantize_(
         raise ValueError(f"out must be a uint8 CPU tensor or array of {d // 8} bytes")
     if not o.flags.c_contiguous:
         raise ValueError("out must be contiguous")
-    k = _kernel()
     m = d.bit_length() - 1
     size = fused_scratch_numel(d)
     if scratch is None or scratch.numel() < size or scratch.data_ptr() % 32:
         y = _alloc.scratch_array(size)  # pass 1 streams rows into it
     else:
         y = scratch.detach().view(-1)[:size].numpy()
-    L, R, C = k.grid(m, 4)
     k0, k1 = _split_key(key)
     dk = np.uint64(_key64(dither_key))
     a = x.detach().numpy()
-    sq = np.empty(R, np.float64)
-    stab = _scaled_table(m)
-    rows, bufs = _row_buffers(2 * L, np.float32), _chunk_buffers(R, C)
-
-    def pass1(w: int, i: int, j: int) -> None:
-        k.rotate_stats(a, y, rows[w], m, k0, k1, stab, sq, i, j)
-
-    _run_pieces(d, L, pass1)
-    total = float(sq.sum())
-    finite = math.isfinite(total)  # a float64 sum of float32 squares cannot overflow
-    lam = scale_of(total, finite)
-    lam32 = np.float32(lam)
-    ip = np.zeros(L // C if with_inner else 0, np.float64)
-    _run_pieces(
-        d,
-        d // (L // C),
-        lambda w, i, j: k.cols_quantize(y, m, lam32, dk, o, bufs[w], i, j, ip),
-    )
-    return (lam, float(ip.sum())) if with_inner else lam
+    return _codec().rotate_quantize(a, y, m, k0, k1, scale_of, dk, o, with_inner)
 
 
 def fused_scratch_numel(n: int) -> int:
     """Elements of the intermediate of the fused encoder and decoder for a length ``n`` that
     :func:`can_unrotate_signs` takes: ``n`` and one cache line of padding per row and
     column block (1.6% at 2**21 and up)."""
-    return _kernel().scratch_size(n.bit_length() - 1)
+    return _codec().scratch_size(n.bit_length() - 1)
 
 
 def can_unrotate_signs(n: int) -> bool:
     """Whether :func:`unrotate_signs` fuses for length ``n`` (a power of two >= ``2**16``)."""
-    return _kernel().fused_ok(n)
+    return _codec().fused_ok(n)
 
 
 def unrotate_signs(
@@ -565,13 +458,11 @@ def unrotate_signs(
 
     Equals ``unrotate_reference(bits.unpack_signs_reference(data, n, lam), key)`` bit for
     bit (``b = -1`` where the bit is set), without unpacking the signs into memory: the
-    first pass of the inverse rotation builds its input from the bits in registers
-    (:func:`gradzip._numba.fwht.unrotate_signs_rows`). ``lam`` is a float32 value; ``n``
-    must satisfy :func:`can_unrotate_signs`; ``out`` (float32, ``n`` elements, contiguous)
-    receives the result. Pass 1 leaves its rows in column blocks in the thread's scratch buffer;
-    pass 2 finishes each column chunk in L2 and streams it into ``out`` with non-temporal
-    stores (no line of ``out`` is read first; plain stores if ``out`` is not 32-byte
-    aligned).
+    first pass of the inverse rotation builds its input from the bits in registers (see
+    :mod:`gradzip._numba.fused_onebit`). ``lam`` is a float32 value; ``n`` must satisfy
+    :func:`can_unrotate_signs`; ``out`` (float32, ``n`` elements, contiguous) receives the
+    result; where it is 32-byte aligned, the last pass streams into it with non-temporal
+    stores (no line of ``out`` is read first).
     """
     if not can_unrotate_signs(n):
         raise ValueError(f"unrotate_signs needs a power-of-two n >= 2**16, got {n}")
@@ -581,32 +472,9 @@ def unrotate_signs(
         out = _alloc.empty(n)
     elif out.dtype != torch.float32 or out.numel() != n or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous float32 tensor of {n} elements")
-    k = _kernel()
     m = n.bit_length() - 1
-    L, R, C = k.grid(m, 4)
     k0, k1 = _split_key(key)
-    c = np.float32(lam) * np.float32(1.0 / math.sqrt(n))
     o = out.detach().view(-1).numpy()
     tab = _table(torch.float32)
-    bits = data.contiguous().numpy()
-    chunked = m >= CHUNKED_DECODE_FROM
-    rows = _row_buffers(2 * L, np.float32)  # the encoder's: used by the chunked route
-    a = _alloc.scratch_array(fused_scratch_numel(n)) if chunked else o
-    _run_pieces(
-        n,
-        L,
-        lambda w, i, j: k.unrotate_signs_rows(bits, a, rows[w], m, c, tab, chunked, i, j),
-    )
-    if chunked:
-        bufs = _chunk_buffers(R, C)
-        stream = out.data_ptr() % 32 == 0  # else pass 2 writes with plain stores
-
-        def pass2(w: int, i: int, j: int) -> None:
-            k.cols_unrotate(a, o, m, k0, k1, tab, bufs[w], stream, i, j)
-    else:
-
-        def pass2(w: int, i: int, j: int) -> None:
-            k.cols_pass(o, 0, m, True, k0, k1, 0, tab, i, j)
-
-    _run_pieces(n, n // (L // C), pass2)
+    _codec().unrotate_signs(data.contiguous().numpy(), o, m, lam, k0, k1, tab)
     return out

@@ -1,48 +1,24 @@
 """Fast CPU kernels (numba); each has a pure-torch reference that the tests compare against.
 
-numba's on-disk cache (``cache=True``) keys each compiled function on its own source file
-only. A kernel that inlines a function of another module here (``quantize`` inlines
-``fwht.quant32``, most inline ``rng.hash32``) would keep the old inlined code after an edit
-of that other module, and run it silently. So on import, before any kernel is loaded, a
-digest of the sources the kernels are compiled from is compared with the one their cache
-was built from, and a stale cache is dropped (:func:`drop_stale_cache`). An installed
-package never changes its sources; this is for a working tree under edit.
+- :mod:`.bits`: bit and k-bit integer packing (:mod:`gradzip.bits`).
+- :mod:`.rng`: the counter-based streams of :mod:`gradzip.rng`, inside kernels.
+- :mod:`.simd`: hand-written LLVM vector code (butterflies, sign flips, the one-bit
+  quantizer of 32 values) that the kernels below inline.
+- :mod:`.fwht`: the Walsh-Hadamard transform behind :mod:`gradzip.hadamard`.
+- :mod:`.fused_onebit`: FO-SGD's rotation fused with the one-bit quantizer, and the
+  inverse rotation straight from the packed bits.
+- :mod:`.onebit`, :mod:`.quantizers`, :mod:`.uniform`, :mod:`.sparse`: the compressors of
+  ``compressors/onebit.py`` (and the statistics of the scale rules), ``quantize.py``,
+  ``uniform.py`` and ``sparse.py``.
+- :mod:`.parallel`: the thread pool that runs kernels on pieces of the work.
+- :mod:`.cache`: whether numba's on-disk cache was compiled from the present sources.
+
+Importing the package runs :func:`.cache.check_cache`: numba checks each cached kernel
+against its own source file only, so a cache built before an edit of code that a kernel
+inlines from another file is refused (with the command that drops it) instead of being run.
+The check deletes nothing; dropping the cache is an explicit step.
 """
 
-from __future__ import annotations
+from .cache import check_cache
 
-import hashlib
-import os
-from pathlib import Path
-
-_HERE = Path(__file__).resolve().parent
-STAMP = "gradzip-kernel-sources.sha256"
-
-
-def drop_stale_cache(here: Path = _HERE, also: tuple[Path, ...] = ()) -> bool:
-    """Remove numba's cache files (``*.nbi``, ``*.nbc``) in ``here/__pycache__`` unless it
-    was built from the present ``here/*.py`` and ``also`` (by digest); returns whether it
-    removed them. Best effort: an unwritable cache directory is left as it is."""
-    digest = hashlib.sha256()
-    for path in sorted(here.glob("*.py")) + sorted(also):
-        digest.update(path.name.encode() + b"\0" + path.read_bytes())
-    cache = here / "__pycache__"
-    stamp = cache / STAMP
-    try:
-        if stamp.read_text() == digest.hexdigest():
-            return False
-    except OSError:
-        pass  # no stamp yet: whatever is cached may be stale
-    try:
-        cache.mkdir(exist_ok=True)
-        for f in cache.glob("*.nb[ic]"):
-            f.unlink(missing_ok=True)
-        tmp = cache / f"{STAMP}.{os.getpid()}"
-        tmp.write_text(digest.hexdigest())
-        tmp.replace(stamp)  # atomic: ranks importing at once each write a whole stamp
-    except OSError:
-        return False
-    return True
-
-
-drop_stale_cache(also=(_HERE.parent / "rng.py",))  # _numba.rng compiles in its MASK32
+check_cache()

@@ -20,10 +20,9 @@ _M2 = U64(MIX_M2)
 
 # The 32-bit hash is in uint32 arithmetic (each result cast back), so LLVM vectorizes it
 # with 32-bit lanes (vpmulld); dither16's words are uint64: one vpmullq per multiply with
-# AVX-512DQ (Zen 4), three vpmuludq and four shifts and adds without it (Zen 3, AVX2). The
-# fused quantizer (fwht.quant32, one chunk in L2, one thread) measured per 65536 elements:
-# Zen 4 9.6 us with these words against 14.2 us with two hash32 per 32 bits; Zen 3 19.4 us
-# against 19.5 us. So the words cost nothing where the 64-bit multiply is emulated.
+# AVX-512DQ (Zen 4), three vpmuludq and four shifts and adds without it (Zen 3, AVX2). In
+# the fused quantizer (simd.quant32) the words are faster than two hash32 per 32 bits on
+# Zen 4 and cost nothing on Zen 3, where the 64-bit multiply is emulated (docs/perf.md).
 
 
 @numba.njit(inline="always", cache=True)

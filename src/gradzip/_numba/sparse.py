@@ -52,7 +52,7 @@ def _emit(tmp, m, base, words, out, n):
     """Append ``base + i`` to ``out`` for each i < m with ``tmp[i] == 1``; returns the count.
 
     The 0/1 bytes are packed 64 to a word (eight bytes at a time with one multiply, as in
-    :mod:`gradzip._numba.quantize`) and the set bits found by trailing-zero counts, so the
+    :mod:`gradzip._numba.onebit`) and the set bits found by trailing-zero counts, so the
     cost per element is a vector compare, not a branch. Appends beyond ``out.size`` are
     counted but not written.
     """

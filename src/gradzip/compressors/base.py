@@ -56,7 +56,7 @@ class EncodeContext:
         if self._stats is None:
             src = self.f32() if self.flat.dtype != torch.float64 else self.flat
             if src.device.type == "cpu" and src.dtype == torch.float32 and src.numel():
-                from .._numba.quantize import stats32
+                from .._numba.onebit import stats32
 
                 sq, mx, l1 = stats32(src.numpy())
             elif src.numel() == 0:
@@ -239,7 +239,7 @@ def all_finite(values: torch.Tensor) -> bool:
     if values.numel() == 0:
         return True
     if values.dtype == torch.float32 and values.device.type == "cpu":
-        from .._numba.quantize import stats32
+        from .._numba.onebit import stats32
 
         sq, mx, _ = stats32(values.numpy())  # one parallel pass; NaN/inf make these non-finite
         return math.isfinite(sq) and math.isfinite(mx)

@@ -61,7 +61,7 @@ _PARAMS = struct.Struct("<BBBBff")  # scale rule, dither, flatten, rescale, c, l
 def _stats(y: torch.Tensor) -> tuple[float, float, float]:
     """``(||y||_2^2, ||y||_inf, ||y||_1)`` of a finite float32 vector, in float64."""
     if y.device.type == "cpu" and y.dtype == torch.float32 and y.is_contiguous():
-        from .._numba.quantize import stats32
+        from .._numba.onebit import stats32
 
         return stats32(y.numpy())
     s = y.to(torch.float64)
@@ -95,7 +95,7 @@ def quantize_reference(y: torch.Tensor, lam: float, key: int | None) -> torch.Te
 def quantize_(y: torch.Tensor, lam: float, key: int | None, out: torch.Tensor) -> None:
     """Writes the packed bits of :func:`quantize_reference` into ``out`` (uint8, CPU)."""
     if y.device.type == "cpu" and y.dtype == torch.float32:
-        from .._numba import quantize as k
+        from .._numba import onebit as k
 
         if key is None:
             k.sign_pack(y.numpy(), out.numpy())
@@ -109,7 +109,7 @@ def quantize_sum_(y: torch.Tensor, lam: float, key: int | None, out: torch.Tenso
     """:func:`quantize_`, and return ``<b, y>`` (float64) of the bits just written: one pass
     over ``y`` on the CPU fast path (``key`` is unused when ``lam`` is 0)."""
     if y.device.type == "cpu" and y.dtype == torch.float32:
-        from .._numba.quantize import dither_sign_pack_sum
+        from .._numba.onebit import dither_sign_pack_sum
 
         return dither_sign_pack_sum(y.numpy(), lam, key if lam > 0 else 0, out.numpy())
     quantize_(y, lam, key if lam > 0 else None, out)
@@ -128,7 +128,7 @@ def dequantize_reference(data, n, lam, key, device=None) -> torch.Tensor:
 
 def dequantize(data, n, lam, key, device=None) -> torch.Tensor:
     if (device is None or torch.device(device).type == "cpu") and key is not None:
-        from .._numba.quantize import unpack_subtract_dither
+        from .._numba.onebit import unpack_subtract_dither
 
         out = _alloc.empty(n)
         unpack_subtract_dither(data.numpy(), lam, key, out.numpy())

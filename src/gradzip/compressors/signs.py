@@ -113,7 +113,7 @@ class Drive(Compressor):
         out = _alloc.scratch(ctx.d) if v.device.type == "cpu" else None  # packed below
         y = hadamard.rotate(v, ctx.key(rng.STREAM_ROTATION), out=out)
         if y.device.type == "cpu":
-            from .._numba.quantize import stats32
+            from .._numba.onebit import stats32
 
             l1 = float(stats32(y.numpy())[2])
         else:

@@ -1,4 +1,4 @@
-"""Fused CPU kernels of the one-bit quantizers (references in gradzip.compressors.onebit).
+"""CPU kernels of the one-bit quantizers (references in :mod:`gradzip.compressors.onebit`).
 
 Bit convention (as in :mod:`gradzip.bits`): bit ``j`` of byte ``i`` (LSB first) is 1 iff
 element ``8*i + j`` is negative. Dither ``u_i = dither16(key)[i]`` in (-1, 1): four values per
@@ -6,7 +6,7 @@ element ``8*i + j`` is negative. Dither ``u_i = dither16(key)[i]`` in (-1, 1): f
 that dominates these kernels.
 
 The dithered quantizer takes 32 elements at a time with the vector kernel of the fused
-encoder (:func:`gradzip._numba.fwht.quant32`: the words in vector lanes, each output byte
+encoder (:func:`gradzip._numba.simd.quant32`: the words in vector lanes, each output byte
 one vector compare mask). The other kernels, and the quantizer's last partial group, work
 on chunks that fit in L1/L2: they first compute one 0/1 byte per element in a small scratch
 array (a loop LLVM vectorizes, hash included), then pack 8 such bytes into one with a
@@ -22,9 +22,9 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from .fwht import prescale, quant32, quant32_sum
 from .parallel import run
 from .rng import U32, U64, dither16_group, dither16_word
+from .simd import prescale, quant32, quant32_sum
 
 CHUNK = 1 << 12  # elements per work item: a multiple of 64; scratch stays in L1
 _MAGIC = np.uint64(0x0102040810204080)
@@ -87,7 +87,7 @@ def dither_sign_pack_chunk(ys, e0, lam, key, out, u, tmp):
 
     ``e0`` (the stream index of ``ys[0]``) is a multiple of 32 and ``ys.size <= u.size``;
     ``u`` (float32) and ``tmp`` (uint8, ``>= u.size``) are scratch. (The rotation-fused
-    encoder of :mod:`gradzip._numba.fwht` does the same on its column chunks.)
+    encoder of :mod:`gradzip._numba.fused_onebit` does the same on its column chunks.)
     """
     g0 = e0 // 32
     for g in range((ys.size + 31) // 32):
@@ -100,9 +100,8 @@ def dither_sign_pack_chunk(ys, e0, lam, key, out, u, tmp):
 @numba.njit(nogil=True, cache=True)
 def _dither_sign_pack(y, lam, key, out, start, stop):
     """Elements ``start .. stop`` (``start`` a multiple of 32): whole groups of 32 with
-    :func:`~gradzip._numba.fwht.quant32` (``quantize_`` measured 1.27 -> 0.89 ms at 6.5M
-    elements against 0/1 bytes packed by multiplies), the last partial group with
-    :func:`dither_sign_pack_chunk`."""
+    :func:`~gradzip._numba.simd.quant32` (faster than 0/1 bytes packed by multiplies:
+    docs/perf.md), the last partial group with :func:`dither_sign_pack_chunk`."""
     lam16, exact = prescale(lam)
     whole = start + (stop - start) // 32 * 32
     for e in range(start, whole, 32):
