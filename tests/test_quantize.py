@@ -11,6 +11,7 @@ import torch
 
 import gradzip as gz
 from gradzip.compressors import quantize as qz
+from gradzip.compressors import rounding
 from gradzip.wire import Payload
 
 F32_MAX = float(np.finfo(np.float32).max)
@@ -272,7 +273,7 @@ def test_biased_rounding_contraction(base):
     err = float((y - x64).square().sum())
     assert err <= (1 - 1 / delta) * float(x64.square().sum())
     # the bound is tight: just above a midpoint the error is cst |x|
-    levels = qz.rounding_tables(base).levels
+    levels = rounding.rounding_tables(base).levels
     i = levels.size // 2 - 5  # ten levels around 1
     mid64 = (levels[i : i + 10] + levels[i + 1 : i + 11]) / 2
     mid = torch.tensor(mid64, dtype=torch.float32)
@@ -314,7 +315,7 @@ def test_payload_sizes_follow_the_formulas(d):
         w = 1 + math.ceil(math.log2(s + 1))
         assert body(f"natural_dithering:levels={s}") == 4 + math.ceil(d * w / 8)
     assert body("biased_rounding") == math.ceil(9 * d / 8)  # 254 levels + 0: 8 bits + sign
-    n = qz.rounding_tables(1.5).levels.size
+    n = rounding.rounding_tables(1.5).levels.size
     assert body("biased_rounding:base=1.5") == math.ceil(d * (1 + n.bit_length()) / 8)
     inner = gz.compressor("natural").encode(x, seed=1)
     assert body("scaled(natural)") == inner.nbytes

@@ -20,7 +20,7 @@ from gradzip.compressors.registry import names as compressor_names
 from gradzip.engines import Algorithm, SimulatedEngine
 from gradzip.engines import torchdist as td
 from gradzip.experiments.config import RunConfig
-from gradzip.experiments.runner import make_algorithm, make_problem, read_metrics, train
+from gradzip.experiments.runner import make_algorithm, make_job, make_problem, read_metrics, train
 from gradzip.methods import PRESETS, method
 from gradzip.problems import build
 
@@ -109,7 +109,7 @@ def _check_against(engine_name: str, ref_cls, cfg: RunConfig) -> None:
     problem, algo = _build(cfg)
     ref = ref_cls(*_build(cfg), cfg.workers, seed=cfg.seed)
     before = _children()
-    eng = td.make_engine(cfg.replace(engine=engine_name), problem, algo)
+    eng = td.make_engine(make_job(cfg.replace(engine=engine_name)), problem, algo)
     try:
         mid = None
         for t in range(STEPS):
@@ -217,7 +217,7 @@ def test_wrong_world_size_under_torchrun_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "4")
     cfg = RunConfig(engine="torchdist", workers=5)
     with pytest.raises(ValueError, match=r"torchrun started 4 processes.*pass --workers 3"):
-        td.make_engine(cfg, None, None)
+        td.make_engine(make_job(cfg), None, None)
 
 
 def test_torchrun_launch(tmp_path, one_thread):

@@ -43,6 +43,7 @@ import torch
 
 from ..wire import MAX_PARAMS, Payload, PayloadError
 from .base import Compressor, EncodeContext, all_finite, nested_header_bytes, read_nested
+from .codecs import CODECS, from_spec
 from .sparse import Sparsifier, scatter
 
 MAX_DEPTH = 4
@@ -70,8 +71,6 @@ def _depth(c: Compressor) -> int:
 
 
 def _sparsifier_names() -> str:
-    from .registry import CODECS
-
     return ", ".join(c.name for c in CODECS.values() if issubclass(c, Sparsifier))
 
 
@@ -90,9 +89,7 @@ class Compose(Compressor):
         for role in ("sparsifier", "quantizer"):
             v = getattr(self, role)
             if isinstance(v, str):
-                from .registry import compressor
-
-                object.__setattr__(self, role, compressor(v))
+                object.__setattr__(self, role, from_spec(v))
             elif not isinstance(v, Compressor):
                 raise TypeError(f"compose: the {role} must be a compressor, got {type(v).__name__}")
         if not isinstance(self.sparsifier, Sparsifier):
@@ -161,8 +158,6 @@ class Compose(Compressor):
 
     @classmethod
     def from_params(cls, raw: bytes) -> Compose:
-        from .registry import CODECS
-
         with _deeper():
             parts = []
             off = 0

@@ -26,10 +26,11 @@ from dataclasses import dataclass
 import torch
 
 from ..wire import MAX_NUMEL, Payload, PayloadError
-from . import casts, compose, onebit, quantize, scaled, signs, sparse, uniform
+from . import casts, compose, onebit, quantize, rounding, scaled, signs, sparse, uniform
 from .base import Compressor
+from .codecs import CODECS, install_parser, register_codec
 
-_MODULES = (casts, onebit, signs, sparse, quantize, scaled, uniform, compose)
+_MODULES = (casts, onebit, signs, sparse, quantize, rounding, scaled, uniform, compose)
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,6 @@ class Entry:
 
 
 _ENTRIES: dict[str, Entry] = {}
-CODECS: dict[int, type[Compressor]] = {}
 
 
 def _is_scalar(v) -> bool:
@@ -60,12 +60,6 @@ def register(name: str, factory: Callable[..., Compressor], summary: str) -> Non
     _ENTRIES[name] = Entry(name, factory, summary)
     if isinstance(factory, type):
         register_codec(factory)
-
-
-def register_codec(cls: type[Compressor]) -> None:
-    if CODECS.get(cls.codec_id, cls) is not cls:
-        raise ValueError(f"codec id {cls.codec_id} of {cls} is taken by {CODECS[cls.codec_id]}")
-    CODECS[cls.codec_id] = cls
 
 
 def names() -> list[str]:
@@ -265,3 +259,4 @@ for _module in _MODULES:
         register(_name, _factory, _summary)
     for _cls in getattr(_module, "CODEC_CLASSES", ()):
         register_codec(_cls)
+install_parser(compressor)

@@ -34,6 +34,7 @@ import torch
 
 from ..wire import MAX_PARAMS, Payload, PayloadError
 from .base import Compressor, EncodeContext, nested_header_bytes, read_nested
+from .codecs import CODECS, from_spec
 
 _SUB = struct.Struct("<BH")  # inner codec id, length of its parameters
 _PROBE = (1, 1 << 20)  # lengths at which a wrapped compressor must state omega
@@ -59,9 +60,7 @@ class Scaled(Compressor):
     def __post_init__(self):
         v = self.inner
         if isinstance(v, str):
-            from .registry import compressor
-
-            v = compressor(v)
+            v = from_spec(v)
             object.__setattr__(self, "inner", v)
         if not isinstance(v, Compressor):
             raise TypeError(f"scaled: the inner compressor must be a compressor, got {v!r}")
@@ -112,8 +111,6 @@ class Scaled(Compressor):
 
     @classmethod
     def from_params(cls, raw: bytes) -> Scaled:
-        from .registry import CODECS
-
         if len(raw) < _SUB.size:
             raise PayloadError(f"scaled: {len(raw)} parameter bytes, expected at least 3")
         codec, n = _SUB.unpack_from(raw, 0)

@@ -51,6 +51,20 @@ def make_problem(cfg: RunConfig):
     )  # fmt: skip
 
 
+def build_from_config(text: str):
+    """A torch.distributed worker's ``(problem, algorithm)`` from the run's configuration
+    (JSON text): the ``build`` of :class:`gradzip.engines.torchdist.Job`."""
+    cfg = RunConfig().replace(**json.loads(text))
+    problem = make_problem(cfg)
+    return problem, make_algorithm(cfg, problem.dim)
+
+
+def make_job(cfg: RunConfig) -> torchdist.Job:
+    """What every rank of a torch.distributed run needs."""
+    text = json.dumps(as_dict(cfg))
+    return torchdist.Job(cfg.engine, cfg.workers, cfg.seed, text, build_from_config)
+
+
 def make_schedule(cfg: RunConfig, problem) -> Schedule:
     lam = cfg.lam or problem.l2
     return Schedule(cfg.schedule, cfg.lr, lam, cfg.shift, cfg.steps)
@@ -82,7 +96,9 @@ class Progress:
 
 def train(cfg: RunConfig, resume: bool = False, progress: bool = True) -> dict:
     if cfg.engine in torchdist.ENGINES and torchdist.worker_rank() > 0:
-        return torchdist.serve(cfg)  # a torchrun rank > 0: a worker; rank 0 writes the run
+        return torchdist.serve(
+            make_job(cfg)
+        )  # a torchrun rank > 0: a worker; rank 0 writes the run
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     problem = make_problem(cfg)
@@ -92,7 +108,7 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True) -> dict:
     if cfg.engine == "simulated":
         engine = SimulatedEngine(problem, algo, cfg.workers, seed=cfg.seed)
     elif cfg.engine in torchdist.ALL:
-        engine = torchdist.make_engine(cfg, problem, algo)  # starts the worker processes
+        engine = torchdist.make_engine(make_job(cfg), problem, algo)  # starts the workers
     else:
         valid = ", ".join(("simulated", *torchdist.ALL))
         raise ValueError(f"unknown engine {cfg.engine!r}; valid: {valid}")

@@ -1,0 +1,396 @@
+"""The process group of the torch.distributed engines, as seen from one rank: messages
+(commands, statuses, tags), the processes behind it (spawned locally or started by
+torchrun), failures named by rank, and teardown. See :mod:`gradzip.engines.torchdist`.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from contextlib import contextmanager
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+STEP, GET_STATE, SET_STATE, STOP = 1, 2, 3, 4  # commands
+OK, FAILED, ABORT = 0, 1, 2  # statuses
+META = 5  # int64 reply: [status, length, a, b, c]
+# message tags (one per kind of message between two ranks, so they can never be confused)
+T_CTRL, T_META, T_DATA, T_ERR, T_SFB, T_MOM, T_MSG, T_SEC = range(8)
+
+TIMEOUT_ENV = "GRADZIP_DIST_TIMEOUT"
+FAULT_ENV = "GRADZIP_TEST_FAULT"
+IDLE = timedelta(days=7)  # how long a worker waits for the next command
+SHORT = timedelta(seconds=10)  # stopping, at the end
+_MAX_MSG = 1 << 16
+
+
+class WorkerError(RuntimeError):
+    """A worker failed or was lost; the message names the worker, the step and the cause."""
+
+
+# --- small helpers -------------------------------------------------------------------------
+
+
+def _timeout() -> timedelta:
+    raw = os.environ.get(TIMEOUT_ENV, "")
+    try:
+        s = float(raw) if raw else 180.0
+    except ValueError:
+        raise ValueError(f"{TIMEOUT_ENV} must be a number of seconds, got {raw!r}") from None
+    if not s > 0:
+        raise ValueError(f"{TIMEOUT_ENV} must be > 0, got {raw!r}")
+    return timedelta(seconds=s)
+
+
+def _bits_of(*values: float) -> list[int]:
+    """Floats as the int64 views of their float64 bits (exact on the wire)."""
+    return torch.tensor(values, dtype=torch.float64).view(torch.int64).tolist()
+
+
+def _floats(t: torch.Tensor) -> list[float]:
+    return t.clone().view(torch.float64).tolist()
+
+
+def _text_tensor(text: str) -> torch.Tensor:
+    b = text.encode("utf-8", "replace")[:_MAX_MSG] or b"?"
+    return torch.frombuffer(bytearray(b), dtype=torch.uint8)
+
+
+def _tensor_text(t: torch.Tensor) -> str:
+    return t.numpy().tobytes().decode("utf-8", "replace")
+
+
+def _describe(e: BaseException, where: str) -> str:
+    """First line: the summary; then the traceback."""
+    return f"{where}: {type(e).__name__}: {e}\n" + "".join(traceback.format_exception(e))
+
+
+def launched_by_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def worker_rank() -> int:
+    """This process's rank under torchrun (0 elsewhere): ranks > 0 run :func:`serve`."""
+    return int(os.environ["RANK"]) if launched_by_torchrun() else 0
+
+
+def _die_with_parent(parent: int) -> None:
+    """Linux: SIGTERM this process when the parent dies (no orphans even on SIGKILL)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent died before prctl
+        os._exit(1)
+
+
+THREAD_VARS = ("OMP_NUM_THREADS", "GRADZIP_THREADS", "NUMBA_NUM_THREADS")
+
+
+@contextmanager
+def _worker_threads(world: int):
+    """The environment spawned workers start with: like torchrun, which gives each of its
+    processes OMP_NUM_THREADS=1, each gets its share of the cores for torch's and
+    gradzip's thread pools (oversubscribed OpenMP threads spin: on 2 cores, 4 processes of
+    2 threads made a step 10x slower). Variables the user set are kept."""
+    share = str(max(1, (os.cpu_count() or 1) // world))
+    saved = {k: os.environ.get(k) for k in THREAD_VARS}
+    try:
+        for k in THREAD_VARS:
+            os.environ.setdefault(k, share)
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+class _Fault:
+    """The GRADZIP_TEST_FAULT hook (see the module docstring)."""
+
+    def __init__(self, rank: int):
+        self.step, self.kind = -1, ""
+        raw = os.environ.get(FAULT_ENV, "")
+        if not raw:
+            return
+        try:
+            spec = dict(kv.split("=", 1) for kv in raw.split(","))
+            if int(spec["rank"]) == rank:
+                self.step, self.kind = int(spec["step"]), spec["kind"]
+        except (KeyError, ValueError):
+            raise ValueError(f"{FAULT_ENV}: expected rank=R,step=S,kind=corrupt|exit") from None
+
+    def maybe_exit(self, t: int) -> None:
+        if self.kind == "exit" and t == self.step:
+            os._exit(3)
+
+    def maybe_corrupt(self, t: int, data: torch.Tensor) -> torch.Tensor:
+        if self.kind == "corrupt" and t == self.step:
+            data = data.clone()
+            data[0] ^= 0xFF  # the magic: decode raises PayloadError
+        return data
+
+
+# --- the process group and the processes behind it ----------------------------------------
+
+
+class _Cluster:
+    """The process group as seen from one rank, the spawned processes (rank 0 of a local
+    run), which ranks are still in their loop, and teardown."""
+
+    def __init__(
+        self,
+        rank: int,
+        world: int,
+        *,
+        sharded: bool,
+        own_group: bool,
+        group=None,
+        procs=(),
+        store=None,
+    ):
+        self.rank, self.world, self.sharded = rank, world, sharded
+        self.own_group, self.group = own_group, group
+        self.procs = list(procs)  # rank r is procs[r - 1]
+        self.store = store
+        self.live = set(range(1, world)) if rank == 0 else set()
+        self.dirty = False  # inside a command: stopping politely is no longer possible
+        self.closed = False
+        self.t_comm = 0.0
+
+    # who is who
+    def worker_of(self, r: int) -> int:
+        return r if self.sharded else r - 1
+
+    def name(self, r: int) -> str:
+        return f"worker {self.worker_of(r)} (rank {r})"
+
+    @property
+    def peers(self) -> list[int]:
+        return list(range(1, self.world))
+
+    # starting
+    @classmethod
+    def spawn(cls, job, world: int, target: Callable) -> _Cluster:
+        """Rank 0 of a local run: start ranks 1..world-1 as processes running
+        ``target(rank, world, port, job, parent_pid)`` and join them."""
+        if dist.is_initialized():
+            raise ValueError(
+                "a default torch.distributed process group already exists in this process; "
+                "run under torchrun (RANK/WORLD_SIZE set) or destroy it first"
+            )
+        timeout = _timeout()
+        store = dist.TCPStore(
+            "127.0.0.1", 0, world, is_master=True, timeout=timeout, wait_for_workers=False
+        )
+        cl = cls(0, world, sharded=job.engine != "torchdist", own_group=True, store=store)
+        ctx = torch.multiprocessing.get_context("spawn")
+        try:
+            with _worker_threads(world):
+                for r in range(1, world):
+                    p = ctx.Process(
+                        target=target,
+                        args=(r, world, store.port, job, os.getpid()),
+                        name=f"gradzip-rank-{r}",
+                        daemon=True,
+                    )
+                    p.start()
+                    cl.procs.append(p)
+            cl._await_join(timeout)
+            dist.init_process_group("gloo", store=store, rank=0, world_size=world, timeout=timeout)
+        except BaseException:
+            cl.dirty = True
+            cl.close()
+            raise
+        return cl
+
+    def _await_join(self, timeout: timedelta) -> None:
+        keys = [f"gradzip/joined/{r}" for r in self.peers]
+        deadline = time.monotonic() + timeout.total_seconds()
+        while not self.store.check(keys):
+            for r, p in zip(self.peers, self.procs, strict=True):
+                if p.exitcode is not None:
+                    raise WorkerError(
+                        f"{self.name(r)} exited with code {p.exitcode} before joining the "
+                        "process group (its error is printed above)"
+                    )
+            if time.monotonic() > deadline:
+                raise WorkerError(f"workers did not start within {timeout.total_seconds():g} s")
+            time.sleep(0.02)
+
+    @classmethod
+    def from_env(cls, job, world: int) -> _Cluster:
+        """A rank started by torchrun (RANK, WORLD_SIZE and the rendezvous in the
+        environment), in the caller's process group if there is one."""
+        rank = int(os.environ["RANK"])
+        own = not dist.is_initialized()
+        if own:
+            dist.init_process_group("gloo", timeout=_timeout())
+            group = None
+        elif dist.get_backend() == "gloo":
+            group = None
+        else:  # the caller's group runs NCCL, say: a gloo group over the same ranks
+            group = dist.new_group(backend="gloo", timeout=_timeout())
+        if dist.get_world_size(group) != world:
+            raise ValueError(f"process group has {dist.get_world_size(group)} ranks, need {world}")
+        return cls(rank, world, sharded=job.engine != "torchdist", own_group=own, group=group)
+
+    # moving bytes (rank 0's side of a command)
+    @contextmanager
+    def command(self):
+        self.dirty = True
+        yield
+        self.dirty = False
+
+    def wait(self, works, what: str, timeout: timedelta | None = None) -> None:
+        t0 = time.perf_counter()
+        try:
+            for w in works:
+                w.wait() if timeout is None else w.wait(timeout)
+        except RuntimeError as e:  # DistBackendError and gloo's errors
+            raise self._lost(what, e) from e
+        finally:
+            self.t_comm += time.perf_counter() - t0
+
+    def exchange(self, what: str, sends=(), recvs=(), timeout=None) -> None:
+        """Post every (tensor, rank, tag) send and recv, then wait for all of them."""
+        g = self.group
+        works = [dist.irecv(t, r, group=g, tag=tag) for t, r, tag in recvs if t.numel()]
+        works += [
+            dist.isend(t.contiguous(), r, group=g, tag=tag) for t, r, tag in sends if t.numel()
+        ]
+        self.wait(works, what, timeout)
+
+    def send_ctrl(self, cmd: int, t: int = 0, lr: float = 0.0, ranks=None, timeout=None):
+        ctrl = torch.tensor([cmd, t, lr], dtype=torch.float64)
+        ranks = sorted(self.live) if ranks is None else ranks
+        self.exchange("sending a command", [(ctrl, r, T_CTRL) for r in ranks], timeout=timeout)
+
+    def replies(
+        self, what: str, ranks=None, timeout=None, collect: bool = False
+    ) -> dict[int, torch.Tensor] | tuple[dict[int, torch.Tensor], dict[int, str]]:
+        """Every rank's META reply. Failed ranks' messages are received and raised as
+        WorkerError, or, with ``collect``, returned: (metas of the others, texts)."""
+        ranks = sorted(self.live) if ranks is None else ranks
+        metas = {r: torch.empty(META, dtype=torch.int64) for r in ranks}
+        self.exchange(what, recvs=[(m, r, T_META) for r, m in metas.items()], timeout=timeout)
+        failed = [r for r, m in metas.items() if int(m[0]) != OK]
+        texts = {}
+        if failed:
+            msgs = {r: torch.empty(int(metas[r][1]), dtype=torch.uint8) for r in failed}
+            self.exchange(what, recvs=[(m, r, T_MSG) for r, m in msgs.items()], timeout=timeout)
+            self.live -= set(failed)  # a failed worker has left its loop
+            texts = {r: _tensor_text(m) for r, m in msgs.items()}
+            metas = {r: m for r, m in metas.items() if r not in texts}
+        if collect:
+            return metas, texts
+        if texts:
+            raise self.failure(texts)
+        return metas
+
+    def failure(self, texts: dict[int, str]) -> WorkerError:
+        heads, notes = [], []
+        for r, text in sorted(texts.items()):
+            first, _, rest = text.partition("\n")
+            heads.append(f"{self.name(r)} failed {first}")
+            if rest:
+                notes.append(f"--- on {self.name(r)} ---\n{rest.rstrip()}")
+        err = WorkerError("; ".join(heads))
+        for n in notes:
+            err.add_note(n)
+        return err
+
+    def _lost(self, what: str, e: Exception) -> WorkerError:
+        self.dirty = True
+        dead = []
+        deadline = time.monotonic() + 1.0
+        while self.procs and time.monotonic() < deadline and not dead:
+            dead = [
+                (r, p.exitcode)
+                for r, p in zip(self.peers, self.procs, strict=True)
+                if p.exitcode is not None
+            ]
+            time.sleep(0.05)
+        who = ", ".join(f"{self.name(r)} exited with code {c}" for r, c in dead)
+        cause = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return WorkerError(
+            f"lost contact with the workers while {what}: {who + '; ' if who else ''}{cause}"
+        )
+
+    # worker side
+    def recv_ctrl(self) -> tuple[int, int, float]:
+        ctrl = torch.empty(3, dtype=torch.float64)
+        dist.irecv(ctrl, 0, group=self.group, tag=T_CTRL).wait(IDLE)
+        c, t, lr = ctrl.tolist()
+        return int(c), int(t), lr
+
+    def recv(self, t: torch.Tensor, tag: int) -> torch.Tensor:
+        if t.numel():
+            dist.recv(t, 0, group=self.group, tag=tag)
+        return t
+
+    def reply(self, status: int = OK, a: int = 0, floats=(), body=()) -> None:
+        meta = torch.tensor([status, a, *_bits_of(*floats), 0, 0, 0][:META], dtype=torch.int64)
+        dist.send(meta, 0, group=self.group, tag=T_META)
+        for t, tag in body:
+            if t.numel():
+                dist.send(t.contiguous(), 0, group=self.group, tag=tag)
+
+    def reply_failed(self, text: str) -> None:
+        msg = _text_tensor(text)
+        self.reply(FAILED, msg.numel(), body=[(msg, T_MSG)])
+
+    # stopping
+    def close(self) -> None:
+        """Stop the workers (politely if possible), reap spawned processes, drop the group."""
+        if self.closed:
+            return
+        self.closed = True
+        notes = []
+        try:
+            if self.rank == 0 and self.live and not self.dirty and dist.is_initialized():
+                try:
+                    self.send_ctrl(STOP, timeout=SHORT)
+                    self.replies("stopping", timeout=SHORT)
+                    self.live.clear()
+                except WorkerError as e:  # e.g. an apply error reported at stop
+                    notes.append(str(e))
+                except Exception:
+                    pass
+        finally:
+            self._reap(graceful=not self.live)
+            if self.own_group and dist.is_initialized():
+                try:
+                    dist.destroy_process_group()
+                except Exception:
+                    pass
+            self.store = None
+        for n in notes:
+            print(f"gradzip: while stopping the workers: {n}", file=sys.stderr)
+
+    def _reap(self, graceful: bool) -> None:
+        procs, self.procs = self.procs, []
+        try:
+            for p in procs:
+                p.join(SHORT.total_seconds() if graceful else 0.5)
+        finally:
+            for p in procs:
+                if p.is_alive():
+                    p.terminate()
+            for p in procs:
+                p.join(5)
+                if p.is_alive():
+                    p.kill()
+                    p.join()

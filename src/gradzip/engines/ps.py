@@ -1,0 +1,207 @@
+"""The parameter-server engine (``torchdist``): rank 0 serves, ranks 1..n are workers.
+See :mod:`gradzip.engines.torchdist` for the protocol."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ..feedback import FeedbackState
+from .cluster import (
+    ABORT,
+    GET_STATE,
+    OK,
+    SET_STATE,
+    SHORT,
+    STEP,
+    STOP,
+    T_DATA,
+    T_ERR,
+    T_META,
+    WorkerError,
+    _Cluster,
+    _describe,
+    _Fault,
+    _floats,
+)
+from .core import Algorithm, ServerState, WorkerState
+from .sharded import check_state_dict
+from .simulated import StepStats
+
+# --- the parameter server (rank 0) ----------------------------------------------------------
+
+
+class TorchDistEngine:
+    """Parameter server on rank 0 of a gloo process group; workers on ranks 1..n.
+
+    The interface of :class:`~gradzip.engines.simulated.SimulatedEngine`: ``step``, ``x``,
+    ``state_dict``/``load_state_dict`` (which gather and scatter the workers' memories as
+    float32 tensors), plus ``close``.
+    """
+
+    def __init__(self, problem, algorithm: Algorithm, cluster: _Cluster, seed: int = 0):
+        self.problem = problem
+        self.algo = algorithm
+        self.cluster = cluster
+        self.n = cluster.world - 1
+        self.seed = seed
+        self.x = problem.initial_point()
+        self.server = ServerState()
+        cl = cluster
+        metas = cl.replies("starting the workers")
+        for r, m in metas.items():
+            if int(m[1]) != problem.dim:
+                raise ValueError(
+                    f"{cl.name(r)} built a model of size {int(m[1])}, "
+                    f"the server one of size {problem.dim}"
+                )
+        # every replica starts from the server's point (not from its own initialization)
+        self._scatter(self.x, [None] * self.n)
+
+    def step(self, t: int, lr: float) -> StepStats:
+        cl = self.cluster
+        if cl.live != set(cl.peers):
+            raise WorkerError("the workers have left (an earlier failure); start a new engine")
+        t0 = time.perf_counter()
+        with cl.command():
+            cl.send_ctrl(STEP, t, lr)
+            metas, texts = cl.replies(f"at step {t}", collect=True)
+            ups = {r: torch.empty(int(m[1]), dtype=torch.uint8) for r, m in metas.items()}
+            cl.exchange(
+                f"receiving uplinks at step {t}", recvs=[(u, r, T_DATA) for r, u in ups.items()]
+            )
+            if texts:  # the others wait for a downlink: tell them the run is over
+                self._abort(t)
+                raise cl.failure(texts)
+            t1 = time.perf_counter()
+            try:
+                down, self.server = self.algo.aggregate(t, list(ups.values()), lr, self.server)
+            except Exception:
+                self._abort(t)
+                raise
+            t2 = time.perf_counter()
+            head = torch.tensor([OK, down.numel()], dtype=torch.int64)
+            sends = [(head, r, T_META) for r in cl.peers] + [(down, r, T_DATA) for r in cl.peers]
+            cl.exchange(f"sending the downlink at step {t}", sends)
+        # bits from the bytes actually sent: one copy of the downlink per worker
+        bits_down = sum(8 * x.numel() for x, _, tag in sends if tag == T_DATA)
+        t3 = time.perf_counter()
+        self.x = self.algo.apply(self.x, down, lr)
+        t4 = time.perf_counter()
+        vals = [_floats(metas[r][2:5]) for r in cl.peers]  # loss, t_compute, t_compress
+        loss = sum(v[0] for v in vals) / self.n
+        tc = max(v[1] for v in vals)
+        tz = max(v[2] for v in vals) + (t2 - t1) + (t4 - t3)
+        bits_up = sum(8 * u.numel() for u in ups.values())
+        return StepStats(loss, bits_up, bits_down, tc, tz, max(0.0, t4 - t0 - tc - tz))
+
+    def _abort(self, t: int) -> None:
+        """Inside a failed step, with every uplink read: the workers still waiting for a
+        downlink get ABORT and leave their loops."""
+        cl = self.cluster
+        head = torch.tensor([ABORT, 0], dtype=torch.int64)
+        try:
+            cl.exchange(
+                f"aborting step {t}", [(head, r, T_META) for r in sorted(cl.live)], timeout=SHORT
+            )
+            cl.live.clear()
+        except Exception:
+            cl.dirty = True
+
+    def state_dict(self) -> dict:
+        cl, d = self.cluster, self.problem.dim
+        with cl.command():
+            cl.send_ctrl(GET_STATE)
+            metas = cl.replies("collecting the workers' state")
+            xs = {r: torch.empty(d) for r in cl.peers}
+            errs = {r: torch.empty(d) for r in cl.peers if int(metas[r][1])}
+            cl.exchange(
+                "collecting the workers' state",
+                recvs=[(x, r, T_DATA) for r, x in xs.items()]
+                + [(e, r, T_ERR) for r, e in errs.items()],
+            )
+        for r, x in xs.items():
+            if not torch.equal(x, self.x):
+                raise WorkerError(
+                    f"{cl.name(r)}'s parameters differ from the server's "
+                    f"(max |diff| {float((x - self.x).abs().max()):.3g}): "
+                    "the replicas drifted"
+                )
+        workers = [WorkerState(FeedbackState(errs.get(r))).state_dict() for r in cl.peers]
+        return {"x": self.x.clone(), "workers": workers, "server": self.server.state_dict()}
+
+    def load_state_dict(self, sd: dict) -> None:
+        check_state_dict(sd, self.n, self.problem.dim)
+        self.x = sd["x"].clone().float()
+        self.server = ServerState.from_state_dict(sd["server"])
+        self._scatter(self.x, [w["feedback"]["error"] for w in sd["workers"]])
+
+    def _scatter(self, x: torch.Tensor, errs: list[torch.Tensor | None]) -> None:
+        cl = self.cluster
+        with cl.command():
+            cl.send_ctrl(SET_STATE)
+            sends = []
+            for r, e in zip(cl.peers, errs, strict=True):
+                head = torch.tensor([int(e is not None), 0, 0, 0], dtype=torch.int64)
+                sends += [(head, r, T_META), (x, r, T_DATA)]
+                if e is not None:
+                    sends.append((e.float(), r, T_ERR))
+            cl.exchange("sending the workers' state", sends)
+            cl.replies("sending the workers' state")
+
+    def close(self) -> None:
+        self.cluster.close()
+
+
+def _ps_worker(seed: int, cl: _Cluster, problem, algo: Algorithm) -> tuple[int, int]:
+    """A parameter-server worker's loop; returns (exit code, steps done)."""
+    i, d, steps = cl.rank - 1, problem.dim, 0
+    x, state, pending = problem.initial_point(), WorkerState(), None
+    fault = _Fault(cl.rank)
+    while True:
+        cmd, t, lr = cl.recv_ctrl()
+        if pending is not None:
+            cl.reply_failed(pending)
+            return 1, steps
+        if cmd == STEP:
+            try:
+                fault.maybe_exit(t)
+                t0 = time.perf_counter()
+                z = algo.gradient_point(x, lr, state)
+                loss, g = problem.gradient(z, problem.batch(seed, t, i))
+                t1 = time.perf_counter()
+                data, state = algo.encode_uplink(t, i, g, lr, state)
+                t2 = time.perf_counter()
+            except Exception as e:
+                cl.reply_failed(_describe(e, f"at step {t}"))
+                return 1, steps
+            cl.reply(OK, data.numel(), (loss, t1 - t0, t2 - t1), body=[(data, T_DATA)])
+            head = cl.recv(torch.empty(2, dtype=torch.int64), T_META)
+            if int(head[0]) != OK:  # the server aborted the run
+                return 1, steps
+            down = fault.maybe_corrupt(
+                t, cl.recv(torch.empty(int(head[1]), dtype=torch.uint8), T_DATA)
+            )
+            try:
+                x = algo.apply(x, down, lr)
+            except Exception as e:  # reported with the next command
+                pending = _describe(e, f"at step {t}")
+            steps += 1
+        elif cmd == GET_STATE:
+            e = state.feedback.error
+            cl.reply(
+                OK, int(e is not None), body=[(x, T_DATA)] + ([(e, T_ERR)] if e is not None else [])
+            )
+        elif cmd == SET_STATE:
+            head = cl.recv(torch.empty(4, dtype=torch.int64), T_META)
+            x = cl.recv(torch.empty(d), T_DATA)
+            e = cl.recv(torch.empty(d), T_ERR) if int(head[0]) else None
+            state = WorkerState(FeedbackState(e))
+            cl.reply(OK)
+        elif cmd == STOP:
+            cl.reply(OK)
+            return 0, steps
+        else:
+            cl.reply_failed(f"at a command: unknown command {cmd}")
+            return 1, steps
