@@ -35,16 +35,17 @@ the pure-torch references here, byte for byte.
    omega = 1/8 + min(sqrt(d)/2^(s-1), d/2^(2(s-1))) (their Theorem for p = 2). Bits:
    1 + ceil(log2(s+1)) per coordinate + 32 (the norm).
 5. ``biased_rounding`` [base=b] (:mod:`.rounding`; Beznosikov et al. 2020, "On biased
-   compression for distributed learning", biased rounding): C(x)_i = sign(x_i)
-   argmin_t |t - |x_i|| over the levels t = b^k: nearest in absolute distance, as in the
-   paper, so the threshold between b^k and b^(k+1) is their midpoint and
-   |C(x)_i - x_i| <= (b-1)/(b+1) |x_i|, hence class B3 with delta = (b+1)^2 / (4b) (9/8 for b = 2). (Rounding log_b |x_i| to the
-   nearest integer instead would give |C(x)_i - x_i| <= (sqrt(b) - 1)|x_i|: no contraction
-   for b >= 4.) The levels are b^k rounded to float32 within [2^-126, float32 max]; delta is
-   computed from the largest ratio of consecutive float32 levels (b up to ~1e-7). Below the
-   smallest level L0, |x_i| <= L0/2 rounds to 0 and above to L0; above the largest level it
-   rounds down to it: the bound covers coordinates in [L0, L_top] and 0. Deterministic.
-   Bits: 1 + ceil(log2(N+1)) per coordinate, N the number of levels (9 bits for b = 2).
+   compression for distributed learning", biased rounding): C(x)_i = sign(x_i) argmin_t |t -
+   |x_i|| over the levels t = b^k: nearest in absolute distance, as in the paper, so the
+   threshold between b^k and b^(k+1) is their midpoint and |C(x)_i - x_i| <= (b-1)/(b+1)
+   |x_i|, hence class B3 with delta = (b+1)^2 / (4b) (9/8 for b = 2). (Rounding log_b |x_i|
+   to the nearest integer instead would give |C(x)_i - x_i| <= (sqrt(b) - 1)|x_i|: no
+   contraction for b >= 4.) The levels are b^k rounded to float32 within [2^-126, float32
+   max]; delta is computed from the largest ratio of consecutive float32 levels (b up to
+   ~1e-7). Below the smallest level L0, |x_i| <= L0/2 rounds to 0 and above to L0; above the
+   largest level it rounds down to it: the bound covers coordinates in [L0, L_top] and 0.
+   Deterministic. Bits: 1 + ceil(log2(N+1)) per coordinate, N the number of levels (9 bits
+   for b = 2).
 
 Decoding validates untrusted bytes: the scale must be finite and non-negative, every code's
 magnitude index must exist (PayloadError otherwise), and decoded values are finite.
