@@ -13,12 +13,10 @@
 - :mod:`.parallel`: the thread pool that runs kernels on pieces of the work.
 - :mod:`.cache`: whether numba's on-disk cache was compiled from the present sources.
 
-Importing the package runs :func:`.cache.check_cache`: numba checks each cached kernel
+Every kernel is ``numba.njit(cache=CACHE, ...)`` with ``CACHE`` from :mod:`.cache`, decided
+once per process when the first kernel module is imported: numba checks each cached kernel
 against its own source file only, so a cache built before an edit of code that a kernel
-inlines from another file is refused (with the command that drops it) instead of being run.
-The check deletes nothing; dropping the cache is an explicit step.
+inlines from another file is not used (kernels compile in memory, one warning gives the
+command that refreshes the cache) instead of being run. Nothing is deleted on import, and
+importing this package runs nothing (``python -m gradzip._numba.cache`` refreshes).
 """
-
-from .cache import check_cache
-
-check_cache()

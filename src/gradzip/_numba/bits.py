@@ -28,6 +28,8 @@ from llvmlite import ir
 from numba import types
 from numba.core.extending import intrinsic
 
+from .cache import CACHE
+
 #: element count from which the parallel kernels are used (below it, thread start-up costs more
 #: than it saves)
 PARALLEL_MIN = 1 << 17
@@ -150,33 +152,33 @@ def _select8(typingctx, out, idx, byte, one, zero):
 # packing flags (signs of floats, nonzero of ints/bools)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=CACHE)
 def _pack_range(x, out, lo, hi):
     for i in range(lo, hi):
         out[i] = _mask8(x, 8 * i)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=CACHE)
 def _pack_neg16_range(x, limit, out, lo, hi):
     for i in range(lo, hi):
         out[i] = _mask8_neg16(x, 8 * i, limit)
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(parallel=True, cache=CACHE)
 def _pack_par(x, out, nfull):
     nch = (nfull + _CHUNK - 1) // _CHUNK
     for c in numba.prange(nch):
         _pack_range(x, out, c * _CHUNK, min(nfull, (c + 1) * _CHUNK))
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(parallel=True, cache=CACHE)
 def _pack_neg16_par(x, limit, out, nfull):
     nch = (nfull + _CHUNK - 1) // _CHUNK
     for c in numba.prange(nch):
         _pack_neg16_range(x, limit, out, c * _CHUNK, min(nfull, (c + 1) * _CHUNK))
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=CACHE)
 def _pack_tail(x, out, nfull):
     # the last partial byte: copy the leftover elements into a zero buffer (zero gives bit 0)
     rem = x.size - 8 * nfull
@@ -186,7 +188,7 @@ def _pack_tail(x, out, nfull):
         out[nfull] = _mask8(buf, 0)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=CACHE)
 def _pack_neg16_tail(x, limit, out, nfull):
     rem = x.size - 8 * nfull
     if rem > 0:
@@ -221,20 +223,20 @@ def pack_neg16(x: np.ndarray, limit: int, out: np.ndarray) -> None:
 # unpacking to two values (signs as float bit patterns, bits as 0/1 bytes)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=CACHE)
 def _unpack_range(data, one, zero, out, lo, hi):
     for i in range(lo, hi):
         _select8(out, 8 * i, data[i], one, zero)
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(parallel=True, cache=CACHE)
 def _unpack_par(data, one, zero, out, nfull):
     nch = (nfull + _CHUNK - 1) // _CHUNK
     for c in numba.prange(nch):
         _unpack_range(data, one, zero, out, c * _CHUNK, min(nfull, (c + 1) * _CHUNK))
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=CACHE)
 def _unpack_tail(data, one, zero, out, nfull):
     rem = out.size - 8 * nfull
     if rem > 0:
@@ -300,7 +302,7 @@ def _store_u64(typingctx, arr, idx, val):
     return sig, codegen
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=CACHE)
 def _pack_uints_group(v, base, width, out, p):
     # values v[base : base + 8] -> out[p : p + width], byte by byte; each value < 2**32 and
     # fewer than 8 pending bits, so the accumulator never holds more than 40 bits
@@ -317,7 +319,7 @@ def _pack_uints_group(v, base, width, out, p):
             nbits -= np.uint64(8)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=CACHE)
 def _pack_uints_range(v, width, out, lo, hi):
     # groups [lo, hi) -> bytes [lo * width, hi * width). Group g is bytes [g*width, (g+1)*width)
     # and starts with an empty accumulator, so groups do not depend on each other. Its 8-byte
@@ -343,14 +345,14 @@ def _pack_uints_range(v, width, out, lo, hi):
         _pack_uints_group(v, 8 * g, width, out, g * width)
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(parallel=True, cache=CACHE)
 def _pack_uints_par(v, width, out, ngroups):
     nch = (ngroups + _CHUNK - 1) // _CHUNK
     for c in numba.prange(nch):
         _pack_uints_range(v, width, out, c * _CHUNK, min(ngroups, (c + 1) * _CHUNK))
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=CACHE)
 def _pack_uints_tail(v, width, out, ngroups):
     rem = v.size - 8 * ngroups
     if rem > 0:
@@ -374,7 +376,7 @@ def pack_uints(v: np.ndarray, width: int, out: np.ndarray) -> None:
     _pack_uints_tail(v, width, out, ngroups)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=CACHE)
 def _unpack_uints_range(data, width, out, lo, hi):
     # values [lo, hi); value i is bits [i*width, (i+1)*width) of the stream, read from the
     # 8 bytes at byte (i*width) // 8 (those exist for i < safe; the rest are assembled bytewise)
@@ -394,7 +396,7 @@ def _unpack_uints_range(data, width, out, lo, hi):
         out[i] = np.int64((word >> np.uint64(b & 7)) & mask)
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(parallel=True, cache=CACHE)
 def _unpack_uints_par(data, width, out, n):
     nch = (n + 8 * _CHUNK - 1) // (8 * _CHUNK)
     for c in numba.prange(nch):

@@ -1,30 +1,41 @@
 """Whether numba's on-disk cache of these kernels was compiled from the present sources.
 
-numba's cache (``cache=True``) checks each compiled function against its own source file
-only. Most kernels inline code of another file (the intrinsics of :mod:`.simd`, the
-transform's sweeps in :mod:`.fused_onebit`, ``rng.hash32`` nearly everywhere), and
-``_numba/rng.py`` compiles in the constants of ``gradzip/rng.py``: after an edit of one of
-those, the cache would hand back the old inlined code, and it would run silently. So the
-cache directory holds a stamp, the digest of the sources the cache was built from.
+numba's cache checks each compiled function against its own source file only. Most
+kernels inline code of another file (the intrinsics of :mod:`.simd`, the transform's sweeps
+in :mod:`.fused_onebit`, ``rng.hash32`` nearly everywhere), and ``_numba/rng.py`` compiles
+in the constants of ``gradzip/rng.py``: after an edit of one of those, the cache would hand
+back the old inlined code, and it would run silently. So the cache directory holds a stamp,
+the digest of the sources the cache was built from.
 
-- :func:`check_cache` runs when :mod:`gradzip._numba` is imported. It only reads, except
-  that it records the stamp while nothing is cached yet (so that what numba caches next is
-  known to come from these sources). It raises :class:`StaleKernelCache` when cached
-  kernels exist that were not built from the present sources: they are never run.
-- :func:`drop_stale_cache` removes such a cache (``*.nbi``, ``*.nbc``) and records the new
-  stamp. It is called explicitly, never on import: run this file,
-  ``python src/gradzip/_numba/cache.py`` (the error message gives the full command). It
-  is a file, not ``python -m``, because importing the package would run the check first.
+- Every kernel is ``numba.njit(cache=CACHE, ...)``, ``CACHE`` from this module. It is
+  computed once per process, by :func:`check_cache`, when the first kernel module is
+  imported (not when this module is: running it as a script or with ``-m`` checks nothing
+  first). The check deletes nothing; it writes only the stamp, while nothing is cached yet.
 
-An installed package never changes its sources; this is for a working tree under edit.
-Where ``__pycache__`` is not writable numba caches elsewhere and nothing here applies.
+  - fresh (the stamp is the present sources' digest), or empty (no ``*.nbi``/``*.nbc``;
+    the stamp is recorded): ``CACHE`` is true and numba caches as usual;
+  - stale (cached kernels, and no stamp or another one): ``CACHE`` is false, the kernels of
+    this process compile in memory (numba neither reads nor writes its cache: a stale
+    kernel never runs) and one :class:`StaleKernelCache` warning gives the command that
+    refreshes the cache.
+
+- :func:`refresh` (``python -m gradzip._numba.cache``, or this file run as a script, the
+  command the warning prints) removes a stale cache's ``*.nbi``/``*.nbc`` and records the
+  present stamp; the next process caches again.
+
+The cache directory is the one numba picks for these files (``__pycache__`` next to them,
+``NUMBA_CACHE_DIR``, or numba's user-wide directory where ``__pycache__`` is not writable).
+An installed package changes its sources only when upgraded (pip leaves numba's files).
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import shlex
 import sys
+import threading
+import warnings
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -34,8 +45,9 @@ ALSO = (HERE.parent / "rng.py",)
 STAMP = "gradzip-kernel-sources.sha256"
 
 
-class StaleKernelCache(RuntimeError):
-    """numba's cache holds kernels compiled from other sources than the present ones."""
+class StaleKernelCache(UserWarning):
+    """numba's cache holds kernels compiled from other sources than the present ones: this
+    process compiles its kernels in memory instead."""
 
 
 def _digest(here: Path, also: tuple[Path, ...]) -> str:
@@ -43,6 +55,24 @@ def _digest(here: Path, also: tuple[Path, ...]) -> str:
     for path in sorted(here.glob("*.py")) + sorted(also):
         digest.update(path.name.encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()
+
+
+def cache_dir(here: Path = HERE) -> Path | None:
+    """The directory numba caches the kernels of ``here/*.py`` in (its locators depend on
+    the folder only), or None where numba has nowhere to cache them."""
+
+    def probe():
+        pass
+
+    try:
+        from numba.core.caching import CompileResultCacheImpl
+
+        probe.__code__ = probe.__code__.replace(co_filename=str(min(here.glob("*.py"))))
+        return Path(CompileResultCacheImpl(probe).locator.get_cache_path())
+    except RuntimeError:  # "no locator available": numba cannot cache these files
+        return None
+    except (ImportError, AttributeError, TypeError, ValueError):  # another numba's internals
+        return here / "__pycache__"
 
 
 def _stamp(cache: Path) -> str | None:
@@ -53,7 +83,7 @@ def _stamp(cache: Path) -> str | None:
 
 
 def _write_stamp(cache: Path, digest: str) -> None:
-    cache.mkdir(exist_ok=True)
+    cache.mkdir(parents=True, exist_ok=True)
     tmp = cache / f"{STAMP}.{os.getpid()}"
     tmp.write_text(digest)
     tmp.replace(cache / STAMP)  # atomic: processes starting at once each write a whole stamp
@@ -63,16 +93,27 @@ def _cached(cache: Path) -> list[Path]:
     return list(cache.glob("*.nb[ic]"))
 
 
-def drop_stale_cache(here: Path = HERE, also: tuple[Path, ...] = ()) -> bool:
-    """Remove numba's cache files (``*.nbi``, ``*.nbc``) in ``here/__pycache__`` unless it
-    was built from the present ``here/*.py`` and ``also`` (by digest); returns whether it
-    removed them. Best effort: an unwritable cache directory is left as it is."""
+def command() -> str:
+    """The shell command that refreshes the cache (this file run by this interpreter: it
+    needs neither an installed package nor the working tree's ``sys.path``)."""
+    return f"{shlex.quote(sys.executable)} {shlex.quote(str(Path(__file__).resolve()))}"
+
+
+def drop_stale_cache(
+    here: Path = HERE, also: tuple[Path, ...] = ALSO, cache: Path | None = None
+) -> bool:
+    """Remove numba's cache files (``*.nbi``, ``*.nbc``) in ``cache`` (default: where numba
+    caches ``here``'s kernels) unless it was built from the present ``here/*.py`` and
+    ``also`` (by digest), and record the present digest; returns whether it removed them.
+    Best effort: an unwritable cache directory is left as it is."""
+    cache = cache_dir(here) if cache is None else cache
+    if cache is None:
+        return False
     digest = _digest(here, also)
-    cache = here / "__pycache__"
     if _stamp(cache) == digest:
         return False
     try:
-        cache.mkdir(exist_ok=True)
+        cache.mkdir(parents=True, exist_ok=True)
         for f in _cached(cache):
             f.unlink(missing_ok=True)
         _write_stamp(cache, digest)
@@ -81,29 +122,69 @@ def drop_stale_cache(here: Path = HERE, also: tuple[Path, ...] = ()) -> bool:
     return True
 
 
-def check_cache(here: Path = HERE, also: tuple[Path, ...] = ALSO) -> None:
-    """Raise :class:`StaleKernelCache` if ``here/__pycache__`` holds numba cache files not
-    built from the present sources (see the module docstring); deletes nothing. With no
-    cache files, records the present digest (best effort) and returns."""
+def check_cache(
+    here: Path = HERE, also: tuple[Path, ...] = ALSO, cache: Path | None = None
+) -> bool:
+    """Whether ``here``'s kernels may use numba's on-disk cache (``cache``, default where
+    numba caches them): true when it was built from the present sources, or holds nothing
+    (then the present digest is recorded first). False, with a :class:`StaleKernelCache`
+    warning, when it holds kernels built from other sources; false, silently, where numba
+    cannot cache. Deletes nothing."""
+    cache = cache_dir(here) if cache is None else cache
+    if cache is None:
+        return False
     digest = _digest(here, also)
-    cache = here / "__pycache__"
     stamp = _stamp(cache)
     if stamp == digest:
-        return
+        return True
     if not _cached(cache):
         try:
             _write_stamp(cache, digest)
         except OSError:
-            pass  # numba cannot cache here either
-        return
-    command = f"{sys.executable} {Path(__file__).resolve()}"
-    raise StaleKernelCache(
-        f"numba's cache in {cache} holds kernels compiled from other sources than the "
-        f"present ones ({'no stamp' if stamp is None else 'a kernel source changed'}); numba "
-        f"does not see changes to inlined code of other files. Drop it with: {command}"
+            return False  # unknown what numba would cache here next: don't
+        return True
+    warnings.warn(
+        StaleKernelCache(
+            f"numba's kernel cache in {cache} was compiled from other sources than the "
+            f"present ones ({'no stamp' if stamp is None else 'a kernel source changed'}; "
+            "numba does not see changes to code inlined from other files). This process "
+            "does not use it: kernels are compiled in memory, so their first calls are "
+            f"slower. Refresh the cache with: {command()}"
+        ),
+        stacklevel=2,
     )
+    return False
+
+
+_lock = threading.Lock()
+
+
+def __getattr__(name: str):
+    """``CACHE``: :func:`check_cache` of the present sources, computed on first use, once."""
+    if name != "CACHE":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    with _lock:
+        if "CACHE" not in globals():
+            globals()["CACHE"] = check_cache()
+    return globals()["CACHE"]
+
+
+def refresh(here: Path = HERE, also: tuple[Path, ...] = ALSO) -> int:
+    """Drop a stale cache and record the present sources (the explicit step after an edit or
+    an upgrade); prints what it did, returns 0 when the cache is fresh afterwards."""
+    cache = cache_dir(here)
+    if cache is None:
+        print(f"numba has nowhere to cache the kernels of {here}: nothing to refresh")
+        return 0
+    dropped = drop_stale_cache(here, also, cache)
+    if _stamp(cache) != _digest(here, also):
+        print(f"{cache}: could not refresh the kernel cache (not writable?)", file=sys.stderr)
+        return 1
+    print(f"{cache}: " + ("stale kernel cache dropped" if dropped else "kernel cache is fresh"))
+    return 0
 
 
 if __name__ == "__main__":
-    dropped = drop_stale_cache(also=ALSO)
-    print(f"{HERE / '__pycache__'}: " + ("stale cache dropped" if dropped else "cache is fresh"))
+    if sys.path and Path(sys.path[0]).resolve() == HERE:
+        del sys.path[0]  # run as a file: keep the kernel modules' names off the import path
+    sys.exit(refresh())

@@ -56,6 +56,7 @@ import numpy as np
 
 from .. import _alloc
 from .bits import _load_u64
+from .cache import CACHE
 from .fwht import (
     _ZERO,
     L2_BYTES,
@@ -121,7 +122,7 @@ def scratch_size(m: int) -> int:
     return (L // S) * R * (S + P)
 
 
-@numba.njit(inline="always", cache=True)
+@numba.njit(inline="always", cache=CACHE)
 def _layout(L, C):
     """``(S, P)`` of the intermediate that pass 1 of the fused encoder and decoder writes
     and pass 2 reads: the ``R x L`` matrix in column blocks of ``S`` columns (a multiple of
@@ -136,13 +137,13 @@ def _layout(L, C):
     return S, LINE // 4
 
 
-@numba.njit(inline="always", cache=True)
+@numba.njit(inline="always", cache=CACHE)
 def _block_base(c0, R, S, P):
     """Offset of column ``c0`` of row 0 in the layout of :func:`_layout`."""
     return (c0 // S) * (R * (S + P)) + c0 % S
 
 
-@numba.njit(inline="always", cache=True)
+@numba.njit(inline="always", cache=CACHE)
 def _stream_groups(prev, dst, rp, R, S, P, s, t):
     """Register groups ``s .. t`` of row ``rp`` (held in ``prev``) out to ``dst`` in the
     layout of :func:`_layout`, with non-temporal stores; returns ``t``."""
@@ -153,7 +154,7 @@ def _stream_groups(prev, dst, rp, R, S, P, s, t):
     return t
 
 
-@numba.njit(inline="always", cache=True)
+@numba.njit(inline="always", cache=CACHE)
 def _sweeps_streaming(a, off, n, h, prev, dst, rp, R, S, P, s, ng, per):
     """:func:`_sweeps` (no post-transform signs) that also streams ``per`` register groups
     of the previous row (see :func:`_row_streaming`) after each group of butterflies;
@@ -172,7 +173,7 @@ def _sweeps_streaming(a, off, n, h, prev, dst, rp, R, S, P, s, ng, per):
     return s
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=CACHE)
 def _row_streaming(src, data, r, row, rp, prev, dst, m, k0, k1, stab, sq, tab, c, enc):
     """Pass 1 of the fused encoder or decoder on row ``r`` (in ``row``, in L2), while row
     ``rp`` (in ``prev``; none if ``rp < 0``) goes out to ``dst`` (:func:`_layout`).
@@ -213,7 +214,7 @@ def _row_streaming(src, data, r, row, rp, prev, dst, m, k0, k1, stab, sq, tab, c
         _sweeps(row, 0, L, nb, False, _ZERO, _ZERO, 0, tab)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=CACHE)
 def _rows_streaming(src, data, dst, rows2, m, k0, k1, stab, sq, tab, c, enc, start, stop):
     """:func:`_row_streaming` on the rows of elements ``start .. stop``, alternating between
     the halves of ``rows2`` (2 L floats); the last row is streamed after its compute. The
@@ -238,7 +239,7 @@ def _rows_streaming(src, data, dst, rows2, m, k0, k1, stab, sq, tab, c, enc, sta
     _fence()
 
 
-@numba.njit(nogil=True, cache=True)
+@numba.njit(nogil=True, cache=CACHE)
 def rotate_stats(src, dst, rows2, m, key0, key1, stab, sq, start, stop):
     """Pass 1 of the fused encoder (float32, ``n = 2**m``, ``fused_ok(n)``) on elements
     ``start .. stop`` (whole rows of ``L``; one piece of the work, called from threads).
@@ -261,7 +262,7 @@ def rotate_stats(src, dst, rows2, m, key0, key1, stab, sq, start, stop):
     )
 
 
-@numba.njit(inline="always", cache=True)
+@numba.njit(inline="always", cache=CACHE)
 def _chunk_sweeps(a, R, base, T, C, buf):
     """``buf`` (R x C) <- ``H_R`` across the rows of a column chunk of the R-row matrix in
     ``a``, its row ``r`` at ``a[base + r T : + C]`` (see :func:`_layout`).
@@ -287,7 +288,7 @@ def _chunk_sweeps(a, R, base, T, C, buf):
         h *= radix
 
 
-@numba.njit(inline="always", cache=True)
+@numba.njit(inline="always", cache=CACHE)
 def _prefetch_row(a, i, C):
     """Hint: ``a[i : i + C]`` into cache (a row of the next column chunk). Issued while a
     chunk is finished from L2, not during its first sweep (where these loads compete with
@@ -296,7 +297,7 @@ def _prefetch_row(a, i, C):
         _prefetch(a, p)
 
 
-@numba.njit(inline="always", cache=True)
+@numba.njit(inline="always", cache=CACHE)
 def _quantize_chunk(a, buf, L, R, c0, C, nxt, T, lam, key, out, acc):
     """Row ``r`` of ``buf`` (R x C) holds elements ``r L + c0 ..``: ``out`` <- their bits
     ``y + lam * u < 0``, ``u = dither16`` of ``key`` (uint64; four values per 64-bit word,
@@ -326,7 +327,7 @@ def _quantize_chunk(a, buf, L, R, c0, C, nxt, T, lam, key, out, acc):
     return ip
 
 
-@numba.njit(inline="always", cache=True)
+@numba.njit(inline="always", cache=CACHE)
 def _chunk_at(q, L, R, C):
     """``(c0, base, nxt, T)`` of column chunk ``q`` in the layout of :func:`_layout`: its
     first column, the offsets of its row 0 and of the next chunk's (-1 after the last
@@ -337,7 +338,7 @@ def _chunk_at(q, L, R, C):
     return c0, _block_base(c0, R, S, P), nxt, S + P
 
 
-@numba.njit(nogil=True, cache=True)
+@numba.njit(nogil=True, cache=CACHE)
 def cols_quantize(a, m, lam, key, out, buf, start, stop, ip):
     """Pass 2 of the fused encoder: ``out`` <- the packed bits of ``Phi x + lam * u < 0``.
 
@@ -364,7 +365,7 @@ def cols_quantize(a, m, lam, key, out, buf, start, stop, ip):
             ip[q] = s
 
 
-@numba.njit(nogil=True, cache=True)
+@numba.njit(nogil=True, cache=CACHE)
 def unrotate_signs_rows(data, dst, rows2, m, c, tab, chunked, start, stop):
     """Pass 1 of the fused decoder (float32, ``n = 2**m``, ``fused_ok(n)``) on elements
     ``start .. stop`` (whole rows; one piece of the work, called from threads).
@@ -402,7 +403,7 @@ def unrotate_signs_rows(data, dst, rows2, m, c, tab, chunked, start, stop):
             _sweeps(dst, off, L, nb, False, _ZERO, _ZERO, 0, tab)
 
 
-@numba.njit(nogil=True, cache=True)
+@numba.njit(nogil=True, cache=CACHE)
 def cols_unrotate(a, out, m, key0, key1, tab, buf, stream, start, stop):
     """Pass 2 of the fused decoder: ``out`` <- ``s * H_R`` across the rows of pass 1's
     result ``a`` (:func:`unrotate_signs_rows`, in the layout of :func:`_layout`), ``s`` the

@@ -53,6 +53,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from .cache import CACHE
 from .rng import hash32
 from .simd import (
     _bfly,
@@ -85,7 +86,7 @@ _ONE = np.uint64(1)
 _ZERO = np.uint64(0)
 
 
-@numba.njit(inline="always", cache=True)
+@numba.njit(inline="always", cache=CACHE)
 def _group_bits(e, G, k0, k1):
     """The G (32 or 64) sign bits of elements ``e .. e + G - 1`` (``e`` a multiple of 32)."""
     w = np.uint64(e) >> _U5
@@ -95,14 +96,14 @@ def _group_bits(e, G, k0, k1):
     return bits
 
 
-@numba.njit(inline="always", cache=True)
+@numba.njit(inline="always", cache=CACHE)
 def _negative(e, k0, k1):
     """True iff sign ``e`` of the stream is -1."""
     u = np.uint64(e)
     return (hash32(u >> _U5, k0, k1) >> (u & _U31)) & _ONE == _ONE
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=CACHE)
 def _tiny(src, soff, dst, doff, m, mode, k0, k1, sbase, scale):
     """Scalar version for segments shorter than one register group (n < 8W)."""
     n = 1 << m
@@ -128,7 +129,7 @@ def _tiny(src, soff, dst, doff, m, mode, k0, k1, sbase, scale):
                 dst[doff + p] = -dst[doff + p]
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=CACHE)
 def _post_signs(a, off, n, k0, k1, sbase, tab):
     """``a[off + p] *= s[sbase + p]`` for ``p < n`` (``n`` a multiple of 8W)."""
     G = 8 * _lanes(a)
@@ -136,7 +137,7 @@ def _post_signs(a, off, n, k0, k1, sbase, tab):
         _signs(a, off + p, _group_bits(sbase + p, G, k0, k1), tab)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=CACHE)
 def _sweeps(a, off, n, h, post, k0, k1, sbase, tab):
     """The stages of stride ``h, 2h, ..., n/2`` (``h >= 8W``) on ``a[off : off + n]``.
 
@@ -161,7 +162,7 @@ def _sweeps(a, off, n, h, post, k0, k1, sbase, tab):
         h *= radix
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=CACHE)
 def _blocks(src, soff, dst, doff, n, nb, mode, post, k0, k1, sbase, scale, tab):
     """``dst[doff : doff + n] <-`` the transform of each L1 block of ``nb`` elements.
 
@@ -186,7 +187,7 @@ def _blocks(src, soff, dst, doff, n, nb, mode, post, k0, k1, sbase, scale, tab):
         _sweeps(dst, doff + q, nb, G, post, k0, k1, sbase + q, tab)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=CACHE)
 def _row(src, soff, dst, doff, m, m1, mode, post, k0, k1, sbase, scale, tab):
     """``dst[doff : doff + n] <- H (pre(src[soff : soff + n]))``, n = 2**m, in place in dst.
 
@@ -200,7 +201,7 @@ def _row(src, soff, dst, doff, m, m1, mode, post, k0, k1, sbase, scale, tab):
         _sweeps(dst, doff, n, nb, post, k0, k1, sbase, tab)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=CACHE)
 def _cols(a, off, L, R, c0, C, post, k0, k1, sbase, tab):
     """Pass 2: H_R across the R rows of length L at ``a[off:]``, on columns ``c0 .. c0 + C``.
 
@@ -229,7 +230,7 @@ def _cols(a, off, L, R, c0, C, post, k0, k1, sbase, tab):
         h *= radix
 
 
-@numba.njit(inline="always", cache=True)
+@numba.njit(inline="always", cache=CACHE)
 def _budgets(itemsize):
     """``(m1, m2)``: log2 of an L1 block and of a pass-1 row, in elements."""
     m1 = 0
@@ -241,7 +242,7 @@ def _budgets(itemsize):
     return m1, m2
 
 
-@numba.njit(inline="always", cache=True)
+@numba.njit(inline="always", cache=CACHE)
 def _grid(m, m1, m2, G, itemsize):
     """``(log2 L, L, R, C)`` of a large segment (2**m): R rows of L, column chunks of C."""
     m_row = m1 if m <= m2 else m2
@@ -251,7 +252,7 @@ def _grid(m, m1, m2, G, itemsize):
     return m_row, L, R, C
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(parallel=True, cache=CACHE)
 def transform(src, soff, sstride, dst, doff, dstride, nseg, m, mode, key0, key1, sbase, scale, tab):
     """For each segment t < nseg, with n = 2**m:
 
@@ -291,7 +292,7 @@ def transform(src, soff, sstride, dst, doff, dstride, nseg, m, mode, key0, key1,
                 _cols(dst, do, L, R, c * C, C, post, k0, k1, sbase, tab)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=CACHE)
 def transform_serial(
     src, soff, sstride, dst, doff, dstride, nseg, m, mode, key0, key1, sbase, scale, tab
 ):
@@ -347,7 +348,7 @@ def two_pass(m: int, itemsize: int) -> bool:
     return (1 << m) >= 8 * (32 // itemsize) and m > m1
 
 
-@numba.njit(inline="always", cache=True)
+@numba.njit(inline="always", cache=CACHE)
 def _row_streamed(src, soff, dst, doff, row, m, m1, mode, k0, k1, sbase, scale, tab):
     """:func:`_row` (no post-transform signs) done in ``row`` (in L2), then streamed out to
     ``dst[doff:]`` (32-byte aligned) with non-temporal stores: the lines of ``dst`` are
@@ -357,7 +358,7 @@ def _row_streamed(src, soff, dst, doff, row, m, m1, mode, k0, k1, sbase, scale, 
         _stream8(row, g, dst, doff + g)
 
 
-@numba.njit(nogil=True, cache=True)
+@numba.njit(nogil=True, cache=CACHE)
 def cols_pass(a, off, m, post, key0, key1, sbase, tab, start, stop):
     """Pass 2 of :func:`transform`'s two-pass route for one segment of ``n = 2**m`` at
     ``a[off:]`` (post-transform signs if ``post``), on the column chunks that elements
@@ -373,7 +374,7 @@ def cols_pass(a, off, m, post, key0, key1, sbase, tab, start, stop):
         _cols(a, off, L, R, c * C, C, post, k0, k1, sbase, tab)
 
 
-@numba.njit(nogil=True, cache=True)
+@numba.njit(nogil=True, cache=CACHE)
 def rows_pass(
     src, soff, dst, doff, row, stream, m, mode, key0, key1, sbase, scale, tab, start, stop
 ):

@@ -22,6 +22,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from .cache import CACHE
 from .parallel import run
 from .rng import U32, U64, dither16_group, dither16_word
 from .simd import prescale, quant32, quant32_sum
@@ -38,7 +39,7 @@ _REASSOC = {"reassoc", "contract", "nsz"}
 # element by element instead of loading vectors (3-5x slower).
 
 
-@numba.njit(nogil=True, cache=True, fastmath=_REASSOC)
+@numba.njit(nogil=True, cache=CACHE, fastmath=_REASSOC)
 def _stats32(x, bits, start, stop):
     xs = x[start:stop]
     bs = bits[start:stop]
@@ -67,7 +68,7 @@ def stats32(x: np.ndarray) -> tuple[float, float, float]:
     return sum(p[0] for p in parts), float(top), sum(p[1] for p in parts)
 
 
-@numba.njit(inline="always", cache=True)
+@numba.njit(inline="always", cache=CACHE)
 def _pack_chunk(tmp, m, out):
     """Pack ``m`` 0/1 bytes of ``tmp`` into ``out`` (ceil(m/8) bytes)."""
     t64 = tmp.view(np.uint64)
@@ -81,7 +82,7 @@ def _pack_chunk(tmp, m, out):
         out[full] = byte
 
 
-@numba.njit(inline="always", cache=True)
+@numba.njit(inline="always", cache=CACHE)
 def dither_sign_pack_chunk(ys, e0, lam, key, out, u, tmp):
     """``out[e0//8 :]`` <- the packed bits ``ys[i] + lam * u[e0 + i] < 0``, ``i < ys.size``.
 
@@ -97,7 +98,7 @@ def dither_sign_pack_chunk(ys, e0, lam, key, out, u, tmp):
     _pack_chunk(tmp, ys.size, out[e0 // 8 : (e0 + ys.size + 7) // 8])
 
 
-@numba.njit(nogil=True, cache=True)
+@numba.njit(nogil=True, cache=CACHE)
 def _dither_sign_pack(y, lam, key, out, start, stop):
     """Elements ``start .. stop`` (``start`` a multiple of 32): whole groups of 32 with
     :func:`~gradzip._numba.simd.quant32` (faster than 0/1 bytes packed by multiplies:
@@ -112,7 +113,7 @@ def _dither_sign_pack(y, lam, key, out, start, stop):
         dither_sign_pack_chunk(y[whole:stop], whole, lam, key, out, u, tmp)
 
 
-@numba.njit(nogil=True, cache=True)
+@numba.njit(nogil=True, cache=CACHE)
 def _dither_sign_pack_sum(y, lam, key, out, start, stop):
     """:func:`_dither_sign_pack`, returning ``sum y_e b_e`` (``b = -1`` where the bit is
     set): float32 lanes over 1024 elements at a time, then float64."""
@@ -136,7 +137,7 @@ def _dither_sign_pack_sum(y, lam, key, out, start, stop):
     return total
 
 
-@numba.njit(nogil=True, cache=True)
+@numba.njit(nogil=True, cache=CACHE)
 def _sign_pack(y, out, start, stop):
     tmp = np.zeros(CHUNK, np.uint8)
     for base in range(start, stop, CHUNK):
@@ -146,7 +147,7 @@ def _sign_pack(y, out, start, stop):
         _pack_chunk(tmp, ys.size, out[base // 8 : (base + ys.size + 7) // 8])
 
 
-@numba.njit(nogil=True, cache=True)
+@numba.njit(nogil=True, cache=CACHE)
 def _unpack_subtract_dither(data, lam, key, out, start, stop):
     u = np.empty(CHUNK, np.float32)
     for base in range(start, stop, CHUNK):

@@ -20,6 +20,7 @@ import numba
 import numpy as np
 
 from .bits import _load_u64, _store_u64
+from .cache import CACHE
 from .parallel import run
 from .rng import U32, hash32
 
@@ -30,19 +31,19 @@ _MANT = U32(0x7FFFFF)
 _ONE = U32(1)
 
 
-@numba.njit(inline="always", cache=True)
+@numba.njit(inline="always", cache=CACHE)
 def _uniform_bits(i, k0, k1):
     """``hash32(i) >> 9``: the 23 random bits behind the uniform of element ``i``."""
     return U32(hash32(i, k0, k1) >> U32(9))
 
 
-@numba.njit(inline="always", cache=True)
+@numba.njit(inline="always", cache=CACHE)
 def _uniform(m):
     """The uniform ``(2 m + 1) 2**-24`` in (0, 1) (exact in float32)."""
     return np.float32(U32(m * U32(2) + _ONE)) * _U24
 
 
-@numba.njit(inline="always", cache=True)
+@numba.njit(inline="always", cache=CACHE)
 def _store_group(codes, g, w, out, p):
     """Store the 8 codes ``codes[8g : 8g+8]`` (``w <= 16`` bits each) at ``out[p:]``.
 
@@ -69,7 +70,7 @@ def _store_group(codes, g, w, out, p):
         _store_u64(out, p + b, hi)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=CACHE)
 def _pack_chunk(codes, m, w, out, base):
     """Pack ``codes[:m]`` (element ``base`` onwards, ``base % 8 == 0``) into ``out``.
 
@@ -93,7 +94,7 @@ def _pack_chunk(codes, m, w, out, base):
 # --- encoders ----------------------------------------------------------------------------------
 
 
-@numba.njit(nogil=True, cache=True)
+@numba.njit(nogil=True, cache=CACHE)
 def _encode_linear(x, p, r, s, k0, k1, w, out, start, stop):
     # QSGD / TernGrad: t = min(|x| p r, s), j = floor(t) + (u < t - floor(t))
     codes = np.empty(CHUNK + 8, np.uint32)
@@ -111,7 +112,7 @@ def _encode_linear(x, p, r, s, k0, k1, w, out, start, stop):
         _pack_chunk(codes, xs.size, w, out, base)
 
 
-@numba.njit(nogil=True, cache=True)
+@numba.njit(nogil=True, cache=CACHE)
 def _encode_natural(xb, k0, k1, w, out, start, stop):
     # natural compression on the float32 bits: exponent e, mantissa m; round up iff k < m
     codes = np.empty(CHUNK + 8, np.uint32)
@@ -129,7 +130,7 @@ def _encode_natural(xb, k0, k1, w, out, start, stop):
         _pack_chunk(codes, xs.size, w, out, base)
 
 
-@numba.njit(nogil=True, cache=True)
+@numba.njit(nogil=True, cache=CACHE)
 def _encode_dither(x, p, r, s, lin, k0, k1, w, out, start, stop):
     # natural dithering: t = min(|x| p r, 1); t >= 2^(1-s): natural rounding of t's bits,
     # level j = e' - 127 + s; below: j = (u < t 2^(s-1)) (0 or the level 2^(1-s))
@@ -156,7 +157,7 @@ def _encode_dither(x, p, r, s, lin, k0, k1, w, out, start, stop):
         _pack_chunk(codes, xs.size, w, out, base)
 
 
-@numba.njit(nogil=True, cache=True)
+@numba.njit(nogil=True, cache=CACHE)
 def _encode_buckets(xb, shift, c0, thr, w, out, start, stop):
     # deterministic rounding: the bucket of |x|'s bits holds at most one threshold
     codes = np.empty(CHUNK + 8, np.uint32)
@@ -199,7 +200,7 @@ def encode_buckets(x, shift, c0, thr, w, out) -> None:
 # --- decoders ----------------------------------------------------------------------------------
 
 
-@numba.njit(inline="always", cache=True)
+@numba.njit(inline="always", cache=CACHE)
 def _load_group(data, p, w, c):
     """The 8 codes of ``w <= 16`` bits at ``data[p:]`` into ``c`` (reads 8-byte words)."""
     mask = (np.uint64(1) << np.uint64(w)) - np.uint64(1)
@@ -216,7 +217,7 @@ def _load_group(data, p, w, c):
             c[4 + j] = (hi >> np.uint64(j * w)) & mask
 
 
-@numba.njit(inline="always", cache=True)
+@numba.njit(inline="always", cache=CACHE)
 def _tail(data, start, stop, w):
     """The bytes of groups [start//8, ceil(stop/8)) in a zero-padded copy (safe to load)."""
     g0 = start // 8
@@ -227,7 +228,7 @@ def _tail(data, start, stop, w):
     return buf
 
 
-@numba.njit(nogil=True, cache=True)
+@numba.njit(nogil=True, cache=CACHE)
 def _decode_linear(data, w, scale, out, start, stop):
     # values [start, stop), start % 8 == 0; codes of groups whose loads stay in data first
     os = out[start:stop]
@@ -253,7 +254,7 @@ def _decode_linear(data, w, scale, out, start, stop):
     return top
 
 
-@numba.njit(nogil=True, cache=True)
+@numba.njit(nogil=True, cache=CACHE)
 def _decode_table(data, w, table, out, start, stop):
     # table: uint32 bit patterns of the magnitudes, 2**(w-1) entries; out: uint32 view
     os = out[start:stop]

@@ -6,6 +6,7 @@ import numba
 import numpy as np
 
 from ..rng import GAMMA, MASK32, MIX_M1, MIX_M2
+from .cache import CACHE
 
 U32 = np.uint32
 U64 = np.uint64
@@ -25,7 +26,7 @@ _M2 = U64(MIX_M2)
 # Zen 4 and cost nothing on Zen 3, where the 64-bit multiply is emulated (docs/perf.md).
 
 
-@numba.njit(inline="always", cache=True)
+@numba.njit(inline="always", cache=CACHE)
 def _lowbias32(x):
     x = U32(x ^ (x >> U32(16)))
     x = U32(x * _LB1)
@@ -34,26 +35,26 @@ def _lowbias32(x):
     return U32(x ^ (x >> U32(16)))
 
 
-@numba.njit(inline="always", cache=True)
+@numba.njit(inline="always", cache=CACHE)
 def hash32(i, k0, k1):
     """``hash32(i, key)`` with ``k0, k1`` the key's 32-bit halves (uint32); i < 2**32."""
     return _lowbias32(U32(_lowbias32(U32(U32(i) + k0)) ^ k1))
 
 
-@numba.njit(inline="always", cache=True)
+@numba.njit(inline="always", cache=CACHE)
 def symmetric_uniform_at(i, k0, k1):
     """The ``i``-th value of :func:`gradzip.rng.symmetric_uniform`."""
     h = hash32(i, k0, k1)
     return np.float32(U32(U32(h >> U32(9)) * U32(2) + U32(1))) * _SCALE - np.float32(1.0)
 
 
-@numba.njit(inline="always", cache=True)
+@numba.njit(inline="always", cache=CACHE)
 def dither16_of(t):
     """``(2 t + 1) 2**-16 - 1`` for a 16-bit ``t`` (uint32): one value of ``dither16``."""
     return np.float32(U32(U32(t) * U32(2) + U32(1))) * _SCALE16 - np.float32(1.0)
 
 
-@numba.njit(inline="always", cache=True)
+@numba.njit(inline="always", cache=CACHE)
 def mix64(z):
     """SplitMix64's output function (:func:`gradzip.rng.mix64`) on a uint64."""
     z = U64(U64(z ^ (z >> U64(30))) * _M1)
@@ -61,13 +62,13 @@ def mix64(z):
     return U64(z ^ (z >> U64(31)))
 
 
-@numba.njit(inline="always", cache=True)
+@numba.njit(inline="always", cache=CACHE)
 def dither16_word(key, j):
     """``key + j GAMMA`` (mod 2**64): the input of ``mix64`` for word ``j`` of ``dither16``."""
     return U64(U64(key) + U64(U64(j) * _GAMMA))
 
 
-@numba.njit(inline="always", cache=True)
+@numba.njit(inline="always", cache=CACHE)
 def dither16_group(g, key, u, j0):
     """``u[j0 : j0 + 32]`` <- the 32 values of group ``g`` of :func:`gradzip.rng.dither16`
     (``key`` uint64): the 8 words split into 16 halves, their low 16 bits to the first 16
@@ -84,13 +85,13 @@ def split_key(key: int) -> tuple[np.uint32, np.uint32]:
     return U32(key & MASK32), U32(key >> 32)
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(parallel=True, cache=CACHE)
 def _symmetric_uniform(n, k0, k1, out):
     for i in numba.prange(n):
         out[i] = symmetric_uniform_at(i, k0, k1)
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(parallel=True, cache=CACHE)
 def _rademacher(n, k0, k1, out):
     nw = (n + 31) // 32
     for w in numba.prange(nw):
@@ -101,7 +102,7 @@ def _rademacher(n, k0, k1, out):
             out[base + j] = np.float32(1.0) - np.float32(2.0) * np.float32(bit)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=CACHE)
 def _dither16(n, key, out):
     tmp = np.empty(32, np.float32)
     for g in range((n + 31) // 32):

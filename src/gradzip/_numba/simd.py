@@ -35,6 +35,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from ..rng import GAMMA, signed64
+from .cache import CACHE
 from .rng import _M1, _M2
 
 PREFETCH_LOCALITY = 2  # llvm.prefetch locality: 3 = t0 (L1), 2 = t1, 1 = t2, 0 = nta
@@ -196,7 +197,7 @@ _bfly4 = _make_bfly(4)
 _bfly2 = _make_bfly(2)
 
 
-@numba.njit(inline="always", cache=True)
+@numba.njit(inline="always", cache=CACHE)
 def _bfly(a, i, s, radix):
     """``_bfly<radix>(a, i, s)``, radix 8, 4 or 2 (the last sweep of a transform may need
     fewer than 3 stages)."""
@@ -241,7 +242,7 @@ _bfly4_to = _make_bfly_to(4)
 _bfly2_to = _make_bfly_to(2)
 
 
-@numba.njit(inline="always", cache=True)
+@numba.njit(inline="always", cache=CACHE)
 def _bfly_to(a, i, s, b, j, t, radix):
     """``_bfly<radix>_to(a, i, s, b, j, t)``, radix 8, 4 or 2 (as :func:`_bfly`)."""
     if radix == 8:
@@ -478,7 +479,7 @@ _quant32_sum = _make_quant32_sum(False)
 _quant32_prescaled_sum = _make_quant32_sum(True)
 
 
-@numba.njit(inline="always", cache=True)
+@numba.njit(inline="always", cache=CACHE)
 def quant32_sum(y, e, z0, lam, lam16, exact, out, o, acc):
     """:func:`quant32`, and ``acc[0:8] +=`` the 32 values ``y b`` (float32 lanes)."""
     if exact:
@@ -487,7 +488,7 @@ def quant32_sum(y, e, z0, lam, lam16, exact, out, o, acc):
         _quant32_sum(y, e, z0, lam, out, o, acc)
 
 
-@numba.njit(inline="always", cache=True)
+@numba.njit(inline="always", cache=CACHE)
 def prescale(lam):
     """``(lam16, exact)``: ``lam 2**-16`` (float32) and whether it is exact (all but the
     tiniest ``lam``); then ``lam16 * s`` and ``lam * (s 2**-16)`` are the same real number,
@@ -496,7 +497,7 @@ def prescale(lam):
     return lam16, lam16 * np.float32(65536.0) == lam
 
 
-@numba.njit(inline="always", cache=True)
+@numba.njit(inline="always", cache=CACHE)
 def quant32(y, e, z0, lam, lam16, exact, out, o):
     """``out[o : o + 4] <-`` the bits ``y[e + p] + lam * u_p < 0``, ``p < 32``, ``u`` the
     group of ``dither16`` whose first word is ``mix64(z0)`` (``z0 = dither16_word(key,

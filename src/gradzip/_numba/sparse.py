@@ -30,6 +30,7 @@ import numba
 import numpy as np
 from numba.cpython.unsafe.numbers import trailing_zeros
 
+from .cache import CACHE
 from .parallel import ranges, run
 from .rng import U32, hash32
 
@@ -47,7 +48,7 @@ _REASSOC = {"reassoc", "contract", "nsz"}
 # --- collecting candidates ------------------------------------------------------------------
 
 
-@numba.njit(inline="always", cache=True)
+@numba.njit(inline="always", cache=CACHE)
 def _emit(tmp, m, base, words, out, n):
     """Append ``base + i`` to ``out`` for each i < m with ``tmp[i] == 1``; returns the count.
 
@@ -76,7 +77,7 @@ def _emit(tmp, m, base, words, out, n):
     return n
 
 
-@numba.njit(nogil=True, cache=True)
+@numba.njit(nogil=True, cache=CACHE)
 def _collect_abs(xb, fm, t, out, start, stop):
     tmp = np.zeros(CHUNK, np.uint8)
     words = np.zeros(CHUNK // 64, np.uint64)
@@ -89,7 +90,7 @@ def _collect_abs(xb, fm, t, out, start, stop):
     return n
 
 
-@numba.njit(nogil=True, cache=True)
+@numba.njit(nogil=True, cache=CACHE)
 def _collect_hash(k0, k1, hm, t, out, start, stop):
     buf = np.empty(CHUNK, np.uint32)
     tmp = np.zeros(CHUNK, np.uint8)
@@ -127,19 +128,19 @@ def _collect(kernel, d: int, args: tuple, expected: float) -> np.ndarray:
     return out[0] if len(out) == 1 else np.concatenate(out)
 
 
-@numba.njit(nogil=True, cache=True)
+@numba.njit(nogil=True, cache=CACHE)
 def _keys_abs(xb, fm, idx, out):
     for j in range(idx.size):
         out[j] = (xb[idx[j]] & ABS) ^ fm
 
 
-@numba.njit(nogil=True, cache=True)
+@numba.njit(nogil=True, cache=CACHE)
 def _keys_hash(k0, k1, hm, idx, out):
     for j in range(idx.size):
         out[j] = hash32(U32(idx[j]), k0, k1) ^ hm
 
 
-@numba.njit(nogil=True, cache=True)
+@numba.njit(nogil=True, cache=CACHE)
 def _sample_abs(xb, fm, k0, k1, out):
     d = U64(xb.size)
     for j in range(out.size):
@@ -150,7 +151,7 @@ def _sample_abs(xb, fm, k0, k1, out):
 # --- exact choice among the candidates ------------------------------------------------------
 
 
-@numba.njit(nogil=True, cache=True)
+@numba.njit(nogil=True, cache=CACHE)
 def _pick(idx, keys, v, skip, need, out):
     o = 0
     eq = 0
@@ -190,7 +191,7 @@ def pick_largest(idx: np.ndarray, keys: np.ndarray, n: int, prefer_low: bool) ->
 # --- complement: [0, d) minus a sorted index set ----------------------------------------------
 
 
-@numba.njit(nogil=True, cache=True)
+@numba.njit(nogil=True, cache=CACHE)
 def _complement(drop, lo, out, start, stop):
     """out[i - (drops before i)] = i for the i in [start, stop) not in ``drop``.
 
@@ -289,7 +290,7 @@ def randk_indices(d: int, k: int, k0, k1) -> np.ndarray:
 # --- adaptive sparsification: integer weights, water-filling, systematic sampling -------------
 
 
-@numba.njit(nogil=True, cache=True, fastmath=_REASSOC)
+@numba.njit(nogil=True, cache=CACHE, fastmath=_REASSOC)
 def _weight_sums(x, scale, wsat, start, stop):
     """(sum of the weights < wsat, count of weights >= wsat, count of non-zeros)."""
     xs = x[start:stop]
@@ -310,7 +311,7 @@ def weight_sums(x: np.ndarray, scale: float, wsat: float) -> list[tuple[float, i
     return run(_weight_sums, x.size, x, np.float64(scale), np.float64(wsat))
 
 
-@numba.njit(nogil=True, cache=True)
+@numba.njit(nogil=True, cache=CACHE)
 def _weights_at(x, idx, scale, out):
     for j in range(idx.size):
         out[j] = np.ceil(abs(np.float64(x[idx[j]])) * scale)
@@ -325,7 +326,7 @@ def weights_at(x: np.ndarray, idx: np.ndarray, scale: float) -> np.ndarray:
 _BLOCK = 16
 
 
-@numba.njit(nogil=True, cache=True, fastmath=_REASSOC)
+@numba.njit(nogil=True, cache=CACHE, fastmath=_REASSOC)
 def _systematic(x, scale, wsat, m, total, rem, out_idx, out_val, start, stop):
     """Keep i where ``rem = (m * (weights so far) + R) mod total`` wraps, or W_i >= wsat;
     ``out_val`` gets ``x_i / p_i`` (``x_i`` where saturated, else ``x_i total / (m W_i)``,
@@ -403,14 +404,14 @@ def systematic(x, scale, wsat, m, total, rems, counts, out_idx, out_val) -> None
 # --- decode: zero-filled output and scatter ---------------------------------------------------
 
 
-@numba.njit(nogil=True, cache=True)
+@numba.njit(nogil=True, cache=CACHE)
 def _fill_zero(out, start, stop):
     os = out[start:stop]
     for i in range(os.size):
         os[i] = 0.0
 
 
-@numba.njit(nogil=True, cache=True)
+@numba.njit(nogil=True, cache=CACHE)
 def _scatter(out, idx, vals):
     for j in range(idx.size):
         out[idx[j]] = vals[j]
@@ -428,7 +429,7 @@ def scatter(out: np.ndarray, idx: np.ndarray, vals: np.ndarray) -> np.ndarray:
     return out
 
 
-@numba.njit(nogil=True, cache=True)
+@numba.njit(nogil=True, cache=CACHE)
 def _check_indices(idx, d):
     """-1 if ``idx`` is strictly increasing in [0, d), else the first bad position."""
     prev = -1

@@ -18,12 +18,13 @@ import numba
 import numpy as np
 
 from .bits import _pack_uints_group, _pack_uints_range, _unpack_uints_range
+from .cache import CACHE
 from .parallel import run
 
 _HALF = np.float32(0.5)
 
 
-@numba.njit(nogil=True, cache=True)
+@numba.njit(nogil=True, cache=CACHE)
 def _encode(y, rate, lo, r, codes_lo, codes_hi, start, stop):
     cell_lo = np.float32(2.0) * r / np.float32(1 << lo)
     cell_hi = np.float32(2.0) * r / np.float32(2 << lo)
@@ -44,7 +45,7 @@ def _encode(y, rate, lo, r, codes_lo, codes_hi, start, stop):
             codes_lo[i - before_hi] = np.int32(t)
 
 
-@numba.njit(nogil=True, cache=True)
+@numba.njit(nogil=True, cache=CACHE)
 def _encode_whole(y, b, r, codes, start, stop):
     """The same when every coordinate has ``b`` bits (integer R): a branch-free loop."""
     cell = np.float32(2.0) * r / np.float32(1 << b)
@@ -81,7 +82,7 @@ _LANES32 = np.uint64(0x0000000100000001)
 _LANES16 = np.uint64(0x0001000100010001)
 
 
-@numba.njit(inline="always", cache=True)
+@numba.njit(inline="always", cache=CACHE)
 def _squeeze(w, b):
     """Eight codes < 2**b in the bytes of ``w`` -> the 8b-bit LSB-first stream of them."""
     w = (w & _M8) | (((w >> _U8) & _M8) << np.uint64(b))
@@ -89,7 +90,7 @@ def _squeeze(w, b):
     return (w & _M32) | ((w >> _U32) << np.uint64(4 * b))
 
 
-@numba.njit(inline="always", cache=True)
+@numba.njit(inline="always", cache=CACHE)
 def _spread(a, b):
     """Inverse of :func:`_squeeze`: eight b-bit codes, one per byte."""
     a = (a & ((np.uint64(1) << np.uint64(4 * b)) - np.uint64(1))) | (
@@ -101,7 +102,7 @@ def _spread(a, b):
     return (a & m1) | (((a >> np.uint64(b)) & m1) << _U8)
 
 
-@numba.njit(nogil=True, cache=True)
+@numba.njit(nogil=True, cache=CACHE)
 def _encode_packed(y, b, r, out, start, stop):
     cell = np.float32(2.0) * r / np.float32(1 << b)
     top = np.int32((1 << b) - 1)
@@ -131,7 +132,7 @@ def _encode_packed(y, b, r, out, start, stop):
                 os[(m // 8) * b + k] = np.uint8((a >> np.uint64(8 * k)) & np.uint64(0xFF))
 
 
-@numba.njit(nogil=True, cache=True)
+@numba.njit(nogil=True, cache=CACHE)
 def _decode_packed(data, b, r, out, start, stop):
     cell = np.float32(2.0) * r / np.float32(1 << b)
     tmp = np.zeros(_PCH, np.uint8)
@@ -177,13 +178,13 @@ def decode_packed(data, b: int, r, out) -> None:
 _GROUPS = _PCH // 8 + 2  # staging: a chunk's codes plus the part group before them
 
 
-@numba.njit(inline="always", cache=True)
+@numba.njit(inline="always", cache=CACHE)
 def _n_hi_before(i, rate, lo):
     """How many of the coordinates before ``i`` have ``lo + 1`` bits."""
     return np.int64(np.floor(i * rate)) - lo * i
 
 
-@numba.njit(inline="always", cache=True)
+@numba.njit(inline="always", cache=CACHE)
 def _chunk_scratch():
     """Per-piece scratch: floors, widths, stream indices, codes, the two staging buffers
     (int64, as the group packing kernels of :mod:`gradzip._numba.bits` read and write them)."""
@@ -198,7 +199,7 @@ def _chunk_scratch():
     )
 
 
-@numba.njit(inline="always", cache=True)
+@numba.njit(inline="always", cache=CACHE)
 def _chunk_layout(base, m, rate, lo, flo, wide, idx_lo, idx_hi):
     """For coordinates ``base .. base + m``: ``wide`` (1 if it has lo + 1 bits), its index
     among the chunk's lo codes and among its hi codes; returns how many hi codes there are."""
@@ -213,7 +214,7 @@ def _chunk_layout(base, m, rate, lo, flo, wide, idx_lo, idx_hi):
     return np.int64(flo[m] - f0) - lo * m
 
 
-@numba.njit(inline="always", cache=True)
+@numba.njit(inline="always", cache=CACHE)
 def _edge_group(g, w, st, q, edges, s, k):
     """Group ``g`` of stream ``s`` from codes ``st[q : q + 8]`` into ``edges[s, k]`` as (its
     first byte index, its w bytes), for :func:`encode_streams` to merge."""
@@ -221,7 +222,7 @@ def _edge_group(g, w, st, q, edges, s, k):
     _pack_uints_group(st, q, w, edges[s, k], 1)
 
 
-@numba.njit(inline="always", cache=True)
+@numba.njit(inline="always", cache=CACHE)
 def _flush(out, st, fill, g, w, first_g, last, edges, s, st8, acc):
     """Write the whole groups among ``st[:fill]`` (group ``g`` first); with ``last`` also the
     final part group, zero-padded. Moves the leftover codes to the front of ``st``."""
@@ -256,7 +257,7 @@ def _flush(out, st, fill, g, w, first_g, last, edges, s, st8, acc):
     return rest, g
 
 
-@numba.njit(nogil=True, cache=True)
+@numba.njit(nogil=True, cache=CACHE)
 def _encode_streams(y, rate, lo, r, out_lo, out_hi, start, stop):
     """Returns ``edges``: ``edges[s, k] = (first byte, w bytes)`` of stream s's group shared
     with the previous (k = 0) or next (k = 1) piece, or first byte -1."""
@@ -307,7 +308,7 @@ def _encode_streams(y, rate, lo, r, out_lo, out_hi, start, stop):
     return edges
 
 
-@numba.njit(nogil=True, cache=True)
+@numba.njit(nogil=True, cache=CACHE)
 def _decode_streams(data_lo, data_hi, rate, lo, r, out, start, stop):
     hi_w = lo + 1
     cell_lo = np.float32(2.0) * r / np.float32(1 << lo)
