@@ -21,7 +21,7 @@ STEP, GET_STATE, SET_STATE, STOP = 1, 2, 3, 4  # commands
 OK, FAILED, ABORT = 0, 1, 2  # statuses
 META = 5  # int64 reply: [status, length, a, b, c]
 # message tags (one per kind of message between two ranks, so they can never be confused)
-T_CTRL, T_META, T_DATA, T_ERR, T_SFB, T_MOM, T_MSG, T_SEC = range(8)
+T_CTRL, T_META, T_DATA, T_MSG, T_LENS, T_STATE = range(6)
 
 TIMEOUT_ENV = "GRADZIP_DIST_TIMEOUT"
 FAULT_ENV = "GRADZIP_TEST_FAULT"
@@ -64,6 +64,27 @@ def _text_tensor(text: str) -> torch.Tensor:
 
 def _tensor_text(t: torch.Tensor) -> str:
     return t.numpy().tobytes().decode("utf-8", "replace")
+
+
+def state_message(values: list[torch.Tensor | None]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Optional float32 tensors as two messages: int64 lengths (-1 for None) and their
+    concatenation (checkpoint state between ranks; see core.state_tensors)."""
+    lens = torch.tensor([-1 if v is None else v.numel() for v in values], dtype=torch.int64)
+    present = [v.reshape(-1).float() for v in values if v is not None]
+    return lens, torch.cat(present) if present else torch.empty(0)
+
+
+def state_values(lens: torch.Tensor, flat: torch.Tensor) -> list[torch.Tensor | None]:
+    """The inverse of :func:`state_message`."""
+    out, off = [], 0
+    for n in lens.tolist():
+        out.append(None if n < 0 else flat[off : off + n].clone())
+        off += max(n, 0)
+    return out
+
+
+def _state_size(lens: torch.Tensor) -> int:
+    return int(lens.clamp(min=0).sum())
 
 
 def _describe(e: BaseException, where: str) -> str:
@@ -347,6 +368,35 @@ class _Cluster:
         for t, tag in body:
             if t.numel():
                 dist.send(t.contiguous(), 0, group=self.group, tag=tag)
+
+    # state (checkpoints): lists of optional float32 tensors of a known count
+    def send_state(self, values: list[torch.Tensor | None]) -> None:
+        """A rank > 0: its state to rank 0 (after its reply)."""
+        lens, flat = state_message(values)
+        dist.send(lens, 0, group=self.group, tag=T_LENS)
+        if flat.numel():
+            dist.send(flat, 0, group=self.group, tag=T_STATE)
+
+    def recv_state(self, count: int) -> list[torch.Tensor | None]:
+        """A rank > 0: the state rank 0 sends it."""
+        lens = self.recv(torch.empty(count, dtype=torch.int64), T_LENS)
+        return state_values(lens, self.recv(torch.empty(_state_size(lens)), T_STATE))
+
+    def gather_states(self, what: str, count: int) -> dict[int, list[torch.Tensor | None]]:
+        """Rank 0: every peer's state (``count`` values each)."""
+        lens = {r: torch.empty(count, dtype=torch.int64) for r in self.peers}
+        self.exchange(what, recvs=[(v, r, T_LENS) for r, v in lens.items()])
+        flats = {r: torch.empty(_state_size(v)) for r, v in lens.items()}
+        self.exchange(what, recvs=[(v, r, T_STATE) for r, v in flats.items()])
+        return {r: state_values(lens[r], flats[r]) for r in self.peers}
+
+    def state_sends(self, states: dict[int, list[torch.Tensor | None]]) -> list[tuple]:
+        """Rank 0: the (tensor, rank, tag) sends of each peer's state, for exchange()."""
+        sends = []
+        for r, values in states.items():
+            lens, flat = state_message(values)
+            sends += [(lens, r, T_LENS), (flat, r, T_STATE)]
+        return sends
 
     def reply_failed(self, text: str) -> None:
         msg = _text_tensor(text)

@@ -18,7 +18,7 @@ Engines differ only in how bytes move. Each step t:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 
 import torch
 
@@ -33,41 +33,66 @@ ADAM_BETAS = (0.9, 0.999)  # torch.optim.Adam's defaults
 ADAM_EPS = 1e-8
 
 
+class _State:
+    """state_dict / from_state_dict of a state dataclass, field by field: tensors cloned,
+    nested states by their own methods; a field missing from an older checkpoint takes
+    its default."""
+
+    def state_dict(self) -> dict:
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            out[f.name] = v.state_dict() if is_dataclass(v) else None if v is None else v.clone()
+        return out
+
+    @classmethod
+    def from_state_dict(cls, sd: dict):
+        template, kwargs = cls(), {}
+        for f in fields(template):
+            v, got = getattr(template, f.name), sd.get(f.name)
+            if is_dataclass(v):
+                kwargs[f.name] = type(v).from_state_dict(got)
+            else:
+                kwargs[f.name] = None if got is None else got.clone()
+        return cls(**kwargs)
+
+
 @dataclass
-class WorkerState:
+class WorkerState(_State):
     """One worker's memory (a checkpoint holds one per worker)."""
 
     feedback: feedback.FeedbackState = field(default_factory=feedback.FeedbackState)
 
-    def state_dict(self) -> dict:
-        return {"feedback": self.feedback.state_dict()}
-
-    @classmethod
-    def from_state_dict(cls, sd: dict) -> WorkerState:
-        return cls(feedback.FeedbackState.from_state_dict(sd["feedback"]))
-
 
 @dataclass
-class ServerState:
+class ServerState(_State):
     """The server's memory: downlink error, momentum buffer, Adam's second moment."""
 
     feedback: feedback.FeedbackState = field(default_factory=feedback.FeedbackState)
     momentum: torch.Tensor | None = None  # (d,) heavy-ball buffer, or Adam's first moment
     second: torch.Tensor | None = None  # (d,) Adam's second moment v
 
-    def state_dict(self) -> dict:
-        m = None if self.momentum is None else self.momentum.clone()
-        v = None if self.second is None else self.second.clone()
-        return {"feedback": self.feedback.state_dict(), "momentum": m, "second": v}
 
-    @classmethod
-    def from_state_dict(cls, sd: dict) -> ServerState:
-        m, v = sd.get("momentum"), sd.get("second")
-        return cls(
-            feedback.FeedbackState.from_state_dict(sd["feedback"]),
-            None if m is None else m.clone(),
-            None if v is None else v.clone(),
-        )
+def state_tensors(state) -> list[torch.Tensor | None]:
+    """The tensors of a state (:class:`WorkerState`, :class:`ServerState`, ...), nested
+    states flattened, in field order: with :func:`state_from_tensors`, the one codec of
+    the engines' states for checkpoints and messages (a new field needs no other edit)."""
+    out = []
+    for f in fields(state):
+        v = getattr(state, f.name)
+        out += state_tensors(v) if is_dataclass(v) else [v]
+    return out
+
+
+def state_from_tensors(template, values):
+    """The state shaped like ``template`` (e.g. ``WorkerState()``) holding ``values``, in
+    the order of :func:`state_tensors`; ``values`` is an iterator or a list."""
+    it = iter(values)
+    kwargs = {}
+    for f in fields(template):
+        v = getattr(template, f.name)
+        kwargs[f.name] = state_from_tensors(v, it) if is_dataclass(v) else next(it)
+    return type(template)(**kwargs)
 
 
 class Algorithm:

@@ -7,7 +7,6 @@ import time
 
 import torch
 
-from ..feedback import FeedbackState
 from .cluster import (
     ABORT,
     GET_STATE,
@@ -17,7 +16,6 @@ from .cluster import (
     STEP,
     STOP,
     T_DATA,
-    T_ERR,
     T_META,
     WorkerError,
     _Cluster,
@@ -25,7 +23,7 @@ from .cluster import (
     _Fault,
     _floats,
 )
-from .core import Algorithm, ServerState, WorkerState
+from .core import Algorithm, ServerState, WorkerState, state_from_tensors, state_tensors
 from .sharded import check_state_dict
 from .simulated import StepStats
 
@@ -57,7 +55,7 @@ class TorchDistEngine:
                     f"the server one of size {problem.dim}"
                 )
         # every replica starts from the server's point (not from its own initialization)
-        self._scatter(self.x, [None] * self.n)
+        self._scatter(self.x, [WorkerState()] * self.n)
 
     def step(self, t: int, lr: float) -> StepStats:
         cl = self.cluster
@@ -110,53 +108,46 @@ class TorchDistEngine:
             cl.dirty = True
 
     def state_dict(self) -> dict:
-        cl, d = self.cluster, self.problem.dim
+        cl = self.cluster
         with cl.command():
             cl.send_ctrl(GET_STATE)
-            metas = cl.replies("collecting the workers' state")
-            xs = {r: torch.empty(d) for r in cl.peers}
-            errs = {r: torch.empty(d) for r in cl.peers if int(metas[r][1])}
-            cl.exchange(
-                "collecting the workers' state",
-                recvs=[(x, r, T_DATA) for r, x in xs.items()]
-                + [(e, r, T_ERR) for r, e in errs.items()],
-            )
-        for r, x in xs.items():
+            cl.replies("collecting the workers' state")
+            got = cl.gather_states("collecting the workers' state", _WORKER_VALUES)
+        for r, (x, *_) in got.items():
             if not torch.equal(x, self.x):
                 raise WorkerError(
                     f"{cl.name(r)}'s parameters differ from the server's "
                     f"(max |diff| {float((x - self.x).abs().max()):.3g}): "
                     "the replicas drifted"
                 )
-        workers = [WorkerState(FeedbackState(errs.get(r))).state_dict() for r in cl.peers]
+        workers = [state_from_tensors(WorkerState(), got[r][1:]).state_dict() for r in cl.peers]
         return {"x": self.x.clone(), "workers": workers, "server": self.server.state_dict()}
 
     def load_state_dict(self, sd: dict) -> None:
         check_state_dict(sd, self.n, self.problem.dim)
         self.x = sd["x"].clone().float()
         self.server = ServerState.from_state_dict(sd["server"])
-        self._scatter(self.x, [w["feedback"]["error"] for w in sd["workers"]])
+        self._scatter(self.x, [WorkerState.from_state_dict(w) for w in sd["workers"]])
 
-    def _scatter(self, x: torch.Tensor, errs: list[torch.Tensor | None]) -> None:
+    def _scatter(self, x: torch.Tensor, workers: list[WorkerState]) -> None:
+        """Every worker's parameters and memories (SET_STATE)."""
         cl = self.cluster
         with cl.command():
             cl.send_ctrl(SET_STATE)
-            sends = []
-            for r, e in zip(cl.peers, errs, strict=True):
-                head = torch.tensor([int(e is not None), 0, 0, 0], dtype=torch.int64)
-                sends += [(head, r, T_META), (x, r, T_DATA)]
-                if e is not None:
-                    sends.append((e.float(), r, T_ERR))
-            cl.exchange("sending the workers' state", sends)
+            states = {r: [x, *state_tensors(w)] for r, w in zip(cl.peers, workers, strict=True)}
+            cl.exchange("sending the workers' state", cl.state_sends(states))
             cl.replies("sending the workers' state")
 
     def close(self) -> None:
         self.cluster.close()
 
 
+_WORKER_VALUES = 1 + len(state_tensors(WorkerState()))  # x and the worker's memories
+
+
 def _ps_worker(seed: int, cl: _Cluster, problem, algo: Algorithm) -> tuple[int, int]:
     """A parameter-server worker's loop; returns (exit code, steps done)."""
-    i, d, steps = cl.rank - 1, problem.dim, 0
+    i, steps = cl.rank - 1, 0
     x, state, pending = problem.initial_point(), WorkerState(), None
     fault = _Fault(cl.rank)
     while True:
@@ -189,15 +180,11 @@ def _ps_worker(seed: int, cl: _Cluster, problem, algo: Algorithm) -> tuple[int, 
                 pending = _describe(e, f"at step {t}")
             steps += 1
         elif cmd == GET_STATE:
-            e = state.feedback.error
-            cl.reply(
-                OK, int(e is not None), body=[(x, T_DATA)] + ([(e, T_ERR)] if e is not None else [])
-            )
+            cl.reply(OK)
+            cl.send_state([x, *state_tensors(state)])
         elif cmd == SET_STATE:
-            head = cl.recv(torch.empty(4, dtype=torch.int64), T_META)
-            x = cl.recv(torch.empty(d), T_DATA)
-            e = cl.recv(torch.empty(d), T_ERR) if int(head[0]) else None
-            state = WorkerState(FeedbackState(e))
+            x, *values = cl.recv_state(_WORKER_VALUES)
+            state = state_from_tensors(WorkerState(), values)
             cl.reply(OK)
         elif cmd == STOP:
             cl.reply(OK)

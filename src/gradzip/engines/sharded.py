@@ -34,7 +34,7 @@ import torch
 
 from .. import rng
 from ..feedback import FeedbackState
-from .core import Algorithm, ServerState, WorkerState
+from .core import Algorithm, ServerState, WorkerState, state_from_tensors, state_tensors
 from .simulated import StepStats
 
 
@@ -136,16 +136,13 @@ class ShardLayout:
     # --- checkpoints and bits -----------------------------------------------------------
     def server_state_dict(self, states: list[ServerState]) -> dict:
         """The shards' server memories as one full-vector ServerState state_dict."""
-        fb = self.cat([s.feedback.error for s in states])
-        m = self.cat([s.momentum for s in states])
-        v = self.cat([s.second for s in states])
-        return ServerState(FeedbackState(fb), m, v).state_dict()
+        columns = zip(*(state_tensors(s) for s in states), strict=True)
+        return state_from_tensors(ServerState(), [self.cat(list(c)) for c in columns]).state_dict()
 
     def server_states(self, sd: dict) -> list[ServerState]:
-        full = ServerState.from_state_dict(sd)
-        fbs, ms = self.split(full.feedback.error), self.split(full.momentum)
-        vs = self.split(full.second)
-        return [ServerState(FeedbackState(f), m, v) for f, m, v in zip(fbs, ms, vs, strict=True)]
+        """The full-vector ServerState of ``sd`` cut into the shards' states."""
+        parts = [self.split(v) for v in state_tensors(ServerState.from_state_dict(sd))]
+        return [state_from_tensors(ServerState(), [p[j] for p in parts]) for j in range(self.n)]
 
     @staticmethod
     def bits(lens: list[list[int]], down: list[int]) -> tuple[int, int]:

@@ -9,7 +9,6 @@ import time
 import torch
 import torch.distributed as dist
 
-from ..feedback import FeedbackState
 from .cluster import (
     FAILED,
     GET_STATE,
@@ -17,13 +16,7 @@ from .cluster import (
     SET_STATE,
     STEP,
     STOP,
-    T_DATA,
-    T_ERR,
-    T_META,
-    T_MOM,
     T_MSG,
-    T_SEC,
-    T_SFB,
     WorkerError,
     _bits_of,
     _Cluster,
@@ -33,7 +26,7 @@ from .cluster import (
     _tensor_text,
     _text_tensor,
 )
-from .core import Algorithm, ServerState, WorkerState
+from .core import Algorithm, ServerState, WorkerState, state_from_tensors, state_tensors
 from .sharded import ShardLayout, check_state_dict
 from .simulated import StepStats
 
@@ -151,31 +144,30 @@ class _ShardedReplica:
         return [_floats(m[2:5]) for m in metas], lens_all, dlens, (t2 - t1) + (t4 - t3)
 
     # state, as seen from a rank r > 0 (rank 0 assembles it in ShardedTorchDistEngine)
+    def values(self) -> list[torch.Tensor | None]:
+        """x, the worker's memories, the server's (of shard r): what a checkpoint takes."""
+        return [self.x, *state_tensors(self.worker), *state_tensors(self.server)]
+
+    def set_values(self, values) -> None:
+        self.x, self.worker, self.server = _replica_state(values)
+
     def reply_state(self) -> None:
-        e, sfb, m = self.worker.feedback.error, self.server.feedback.error, self.server.momentum
-        sec = self.server.second
-        flags = [int(v is not None) for v in (e, sfb, m, sec)]
-        body = [(self.x, T_DATA)] + [
-            (v, tag)
-            for v, tag in ((e, T_ERR), (sfb, T_SFB), (m, T_MOM), (sec, T_SEC))
-            if v is not None
-        ]
-        meta = torch.tensor([OK, *flags], dtype=torch.int64)
-        dist.send(meta, 0, group=self.cl.group, tag=T_META)
-        for t, tag in body:
-            dist.send(t.contiguous(), 0, group=self.cl.group, tag=tag)
+        self.cl.reply(OK)
+        self.cl.send_state(self.values())
 
     def recv_state(self) -> None:
-        d, dr, cl = self.problem.dim, self.layout.sizes[self.r], self.cl
-        head = cl.recv(torch.empty(4, dtype=torch.int64), T_META)
-        self.x = cl.recv(torch.empty(d), T_DATA)
-        e = cl.recv(torch.empty(d), T_ERR) if int(head[0]) else None
-        sfb = cl.recv(torch.empty(dr), T_SFB) if int(head[1]) else None
-        m = cl.recv(torch.empty(dr), T_MOM) if int(head[2]) else None
-        sec = cl.recv(torch.empty(dr), T_SEC) if int(head[3]) else None
-        self.worker = WorkerState(FeedbackState(e))
-        self.server = ServerState(FeedbackState(sfb), m, sec)
-        cl.reply(OK)
+        self.set_values(self.cl.recv_state(_REPLICA_VALUES))
+        self.cl.reply(OK)
+
+
+_REPLICA_VALUES = 1 + len(state_tensors(WorkerState())) + len(state_tensors(ServerState()))
+
+
+def _replica_state(values) -> tuple[torch.Tensor, WorkerState, ServerState]:
+    """(x, worker state, server state) from :meth:`_ShardedReplica.values`."""
+    it = iter(values)
+    x = next(it)
+    return x, state_from_tensors(WorkerState(), it), state_from_tensors(ServerState(), it)
 
 
 class ShardedTorchDistEngine:
@@ -225,71 +217,41 @@ class ShardedTorchDistEngine:
         return StepStats(loss, up, down, tc, tz, max(0.0, t4 - t0 - tc - tz))
 
     def state_dict(self) -> dict:
-        cl, rep, d = self.cluster, self.rep, self.problem.dim
-        sizes = rep.layout.sizes
+        cl, rep = self.cluster, self.rep
         with cl.command():
             cl.send_ctrl(GET_STATE)
-            metas = cl.replies("collecting the ranks' state")
-            bufs, recvs = {}, []
-            for r in cl.peers:
-                f = [int(v) for v in metas[r][1:5]]
-                b = {"x": torch.empty(d)}
-                b["e"] = torch.empty(d) if f[0] else None
-                b["sfb"] = torch.empty(sizes[r]) if f[1] else None
-                b["m"] = torch.empty(sizes[r]) if f[2] else None
-                b["v"] = torch.empty(sizes[r]) if f[3] else None
-                bufs[r] = b
-                recvs += [
-                    (v, r, tag)
-                    for v, tag in (
-                        (b["x"], T_DATA),
-                        (b["e"], T_ERR),
-                        (b["sfb"], T_SFB),
-                        (b["m"], T_MOM),
-                        (b["v"], T_SEC),
-                    )
-                    if v is not None
-                ]
-            cl.exchange("collecting the ranks' state", recvs=recvs)
-        for r, b in bufs.items():
-            if not torch.equal(b["x"], rep.x):
+            cl.replies("collecting the ranks' state")
+            got = cl.gather_states("collecting the ranks' state", _REPLICA_VALUES)
+        states = {0: (rep.x, rep.worker, rep.server)}
+        for r, values in got.items():
+            states[r] = _replica_state(values)
+            if not torch.equal(states[r][0], rep.x):
                 raise WorkerError(
                     f"{cl.name(r)}'s parameters differ from rank 0's: the replicas drifted"
                 )
-        errs = [rep.worker.feedback.error] + [bufs[r]["e"] for r in cl.peers]
-        servers = [rep.server] + [
-            ServerState(FeedbackState(bufs[r]["sfb"]), bufs[r]["m"], bufs[r]["v"]) for r in cl.peers
-        ]
+        ranks = range(self.n)
         return {
             "x": rep.x.clone(),
-            "workers": [WorkerState(FeedbackState(e)).state_dict() for e in errs],
-            "server": rep.layout.server_state_dict(servers),
+            "workers": [states[r][1].state_dict() for r in ranks],
+            "server": rep.layout.server_state_dict([states[r][2] for r in ranks]),
         }
 
     def load_state_dict(self, sd: dict) -> None:
         check_state_dict(sd, self.n, self.problem.dim)
         cl, rep = self.cluster, self.rep
         x = sd["x"].clone().float()
-        errs = [w["feedback"]["error"] for w in sd["workers"]]
+        workers = [WorkerState.from_state_dict(w) for w in sd["workers"]]
         servers = rep.layout.server_states(sd["server"])
+        values = {
+            r: [x, *state_tensors(workers[r]), *state_tensors(servers[r])] for r in range(self.n)
+        }
         with cl.command():
             cl.send_ctrl(SET_STATE)
-            sends = []
-            for r in cl.peers:
-                e, s = errs[r], servers[r]
-                vals = (e, s.feedback.error, s.momentum, s.second)
-                head = torch.tensor([int(v is not None) for v in vals], dtype=torch.int64)
-                sends += [(head, r, T_META), (x, r, T_DATA)]
-                sends += [
-                    (v.float(), r, tag)
-                    for v, tag in zip(vals, (T_ERR, T_SFB, T_MOM, T_SEC), strict=True)
-                    if v is not None
-                ]
-            cl.exchange("sending the ranks' state", sends)
+            cl.exchange(
+                "sending the ranks' state", cl.state_sends({r: values[r] for r in cl.peers})
+            )
             cl.replies("sending the ranks' state")
-        rep.x = x
-        rep.worker = WorkerState(FeedbackState(None if errs[0] is None else errs[0].clone()))
-        rep.server = servers[0]
+        rep.set_values(values[0])
 
     def close(self) -> None:
         self.cluster.close()
