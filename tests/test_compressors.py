@@ -166,6 +166,8 @@ VARIANTS = [
     "fosgd:scale=l1,c=1,rescale=mse",
     "fosgd:scale=norm,c=1,rescale=mse",
     "fosgd:scale=rms,c=0.5,rescale=unbiased",
+    "fosgd:rescale=capped",
+    "onebit:rescale=capped",
     "fosgd:scale=norm,c=1,rescale=none",
     "scaled(qsgd(levels=4))",
     "compose:topk(k=0.1)+natural_dithering(levels=8)",

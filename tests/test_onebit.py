@@ -193,7 +193,7 @@ def test_fused_fosgd_encoder_matches_reference(d, monkeypatch):
 @pytest.mark.parametrize(
     "spec",
     ["fosgd:scale=rms,c=0.5,rescale=unbiased", "fosgd:scale=rms,c=0,rescale=mse",
-     "fosgd:scale=norm,c=1,rescale=mse", "fosgd:scale=rms,c=1"],
+     "fosgd:scale=norm,c=1,rescale=mse", "fosgd:scale=rms,c=1", "fosgd:rescale=capped"],
 )  # fmt: skip
 @pytest.mark.parametrize("d", [1 << 16, 1 << 18, 1 << 20])
 def test_fused_rescaled_encoder_matches_reference(spec, d, monkeypatch):
@@ -344,6 +344,39 @@ def test_unbiased_rescale_makes_the_inner_product_exact():
     a = drive.decode(drive.encode(x, seed=9, step=2, worker=1))
     b = c.decode(c.encode(x, seed=9, step=2, worker=1))
     torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
+
+
+def test_capped_rescale_is_unbiased_on_flat_vectors_and_contracts_on_any():
+    """rescale=capped sends the unbiased scale where it is at most CAP times the least-squares
+    one: on a dense vector (flat once rotated) the payload is the unbiased one byte for
+    byte; on a vector that rotates to one spike, the unbiased scale's error is about
+    (d - 1) ||x||^2 while the capped one stays below ||x||^2 - (2 CAP - CAP^2)
+    <b, y>^2 / d, draw by draw, and is declared a contraction (EF without a warning)."""
+    capped, unbiased = gz.compressor("fosgd:rescale=capped"), gz.compressor("fosgd")
+    for d in (1000, 1 << 16):
+        x = torch.randn(d, generator=torch.Generator().manual_seed(d))
+        for seed in range(3):
+            a, b = capped.encode(x, seed=seed), unbiased.encode(x, seed=seed)
+            assert torch.equal(a.section(0), b.section(0))  # the scale
+            assert torch.equal(a.section(1), b.section(1))  # the bits
+            assert torch.equal(capped.decode(a), unbiased.decode(b))
+    d = 1 << 12
+    worse = 0
+    for seed in range(8):  # x whose rotation is one spike: the bits of the other d - 1 are noise
+        y0 = torch.zeros(d)
+        y0[7] = 1.0
+        x = hadamard.unrotate_reference(y0, rng.derive_key(seed, 0, 0, rng.STREAM_ROTATION))
+        n2 = float(x.double().square().sum())
+        yc = capped.decode(capped.encode(x, seed=seed)).double()
+        yu = unbiased.decode(unbiased.encode(x, seed=seed)).double()
+        ec, eu = float((yc - x.double()).square().sum()), float((yu - x.double()).square().sum())
+        ip = float(yc @ x.double())  # s <b, y>; ip^2 / ||C(x)||^2 = <b, y>^2 / d
+        assert ec < n2, (seed, ec, n2)
+        assert ec <= n2 - (2 * ob.CAP - ob.CAP**2) * ip * ip / float(yc @ yc) + 1e-6 * n2
+        worse += eu > 100 * n2
+    assert worse == 8  # the unbiased scale's error is about (d - 1) ||x||^2 here
+    assert capped.delta(d) is not None and unbiased.delta(d) is None
+    assert capped.delta(d) == pytest.approx(d / (2 * ob.CAP - ob.CAP**2))
 
 
 def test_rms_and_l1_rules_send_their_lambda():

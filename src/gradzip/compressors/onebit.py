@@ -16,7 +16,9 @@ DESIGN.md sections 3.1-3.3. Encoding a gradient g of length d:
    of about lambda), and send the bits b = sign(y + xi).
 4. The decode scale s (``rescale``), sent in lambda's place: lambda itself (``none``), or
    fitted by the sender from y and the bits it made: <b, y> / d (``mse``, the least-squares
-   fit: a contraction) or ||y||^2 / <b, y> (``unbiased``: <C(g), g> = ||g||^2 exactly).
+   fit: a contraction) or ||y||^2 / <b, y> (``unbiased``: <C(g), g> = ||g||^2 exactly), or
+   the latter capped at 1.9 <b, y> / d (``capped``: the same as ``unbiased`` on flat
+   vectors, where <b, y>^2 / (d ||y||^2) is about 0.6, and a contraction on every vector).
 5. The receiver forms s b (``standard`` dither; with s = lambda: E = y, Var = lambda^2 - y^2
    where |y| <= lambda) or lambda b - xi (``subtractive``: unbiased, Var = lambda^2 / 3
    whatever y is), and rotates back: g_hat = Phi^T(...).
@@ -54,7 +56,9 @@ from .base import Compressor, EncodeContext, NonFiniteError, read_f32
 
 SCALES = ("max", "norm", "fixed", "rms", "l1")
 DITHERS = ("standard", "subtractive")
-RESCALES = ("none", "mse", "unbiased")
+RESCALES = ("none", "mse", "unbiased", "capped")
+#: ``capped``: the unbiased scale, at most CAP times the least-squares one (a contraction)
+CAP = 1.9
 _PARAMS = struct.Struct("<BBBBff")  # scale rule, dither, flatten, rescale, c, lam
 
 
@@ -157,6 +161,12 @@ class OneBit(Compressor):
             <C(x), x> = ||C(x)||^2 and ||C(x) - x||^2 = (1 - <b,y>^2 / (d ||y||^2))||x||^2
             < ||x||^2, a contraction (class B3), safe under error feedback. ``unbiased``:
             s = ||y||^2 / <b, y>, so that <C(x), x> = ||x||^2 exactly (DRIVE's choice).
+            ``capped``: s = min(||y||^2 / <b, y>, CAP <b, y> / d): the unbiased scale where it
+            is at most CAP = 1.9 times the least-squares one (always, on the flat vectors
+            the rotation makes: there the ratio is about 1.7 at c = 0.5), which bounds the
+            error by ||y||^2 - (2 CAP - CAP^2) <b, y>^2 / d: a contraction, so error
+            feedback is safe with it (``delta``), where ``unbiased``'s error can exceed the
+            input (an x that rotates to one spike: error (d - 1) ||x||^2).
     """
 
     scale: str = "max"
@@ -214,13 +224,16 @@ class OneBit(Compressor):
         return d - 1.0 if self.dither == "standard" else d / 3.0
 
     def delta(self, d: int) -> float | None:
-        """``rescale=mse`` only. With E over the dither, E<b, y> = sum_i |y_i| min(|y_i| /
+        """``rescale=mse`` and ``capped``. With E over the dither, E<b, y> = sum_i |y_i| min(|y_i| /
         lambda, 1) >= ||y||^2 / max(lambda, ||y||_inf), and E||C(x) - x||^2 = ||y||^2 -
         E<b, y>^2 / d <= ||y||^2 - (E<b, y>)^2 / d (Jensen). With ||y||_inf <= ||y|| this
         is <= (1 - 1/delta)||x||^2 for delta = d max(1, lambda^2 / ||y||^2): the worst
         case (a y with one large coordinate), which the rotation makes unlikely; measured
-        on real gradients delta is about 3 (``gradzip scales``)."""
-        if self.rescale != "mse":
+        on real gradients delta is about 3 (``gradzip scales``). ``capped``: s lies between
+        the least-squares <b, y> / d and CAP times it (the unbiased scale is never below
+        it: <b, y>^2 <= d ||y||^2), where the error, a convex quadratic in s, is at most
+        ||y||^2 - (2 CAP - CAP^2) <b, y>^2 / d: delta grows by 1 / (2 CAP - CAP^2)."""
+        if self.rescale not in ("mse", "capped"):
             return None
         d = max(int(d), 1)
         if self.scale in ("rms", "l1"):  # l1: lambda = c ||y||_1 / d <= c ||y|| / sqrt(d)
@@ -229,7 +242,8 @@ class OneBit(Compressor):
             ratio = self.norm_scale(1.0, d) ** 2
         else:  # max: lambda = ||y||_inf <= ||y||
             ratio = 0.0
-        return float(d * max(1.0, ratio))
+        gain = 1.0 if self.rescale == "mse" else 2 * CAP - CAP * CAP
+        return float(d * max(1.0, ratio) / gain)
 
     def section_lengths(self, d: int) -> list[int]:
         packed = bits.packed_size(d)
@@ -320,7 +334,13 @@ class OneBit(Compressor):
         """The decode scale from ``ip = <b, y>`` and ``sq = ||y||^2`` (float32 value)."""
         if ip <= 0 or sq == 0:
             return 0.0  # bits uncorrelated with y (or y = 0): send nothing rather than noise
-        s = float(np.float32(ip / d if self.rescale == "mse" else sq / ip))
+        if self.rescale == "mse":
+            s = ip / d
+        elif self.rescale == "capped":
+            s = min(sq / ip, CAP * ip / d)
+        else:
+            s = sq / ip
+        s = float(np.float32(s))
         return s if math.isfinite(s) else 0.0
 
     def _encode_fused(self, ctx: EncodeContext, v: torch.Tensor) -> Payload:
