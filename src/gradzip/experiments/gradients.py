@@ -5,7 +5,7 @@ Every source returns a list of 1-D float32 tensors. Synthetic draws come from a 
 runs on files read by path (nothing is downloaded):
 
 - :func:`logreg_gradients`: L2-regularized logistic regression on a LIBSVM file
-  (``../shared/data/libsvm/a9a`` from the project root by default), full and mini-batch
+  (``libsvm/a9a`` under :func:`gradzip.problems.datasets.data_dir` by default), full and mini-batch
   gradients at several points of a plain SGD run;
 - :func:`mlp_gradients`: a one-hidden-layer MLP on scikit-learn's bundled digits,
   mini-batch gradients of all parameters flattened, at several points of training.
@@ -25,9 +25,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-DEFAULT_LIBSVM = "../shared/data/libsvm/a9a"
+from ..problems import datasets
+
+DEFAULT_LIBSVM = str(datasets.libsvm_path("a9a"))
 #: feature counts of the LIBSVM files beside the project (files may omit the last feature)
-KNOWN_FEATURES = {"a9a": 123, "a9a.t": 123, "w8a": 300, "mushrooms": 112, "phishing": 68}
+KNOWN_FEATURES = datasets.LIBSVM_FEATURES
 
 DEFAULT_D = 2000
 DEFAULT_LOGREG_STEPS = (0, 30, 300, 1000, 3000)
@@ -134,7 +136,7 @@ def load_libsvm(path: str | Path = DEFAULT_LIBSVM, n_features: int | None = None
     if not p.is_file():
         raise FileNotFoundError(
             f"LIBSVM data file not found: {p} (resolved {p.resolve()}); "
-            f"the default {DEFAULT_LIBSVM} is relative to the project root"
+            f"the default {DEFAULT_LIBSVM} is {datasets.DATA_ENV} or ../shared/data, + libsvm/a9a"
         )
     if n_features is None:
         n_features = KNOWN_FEATURES.get(p.name)
@@ -144,13 +146,8 @@ def load_libsvm(path: str | Path = DEFAULT_LIBSVM, n_features: int | None = None
 
 @lru_cache(maxsize=2)
 def _load_libsvm(path: str, n_features: int | None, mtime_ns: int):
-    from sklearn.datasets import load_svmlight_file
-
     p = Path(path)
-    try:
-        A, y = load_svmlight_file(str(p), n_features=n_features)
-    except Exception as e:  # sklearn raises ValueError and friends with terse messages
-        raise ValueError(f"{p}: not a readable LIBSVM file ({e})") from None
+    A, y = datasets.read_libsvm(p, n_features)  # DataError (a ValueError) naming the file
     labels = np.unique(y)
     if len(labels) != 2:
         raise ValueError(f"{p}: expected 2 distinct labels, found {len(labels)}")
