@@ -69,3 +69,17 @@ def test_classes_help_is_its_own(capsys):
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert "--quick" in out and "--samples" in out
+
+
+def test_kernels_refresh_reports_the_cache(capsys):
+    """`gradzip kernels --refresh`: the explicit step after an upgrade or a kernel edit; on
+    this checkout's fresh cache it changes nothing and says so."""
+    from gradzip._numba import cache
+
+    assert cache.cache_dir(cache.HERE) is not None
+    assert main(["kernels", "--refresh"]) == 0
+    out = capsys.readouterr().out
+    assert "kernel cache is fresh" in out or "stale kernel cache dropped" in out
+    with pytest.raises(SystemExit) as e:
+        main(["kernels"])  # nothing to do without --refresh: a usage error
+    assert e.value.code == 2

@@ -165,6 +165,12 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
         )  # fmt: skip
 
 
+def cmd_kernels(args) -> int:
+    from ._numba.cache import refresh
+
+    return refresh()
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="gradzip", description="Communication-compressed distributed SGD for PyTorch."
@@ -197,6 +203,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_flags(c)
     c.add_argument("--methods", default=",".join(DEMO_METHODS), help="comma-separated presets")
     c.set_defaults(func=cmd_compare)
+
+    k = sub.add_parser("kernels", help="numba's on-disk kernel cache: refresh a stale one")
+    k.add_argument("--refresh", action="store_true", required=True, help="drop a stale cache")
+    k.set_defaults(func=cmd_kernels)
 
     m = sub.add_parser("methods", help="list method presets")
     m.set_defaults(func=cmd_methods)

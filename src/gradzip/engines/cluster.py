@@ -369,6 +369,14 @@ class _Cluster:
             if t.numel():
                 dist.send(t.contiguous(), 0, group=self.group, tag=tag)
 
+    def await_started(self, dim: int, who: str) -> None:
+        """Rank 0: every worker's start-up reply, which carries the size of its model."""
+        for r, m in self.replies("starting the workers").items():
+            if int(m[1]) != dim:
+                raise ValueError(
+                    f"{self.name(r)} built a model of size {int(m[1])}, {who} one of size {dim}"
+                )
+
     # state (checkpoints): lists of optional float32 tensors of a known count
     def send_state(self, values: list[torch.Tensor | None]) -> None:
         """A rank > 0: its state to rank 0 (after its reply)."""

@@ -46,14 +46,7 @@ class TorchDistEngine:
         self.seed = seed
         self.x = problem.initial_point()
         self.server = ServerState()
-        cl = cluster
-        metas = cl.replies("starting the workers")
-        for r, m in metas.items():
-            if int(m[1]) != problem.dim:
-                raise ValueError(
-                    f"{cl.name(r)} built a model of size {int(m[1])}, "
-                    f"the server one of size {problem.dim}"
-                )
+        cluster.await_started(problem.dim, "the server")
         # every replica starts from the server's point (not from its own initialization)
         self._scatter(self.x, [WorkerState()] * self.n)
 

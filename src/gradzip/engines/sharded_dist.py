@@ -179,14 +179,7 @@ class ShardedTorchDistEngine:
         self.cluster = cluster
         self.n = cluster.world
         self.rep = _ShardedReplica(seed, cluster, problem, algorithm)
-        cl = cluster
-        metas = cl.replies("starting the workers")
-        for r, m in metas.items():
-            if int(m[1]) != problem.dim:
-                raise ValueError(
-                    f"{cl.name(r)} built a model of size {int(m[1])}, "
-                    f"rank 0 one of size {problem.dim}"
-                )
+        cluster.await_started(problem.dim, "rank 0")
         # every rank starts from rank 0's point, with empty memories
         empty = {"feedback": {"error": None}}
         self.load_state_dict(
