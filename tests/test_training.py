@@ -241,9 +241,16 @@ def test_error_feedback_on_a_non_contractive_compressor_warns_and_presets_do_not
     # contractive: declared delta (biased) or omega < 1 (unbiased): no warning
     with warnings.catch_warnings():
         warnings.simplefilter("error", feedback.NonContractiveFeedbackWarning)
-        for spec in ("fosgd:rescale=mse", "topk:k=0.01", "natural", "scaled_sign"):
+        for spec in (
+            "fosgd:rescale=mse",
+            "fosgd:rescale=capped",
+            "topk:k=0.01",
+            "natural",
+            "scaled_sign",
+        ):
             method("sgd", uplink=spec, uplink_rule="ef", downlink=spec, downlink_rule="ef")
     assert ddp._auto(gz.compressor("fosgd:rescale=mse")) == "ef"
+    assert ddp._auto(gz.compressor("fosgd:rescale=capped")) == "ef"
     assert ddp._auto(gz.compressor("fosgd")) == "none"  # not contractive in the worst case
     # the engines' methods resolve `auto` the same way
     m = method("sgd", uplink="fosgd:rescale=mse", uplink_rule="auto", downlink_rule="auto")

@@ -13,6 +13,8 @@ from . import feedback
 from .compressors import Compressor, compressor
 from .compressors.onebit import PAPER_FOSGD
 
+CAPPED_FOSGD = "fosgd:rescale=capped"  # gradzip's fosgd whose scale keeps it a contraction
+
 
 @dataclass(frozen=True)
 class Method:
@@ -70,6 +72,7 @@ PRESETS: dict[str, tuple[str, str, str, str]] = {
     "fosgd": ("fosgd", "none", "fosgd", "none"),
     "fosgd-up": ("fosgd", "none", "identity", "none"),
     "fosgd-paper": (PAPER_FOSGD, "none", PAPER_FOSGD, "none"),
+    "fosgd-ef": (CAPPED_FOSGD, "ef", CAPPED_FOSGD, "ef"),
     "onebit": ("onebit:scale=max", "none", "onebit:scale=max", "none"),
     "memsgd-topk": ("topk:k=0.01", "ef", "identity", "none"),
     "memsgd-randk": ("randk:k=0.01", "ef", "identity", "none"),
@@ -92,6 +95,8 @@ DESCRIPTIONS = {
     "fosgd": "FO-SGD: flattened one-bit both directions, gradzip's fitted scale",
     "fosgd-up": "FO-SGD on the uplink only",
     "fosgd-paper": "FO-SGD as in the paper: norm scale rule (Stollenwerk & Jacques)",
+    "fosgd-ef": "FO-SGD with error feedback both ways (capped scale: a contraction); "
+    "with gradzip.optim.Adam, the Adam recipe",
     "onebit": "dithered one-bit without flattening, both directions",
     "memsgd-topk": "Mem-SGD: top-1% with error feedback (Stich et al.)",
     "memsgd-randk": "Mem-SGD: rand-1% with error feedback",
