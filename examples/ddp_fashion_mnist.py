@@ -62,7 +62,10 @@ def parse_args(argv=None):
                    "a gradzip method preset or compressor spec")  # fmt: skip
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch-size", type=int, default=32, help="per rank")
-    p.add_argument("--optimizer", default="sgd", choices=OPTIMIZERS)
+    p.add_argument("--optimizer", default="sgd", choices=OPTIMIZERS,
+                   help="gradzip-adam/-adamw: v frozen after --start-step fp32 steps and the "
+                   "hook preconditioned by it; with --compress fosgd-ef, the Adam recipe "
+                   "(docs/ddp.md)")  # fmt: skip
     p.add_argument("--lr", type=float, default=None,
                    help="step size (default: 0.05 for sgd, 1e-3 for adam and adamw)")  # fmt: skip
     p.add_argument("--momentum", type=float, default=0.9, help="sgd's momentum")

@@ -317,7 +317,8 @@ class GradzipState:
         :class:`gradzip.optim.Adam`, sqrt(v_hat), the same on every rank), and multiply
         the decoded average back: the compression noise then scales with each coordinate's
         typical gradient, as Adam's step does, instead of being spread evenly (which Adam's
-        division by sqrt(v) amplifies on coordinates with small gradients). Not part of
+        division by sqrt(v) amplifies on coordinates with small gradients). With the spec
+        ``fosgd-ef`` (error feedback both ways) this is the Adam recipe of docs/ddp.md. Not part of
         :meth:`state_dict`: call it again when the job restarts (the scales are read from
         the optimizer's state at every step, so a loaded optimizer is picked up)."""
         if not hasattr(optimizer, "preconditioner"):
