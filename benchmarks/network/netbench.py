@@ -213,10 +213,15 @@ class Runner:
             finally:
                 codes = [p.poll() for p in self.procs]
                 self.kill()
-        if not out.exists() or any(c not in (0, None) for c in codes):
+        if not out.exists():
             tail = log.read_text(errors="replace")[-2000:]
             raise RuntimeError(f"{method} failed (exit codes {codes}); log {log}:\n{tail}")
-        return json.loads(out.read_text())
+        res = json.loads(out.read_text())
+        if any(c not in (0, None) for c in codes):
+            # rank 0 wrote its result: every step ran; a rank died afterwards (teardown)
+            res["teardown_failure"] = f"exit codes {codes} after the run finished; log {log}"
+            print(f"[netbench] {method}: teardown failure ({codes}), result kept", flush=True)
+        return res
 
 
 # --- the table -------------------------------------------------------------------------------
@@ -248,6 +253,7 @@ def table(rate: str, rows: dict[str, dict], target: float) -> str:
         lines.append(
             f"{LABELS.get(m, 'gradzip ' + m):<30} {step * 1e3:8.1f} {sp:7.2f}x {mb:>12} "
             f"{(acc or 0):9.4f} {tt:>12} {tsp:>8}"
+            + ("  (a rank crashed at exit: teardown failure)" if "teardown_failure" in r else "")
         )
     return "\n".join(lines)
 
