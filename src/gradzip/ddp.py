@@ -91,7 +91,6 @@ __all__ = ["GradzipState", "hook", "register", "shutdown", "LAYOUTS", "FORMAT"]
 
 LAYOUTS = ("sharded", "allgather")
 FORMAT = "gradzip.ddp/1"
-_RULES = ("none", "ef", "auto")
 _MASK = (1 << 64) - 1
 _REPLICATED = "replicated"  # a server memory loaded from a checkpoint: the total, on every rank
 
@@ -123,13 +122,16 @@ def _resolve(spec, uplink_rule, downlink, downlink_rule, layout) -> Config:
     down = down if downlink is None else downlink
     dr = dr if downlink_rule is None else downlink_rule
     for what, rule in (("uplink_rule", ur), ("downlink_rule", dr)):
-        if rule == "dq":
+        if rule == "auto":
+            continue
+        if rule not in feedback.RULES:
+            valid = ", ".join((*feedback.RULES, "auto"))
+            raise ValueError(f"unknown {what} {rule!r}; valid: {valid}")
+        if feedback.rule(rule).needs_gradient_point:
             raise ValueError(
-                f"{what}: the dq rule (DQ-GD) takes the gradient at a corrected point, which "
+                f"{what}: the {rule} rule takes the gradient at a corrected point, which "
                 "a comm hook cannot do; use the gradzip train engines for it"
             )
-        if rule not in _RULES:
-            raise ValueError(f"unknown {what} {rule!r}; valid: {', '.join(_RULES)}")
     cu, cd = compressor(up), compressor(down)  # the registry's error for a bad spec
     ur = _auto(cu) if ur == "auto" else ur
     dr = _auto(cd) if dr == "auto" else dr
