@@ -110,8 +110,20 @@ def _config_from(args):
 def cmd_train(args) -> int:
     from .experiments.runner import train
 
-    summary = train(_config_from(args), resume=args.resume, progress=not args.quiet)
+    cfg = _config_from(args)
+    summary = train(cfg, resume=args.resume, progress=not args.quiet)
     print(json.dumps(summary, indent=2))
+    from .engines import torchdist
+
+    if cfg.engine in torchdist.ENGINES and torchdist.launched_by_torchrun():
+        # a torchrun rank: its process group is gone and its files are written; end without
+        # interpreter finalization, where gloo's threads can abort a finished process
+        # (exit -6; see gradzip.ddp.shutdown)
+        import os
+
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0
 
 
