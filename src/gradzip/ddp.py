@@ -17,19 +17,13 @@ compressor is biased and contractive (``rule="auto"``: top-k, rand-k, scaled sig
 not plain sign or fosgd, whose error can exceed the input and would make the memory
 grow). Every part can be overridden (``downlink=``, ``uplink_rule=``, ``downlink_rule=``).
 
-Layout ``sharded`` (the default; DESIGN 3.4 with every rank a worker and the server of
-one shard). For each gradient bucket of d coordinates on n ranks, rank r:
-
-1. forms its uplink vector by its rule (``ef``: v = e + g; e <- v - decode(C_up(v))),
-   cuts it into n contiguous shards and compresses each (seed from the bucket, shard,
-   step and rank);
-2. sends shard j to rank j: an all-to-all of exact sizes (each rank's n payload lengths
-   are all-gathered first, as int64);
-3. decodes the n payloads of its own shard r, averages them, applies the server's rule
-   (``ef``: w = e_s + mean; e_s <- w - decode(C_down(w))) and compresses the result;
-4. sends that payload to every rank (an all-gather of exact sizes, again after the
-   lengths); every rank decodes all n shards: the bucket's new content. Every replica
-   decodes the same bytes, so the replicas never drift.
+Layout ``sharded`` (the default): the step of :class:`gradzip.engines.sharded.ShardLayout`
+(DESIGN 3.4 with every rank a worker and the server of one shard), one layout per gradient
+bucket seeded from the bucket, in gradient units (lr = 1). Rank r compresses each of the n
+shards of its uplink vector and sends shard j to rank j (an all-to-all of exact sizes,
+after an all-gather of the int64 lengths); it averages the n payloads of shard r, applies
+the server's rule, compresses, and sends the result to every rank (again exact sizes);
+every rank decodes all n shards, the same bytes, so the replicas never drift.
 
 Layout ``allgather``: no server: every rank's compressed bucket goes to every rank, which
 decodes and averages them (uplink compression and worker feedback only; n - 1 copies of
@@ -81,6 +75,7 @@ import torch
 import torch.distributed as dist
 
 from . import feedback, rng
+from ._memory import Memory as _Memory
 from .compressors import compressor
 from .engines.core import Algorithm, ServerState, WorkerState
 from .engines.sharded import ShardLayout
@@ -144,41 +139,6 @@ def _resolve(spec, uplink_rule, downlink, downlink_rule, layout) -> Config:
 
 
 _auto = feedback.auto  # the engines' Method resolves ``auto`` the same way
-
-
-class _Memory(dict):
-    """Per-parameter flat memories (name -> 1-D float32 tensor). Those written together
-    are views of one flat tensor per bucket, so reading a bucket back copies nothing."""
-
-    def __init__(self, *args):
-        super().__init__(*args)
-        self._flat: dict[tuple, tuple[torch.Tensor, tuple]] = {}
-
-    def get_flat(self, names, sizes, dev) -> torch.Tensor | None:
-        """The bucket's memory as one vector (None if none of its parameters has one)."""
-        key = tuple(names)
-        hit = self._flat.get(key)
-        if hit is not None and all(
-            dict.get(self, nm) is v for nm, v in zip(names, hit[1], strict=True)
-        ):
-            return hit[0]
-        if not any(nm in self for nm in names):
-            return None
-        flat = torch.cat(
-            [
-                self[nm].to(dev, torch.float32) if nm in self else torch.zeros(s, device=dev)
-                for nm, s in zip(names, sizes, strict=True)
-            ]
-        )
-        self.put_flat(names, sizes, flat)
-        return flat
-
-    def put_flat(self, names, sizes, flat: torch.Tensor) -> None:
-        """Own ``flat`` (not copied) as the bucket's memory."""
-        views = tuple(flat.split(sizes))
-        for nm, v in zip(names, views, strict=True):
-            self[nm] = v
-        self._flat[tuple(names)] = (flat, views)
 
 
 class GradzipState:
@@ -590,19 +550,14 @@ def register(model, spec: str = "fosgd", **options) -> GradzipState:
 
 
 def shutdown(state: GradzipState | None = None, *, exit_code: int | None = 0) -> None:
-    """The end of a DDP job that used the hook (call it on every rank, last).
-
-    Waits for every rank (a barrier: no collective of the hook is left in flight), drops
-    the hook's references to the tensors of its last steps, destroys the default process
-    group, and, with ``exit_code`` (the default, 0), ends the process at once after
-    flushing stdout and stderr, without interpreter teardown. That last part is what makes
-    a finished torchrun job exit 0: once a DDP model has existed, gloo's threads outlive
-    ``destroy_process_group`` (in plain torch, without any hook), and a gloo thread that
-    drops a Python tensor while the interpreter finalizes aborts the process
-    ("terminate called without an active exception", exit code -6, about 1 run in 10 in
-    tests/test_ddp.py). No order of cleanup inside Python avoids it; not finalizing does.
-    ``exit_code=None`` returns instead (to keep running code without a process group).
-    """
+    """The end of a DDP job that used the hook (call it on every rank, last): a barrier
+    (no collective left in flight), the hook's references to its last tensors dropped, the
+    default process group destroyed, and, with ``exit_code`` (default 0), the process
+    ended at once after flushing stdout and stderr, without interpreter finalization:
+    gloo's threads outlive ``destroy_process_group`` once a DDP model has existed (plain
+    torch), and one that drops a tensor while the interpreter finalizes aborts a finished
+    job (exit -6, "terminate called without an active exception"; docs/ddp.md). With
+    ``exit_code=None`` it returns."""
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
     if state is not None:
