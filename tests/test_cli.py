@@ -83,3 +83,15 @@ def test_kernels_refresh_reports_the_cache(capsys):
     with pytest.raises(SystemExit) as e:
         main(["kernels"])  # nothing to do without --refresh: a usage error
     assert e.value.code == 2
+
+
+def test_version_matches_the_package(capsys):
+    import importlib.metadata
+
+    import gradzip
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out.strip() == f"gradzip {gradzip.__version__}"
+    assert gradzip.__version__ == importlib.metadata.version("gradzip")

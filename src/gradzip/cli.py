@@ -187,6 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="gradzip", description="Communication-compressed distributed SGD for PyTorch."
     )
+    from . import __version__
+
+    p.add_argument("--version", action="version", version=f"gradzip {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     b = sub.add_parser("bench", help="compressor speed (ratio to copy_), vNMSE and bits")
