@@ -20,10 +20,11 @@ grow). Every part can be overridden (``downlink=``, ``uplink_rule=``, ``downlink
 Layout ``sharded`` (the default): the step of :class:`gradzip.engines.sharded.ShardLayout`
 (DESIGN 3.4 with every rank a worker and the server of one shard), one layout per gradient
 bucket seeded from the bucket, in gradient units (lr = 1). Rank r compresses each of the n
-shards of its uplink vector and sends shard j to rank j (an all-to-all of exact sizes,
-after an all-gather of the int64 lengths); it averages the n payloads of shard r, applies
-the server's rule, compresses, and sends the result to every rank (again exact sizes);
-every rank decodes all n shards, the same bytes, so the replicas never drift.
+shards of its uplink vector and sends shard j to rank j (one all-to-all of exact sizes: a
+payload's size is fixed by its codec and length, so no lengths are exchanged); it averages
+the n payloads of shard r, applies the server's rule, compresses, and sends the result to
+every rank (again exact sizes); every rank decodes all n shards, the same bytes, so the
+replicas never drift.
 
 Layout ``allgather``: no server: every rank's compressed bucket goes to every rank, which
 decodes and averages them (uplink compression and worker feedback only; n - 1 copies of
@@ -56,8 +57,8 @@ several buckets, DDP's first step after a restart uses its initial grouping, so 
 step's compression draws differ (the memories are whole: migrated as above).
 
 Traffic: :meth:`GradzipState.traffic` counts, on this rank, the payload bytes actually
-sent and received (headers included), the framing (the int64 lengths), and the bytes of
-the dense allreduces (warm-up, small buckets, identity), the latter by the ring
+sent and received (headers included), the framing (0: no lengths are exchanged), and the
+bytes of the dense allreduces (warm-up, small buckets, identity), the latter by the ring
 algorithm's count 2 (n - 1) / n of the buffer in each direction.
 
 Collectives are issued from the hook itself, in bucket order (gloo and NCCL both need
@@ -256,14 +257,6 @@ class GradzipState:
     def _bucket_seed(self, names: list[str]) -> int:
         return rng.fold(self.seed, self._pos[names[0]] + 1, rng.BUCKET_MIX)
 
-    def _allgather_lengths(self, lens: list[int], dev) -> list[list[int]]:
-        t = torch.tensor(lens, dtype=torch.int64, device=dev)
-        out = [torch.empty_like(t) for _ in range(self.n)]
-        dist.all_gather(out, t, group=self.group)
-        self._traffic["framing_sent"] += 8 * len(lens) * (self.n - 1)
-        self._traffic["framing_received"] += 8 * len(lens) * (self.n - 1)
-        return [o.tolist() for o in out]
-
     def _a2a(self, sends: list[torch.Tensor], sizes: list[int], dev) -> list[torch.Tensor]:
         """Exact-size all-to-all: sends[j] goes to rank j, sizes[i] bytes come from rank i."""
         out = torch.empty(sum(sizes), dtype=torch.uint8, device=dev)
@@ -393,13 +386,14 @@ class GradzipState:
         e = self.worker_error.get_flat(names, sizes, dev)
         ups, ws = lay.encode_uplink(t, r, g, 1.0, WorkerState(FeedbackState(e)))
         ups = [u.reshape(-1) for u in ups]
+        up_sizes, down_sizes = lay.payload_sizes()  # fixed by codec and length: no exchange
+        _check_sizes([u.numel() for u in ups], up_sizes, self.config.uplink)
         if ws.feedback.error is not e:
             self.worker_error.put_flat(names, sizes, ws.feedback.error)
         self._traffic["compressed_buckets"] += 1
 
         if self.config.layout == "allgather":
-            lens = self._allgather_lengths([ups[0].numel()], cdev)
-            sizes_in = [lens[i][0] if i != r else 0 for i in range(n)]
+            sizes_in = [up_sizes[0] if i != r else 0 for i in range(n)]
             got = self._a2a([ups[0] if j != r else ups[0][:0] for j in range(n)], sizes_in, cdev)
             got[r] = ups[0]
             acc = torch.zeros(d, device=dev)
@@ -409,8 +403,7 @@ class GradzipState:
             return
 
         # 2. shard j to rank j
-        lens = self._allgather_lengths([u.numel() for u in ups], cdev)
-        sizes_in = [lens[i][r] if i != r else 0 for i in range(n)]
+        sizes_in = [up_sizes[r] if i != r else 0 for i in range(n)]
         mine = self._a2a([u if j != r else u[:0] for j, u in enumerate(ups)], sizes_in, cdev)
         mine[r] = ups[r]
 
@@ -423,6 +416,7 @@ class GradzipState:
         es = None if es_full is None else es_full[lo:hi]
         down, ss = lay.aggregate(r, t, mine, 1.0, ServerState(FeedbackState(es)))
         down = down.reshape(-1)
+        _check_sizes([down.numel()], down_sizes[r : r + 1], self.config.downlink)
         if ss.feedback.error is not es:
             if es_full is None:
                 es_full = torch.zeros(d, device=dev)
@@ -432,10 +426,9 @@ class GradzipState:
                 self._owner[nm] = sig
 
         # 4. every shard to every rank; all decode the same bytes
-        dl = [x[0] for x in self._allgather_lengths([down.numel()], cdev)]
         downs = self._a2a(
             [down if j != r else down[:0] for j in range(n)],
-            [dl[i] if i != r else 0 for i in range(n)],
+            [down_sizes[i] if i != r else 0 for i in range(n)],
             cdev,
         )
         downs[r] = down
@@ -517,6 +510,14 @@ class GradzipState:
         )
         self.server_error = _Memory({nm: m.clone().float() for nm, m in sd["server_error"].items()})
         self._owner = dict.fromkeys(self.server_error, _REPLICATED)
+
+
+def _check_sizes(got: list[int], expected: list[int], spec: str) -> None:
+    if got != expected:  # cannot happen for a codec whose decode validates its sections
+        raise RuntimeError(
+            f"gradzip.ddp: {spec} made payloads of {got} bytes where its codec and length "
+            f"fix {expected}: the hook cannot size the exchange"
+        )
 
 
 def hook(state: GradzipState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:

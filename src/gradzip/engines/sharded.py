@@ -69,6 +69,21 @@ class ShardLayout:
             )
             for j, s in enumerate(self.sizes)
         ]
+        self._payload_sizes: tuple[list[int], list[int]] | None = None
+
+    def payload_sizes(self) -> tuple[list[int], list[int]]:
+        """Bytes of each shard's uplink and downlink payload. A payload's sections are fixed
+        by its codec, parameters and length (``decode`` refuses any other), so one probe
+        encode per shard tells, whatever the values; cached. (A rule whose compressor
+        changes with the step, ``dq``, is not for this.)"""
+        if self._payload_sizes is None:
+            up, down = [], []
+            for a, s in zip(self.algos, self.sizes, strict=True):
+                x = torch.linspace(-1.0, 1.0, s)
+                up.append(a.up.encode(x).data.numel())
+                down.append(a.down.encode(x).data.numel())
+            self._payload_sizes = (up, down)
+        return self._payload_sizes
 
     def split(self, v: torch.Tensor | None) -> list[torch.Tensor | None]:
         return [None] * self.n if v is None else list(v.split(self.sizes))
