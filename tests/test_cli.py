@@ -95,3 +95,27 @@ def test_version_matches_the_package(capsys):
     assert e.value.code == 0
     assert capsys.readouterr().out.strip() == f"gradzip {gradzip.__version__}"
     assert gradzip.__version__ == importlib.metadata.version("gradzip")
+
+
+@pytest.mark.parametrize(
+    "flags, key",
+    [(["--steps", "0"], "steps"), (["--steps", "-5"], "steps"), (["--l2", "nan"], "l2"),
+     (["--lr", "0"], "lr"), (["--workers", "0"], "workers"), (["--eval-every", "-1"], "eval_every")],
+)  # fmt: skip
+def test_out_of_range_values_are_one_line_errors(flags, key, tmp_path, capsys):
+    out = tmp_path / "run"
+    try:
+        rc = main(["train", *flags, "--out", str(out)])
+    except SystemExit as e:
+        rc = e.code
+    assert rc == 2
+    assert f"config key {key!r}" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_eval_every_zero_evaluates_at_the_end_only(tmp_path):
+    out = tmp_path / "run"
+    assert main(["train", "--steps", "3", "--eval-every", "0", "--quiet", "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if r.get("eval")]
+    assert [r["step"] for r in evals] == [0, 3]  # the starting point and the end

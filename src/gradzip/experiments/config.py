@@ -8,6 +8,7 @@ every run folder holds the resolved configuration.
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -44,6 +45,28 @@ class RunConfig:
     checkpoint_every: int = 0  # steps between checkpoints (0 = only at the end)
     out: str = "results/run"
 
+    def __post_init__(self):
+        """Values out of range are errors naming the key (types are checked on the way in)."""
+        bad = {
+            "steps": self.steps >= 1,
+            "workers": self.workers >= 1,
+            "batch_size": self.batch_size >= 0,
+            "hidden": self.hidden >= 1,
+            "eval_every": self.eval_every >= 0,
+            "checkpoint_every": self.checkpoint_every >= 0,
+            "lr": math.isfinite(self.lr) and self.lr > 0,
+            "l2": math.isfinite(self.l2) and (self.l2 >= 0 or self.l2 == -1),
+            "lam": math.isfinite(self.lam) and self.lam >= 0,
+            "shift": math.isfinite(self.shift) and self.shift > 0,
+            "weight_decay": math.isfinite(self.weight_decay) and self.weight_decay >= 0,
+            "dq_range": math.isfinite(self.dq_range) and self.dq_range >= 0,
+            "dq_decay": math.isfinite(self.dq_decay) and self.dq_decay >= 0,
+        }
+        for key, ok in bad.items():
+            if not ok:
+                raise ValueError(f"config key {key!r}: {getattr(self, key)!r} is out of range "
+                                 f"({HELP.get(key, '')})")  # fmt: skip
+
     def replace(self, **changes) -> RunConfig:
         return dataclasses.replace(self, **_typed(changes))
 
@@ -75,7 +98,7 @@ HELP = {
     "optimizer": "the server's optimizer on the averaged gradient: sgd | adam | adamw",
     "weight_decay": "adamw's decoupled weight decay",
     "seed": "seed of data order, model init and all compressor randomness",
-    "eval_every": "steps between test evaluations",
+    "eval_every": "steps between test evaluations (0: only at the end)",
     "engine": "simulated | simulated-sharded | torchdist | torchdist-sharded",
     "checkpoint_every": "steps between checkpoints (0 = only at the end)",
     "out": "run folder (config.json, metrics.jsonl, summary.json, checkpoint.pt)",

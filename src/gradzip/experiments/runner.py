@@ -183,7 +183,7 @@ def _run(cfg, resume, progress, out, problem, method, schedule, engine) -> dict:
         if not (math.isfinite(s.loss) and bool(torch.isfinite(engine.x).all())):
             diverged = {"diverged_at": t + 1, "reason": "loss or parameters not finite"}
             break
-        if (t + 1) % cfg.eval_every == 0 or t + 1 == cfg.steps:
+        if (cfg.eval_every and (t + 1) % cfg.eval_every == 0) or t + 1 == cfg.steps:
             last = evaluate(t + 1)
         if cfg.checkpoint_every and (t + 1) % cfg.checkpoint_every == 0:
             save(t + 1)
