@@ -100,7 +100,8 @@ def test_version_matches_the_package(capsys):
 @pytest.mark.parametrize(
     "flags, key",
     [(["--steps", "0"], "steps"), (["--steps", "-5"], "steps"), (["--l2", "nan"], "l2"),
-     (["--lr", "0"], "lr"), (["--workers", "0"], "workers"), (["--eval-every", "-1"], "eval_every")],
+     (["--lr", "0"], "lr"), (["--workers", "0"], "workers"),
+     (["--eval-every", "-1"], "eval_every")],
 )  # fmt: skip
 def test_out_of_range_values_are_one_line_errors(flags, key, tmp_path, capsys):
     out = tmp_path / "run"
