@@ -21,9 +21,9 @@ def test_error_feedback_identity_is_exact():
     for spec in ("scaled_sign", "fosgd", "sign", "onebit"):
         c = gz.compressor(spec)
         state = feedback.FeedbackState(torch.randn(500, generator=g))
-        v = feedback.prepare("ef", torch.randn(500, generator=g), 0.1, state)
+        v = feedback.rule("ef").prepare(torch.randn(500, generator=g), 0.1, state)
         dec = c.decode(c.encode(v, seed=3))
-        new = feedback.update("ef", state, v, dec)
+        new = feedback.rule("ef").update(state, v, dec)
         ulp = torch.finfo(torch.float32).eps * (v.abs() + dec.abs())
         assert bool(((dec + new.error) - v).abs().le(ulp).all())
         assert float(new.error.abs().sum()) > 0  # a lossy compressor leaves a residual

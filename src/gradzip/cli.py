@@ -119,11 +119,7 @@ def cmd_train(args) -> int:
         # a torchrun rank: its process group is gone and its files are written; end without
         # interpreter finalization, where gloo's threads can abort a finished process
         # (exit -6; see gradzip.ddp.shutdown)
-        import os
-
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+        torchdist.exit_now(0)
     return 0
 
 

@@ -78,6 +78,7 @@ import torch.distributed as dist
 from . import feedback, rng
 from ._memory import Memory as _Memory
 from .compressors import compressor
+from .engines.cluster import exit_now
 from .engines.core import Algorithm, ServerState, WorkerState
 from .engines.sharded import ShardLayout
 from .feedback import FeedbackState
@@ -570,10 +571,6 @@ def shutdown(state: GradzipState | None = None, *, exit_code: int | None = 0) ->
     if exit_code is None:
         return
     import gc
-    import os
-    import sys
 
     gc.collect()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(exit_code)
+    exit_now(exit_code)

@@ -186,29 +186,3 @@ def rule(r: str | Rule) -> Rule:
     if r not in RULES:
         raise ValueError(f"unknown feedback rule {r!r}; valid: {', '.join(RULES)}")
     return RULES[r]
-
-
-def _check(r: str) -> str:
-    return rule(r).name
-
-
-def in_update_units(r: str | Rule) -> bool:
-    """Whether the rule's vectors already include the step size (``ef``)."""
-    return rule(r).in_update_units
-
-
-def gradient_point(r: str | Rule, x: torch.Tensor, lr: float, state: FeedbackState) -> torch.Tensor:
-    """Where the sender evaluates its gradient: x, or DQ-GD's corrected point z_t."""
-    return rule(r).gradient_point(x, lr, state)
-
-
-def prepare(r: str | Rule, g: torch.Tensor, lr: float, state: FeedbackState) -> torch.Tensor:
-    """The vector v to compress (step 1 of each rule)."""
-    return rule(r).prepare(g, lr, state)
-
-
-def update(
-    r: str | Rule, state: FeedbackState, v: torch.Tensor, decoded: torch.Tensor
-) -> FeedbackState:
-    """The new memory once the sender knows what is decoded (step 3 of each rule)."""
-    return rule(r).update(state, v, decoded)

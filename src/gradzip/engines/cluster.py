@@ -101,6 +101,15 @@ def worker_rank() -> int:
     return int(os.environ["RANK"]) if launched_by_torchrun() else 0
 
 
+def exit_now(code: int) -> None:
+    """End this process after flushing stdout and stderr, without interpreter finalization:
+    where gloo's threads outlive the process group, finalizing can abort a finished process
+    (gradzip.ddp.shutdown), and a spawned worker has nothing left to clean up."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def _die_with_parent(parent: int) -> None:
     """Linux: SIGTERM this process when the parent dies (no orphans even on SIGKILL)."""
     if not sys.platform.startswith("linux"):
@@ -405,6 +414,15 @@ class _Cluster:
             lens, flat = state_message(values)
             sends += [(lens, r, T_LENS), (flat, r, T_STATE)]
         return sends
+
+    def leave(self, cmd: int) -> int:
+        """A worker's loop ends on ``cmd``: STOP is acknowledged (exit code 0), anything else
+        refused as an unknown command (1)."""
+        if cmd == STOP:
+            self.reply(OK)
+            return 0
+        self.reply_failed(f"at a command: unknown command {cmd}")
+        return 1
 
     def reply_failed(self, text: str) -> None:
         msg = _text_tensor(text)

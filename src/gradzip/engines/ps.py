@@ -14,7 +14,6 @@ from .cluster import (
     SET_STATE,
     SHORT,
     STEP,
-    STOP,
     T_DATA,
     T_META,
     WorkerError,
@@ -179,9 +178,5 @@ def _ps_worker(seed: int, cl: _Cluster, problem, algo: Algorithm) -> tuple[int, 
             x, *values = cl.recv_state(_WORKER_VALUES)
             state = state_from_tensors(WorkerState(), values)
             cl.reply(OK)
-        elif cmd == STOP:
-            cl.reply(OK)
-            return 0, steps
-        else:
-            cl.reply_failed(f"at a command: unknown command {cmd}")
-            return 1, steps
+        else:  # STOP, or a command this loop does not know
+            return cl.leave(cmd), steps

@@ -22,8 +22,8 @@ Per step, with worker i and shard j:
    payload per shard;
 2. shard j's server: :meth:`ShardLayout.aggregate` of the n payloads of shard j: the
    downlink payload of shard j;
-3. every replica: :meth:`ShardLayout.apply` (engines) or :meth:`ShardLayout.decode` (the
-   hook) of the n downlink payloads.
+3. every replica: :meth:`ShardLayout.apply` of the n downlink payloads (the hook decodes
+   them into the bucket with each shard's ``Algorithm.decode_downlink``).
 """
 
 from __future__ import annotations
@@ -135,11 +135,6 @@ class ShardLayout:
         return self.algos[j].aggregate(t, uplinks, lr, state)
 
     # --- 3. every replica ---------------------------------------------------------------
-    def decode(self, downs: list[torch.Tensor]) -> torch.Tensor:
-        """The decoded downlink vector (what ``apply`` steps by)."""
-        parts = zip(self.algos, downs, strict=True)
-        return torch.cat([a.decode_downlink(dj, f"shard {j}") for j, (a, dj) in enumerate(parts)])
-
     def apply(self, x: torch.Tensor, downs: list[torch.Tensor], lr: float) -> torch.Tensor:
         return torch.cat(
             [

@@ -15,7 +15,6 @@ from .cluster import (
     OK,
     SET_STATE,
     STEP,
-    STOP,
     T_MSG,
     WorkerError,
     _bits_of,
@@ -268,9 +267,5 @@ def _sharded_worker(seed: int, cl: _Cluster, problem, algo: Algorithm) -> tuple[
             rep.reply_state()
         elif cmd == SET_STATE:
             rep.recv_state()
-        elif cmd == STOP:
-            cl.reply(OK)
-            return 0, steps
-        else:
-            cl.reply_failed(f"at a command: unknown command {cmd}")
-            return 1, steps
+        else:  # STOP, or a command this loop does not know
+            return cl.leave(cmd), steps

@@ -98,6 +98,7 @@ from .cluster import (
     _describe,
     _die_with_parent,
     _timeout,
+    exit_now,
     launched_by_torchrun,
     worker_rank,
 )
@@ -109,7 +110,7 @@ from .sharded_dist import ShardedTorchDistEngine, _sharded_worker
 __all__ = [
     "ALL", "ENGINES", "FAULT_ENV", "TIMEOUT_ENV", "Job", "ShardedSimulatedEngine",
     "ShardedTorchDistEngine", "TorchDistEngine", "WorkerError", "launched_by_torchrun",
-    "make_engine", "serve", "worker_rank", "world_size",
+    "exit_now", "make_engine", "serve", "worker_rank", "world_size",
 ]  # fmt: skip
 
 ENGINES = ("torchdist", "torchdist-sharded")  # multi-process engines
@@ -195,10 +196,7 @@ def _spawned_main(rank: int, world: int, port: int, job: Job, parent: int) -> No
             dist.destroy_process_group()
         except Exception:
             pass
-        # nothing else to clean up; skipping interpreter teardown saves 1-4 s per worker
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+        exit_now(code)  # nothing else to clean up; skipping teardown saves 1-4 s per worker
 
 
 def serve(job: Job) -> dict:

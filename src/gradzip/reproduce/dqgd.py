@@ -41,6 +41,8 @@ from ..compressors import uniform
 from ..problems import datasets
 from .report import Claim, Section, fmt, grade, md_table, pyplot, savefig
 
+DQ = feedback.rule("dq")  # DQ-GD's memory: gradient at z_t, u_t = g(z_t) - e_{t-1}
+
 
 @dataclass(frozen=True)
 class Config:
@@ -189,10 +191,10 @@ def descend(grad, Q, x0: np.ndarray, eta: float, r: float, kappa: float, T: int,
     x = torch.from_numpy(x0.copy())
     state = feedback.FeedbackState(torch.zeros_like(x))  # e_{-1} = 0
     for _ in range(T):
-        z = feedback.gradient_point("dq", x, eta, state)  # z_t = x_t + eta e_{t-1}
-        u = feedback.prepare("dq", torch.from_numpy(grad(z.numpy())), eta, state)
+        z = DQ.gradient_point(x, eta, state)  # z_t = x_t + eta e_{t-1}
+        u = DQ.prepare(torch.from_numpy(grad(z.numpy())), eta, state)
         q = torch.from_numpy(Q(u.numpy(), r, rng))
-        state = feedback.update("dq", state, u, q)  # e_t = q_t - u_t
+        state = DQ.update(state, u, q)  # e_t = q_t - u_t
         x = x - eta * q
         r *= kappa
     return x.numpy()

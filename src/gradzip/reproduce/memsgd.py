@@ -168,7 +168,8 @@ def descend(
     step, with xbar_t the average of x_0..x_t weighted by ``average.averaging_weight``."""
     x = torch.zeros(d, dtype=dtype)
     state = feedback.FeedbackState(torch.zeros(d, dtype=dtype))  # e_0 = 0
-    units = feedback.in_update_units(rule)  # ef: v carries the step size
+    rule = feedback.rule(rule)
+    units = rule.in_update_units  # ef: v carries the step size
     xbar, wsum = torch.zeros(d, dtype=dtype), 0.0
     for t in range(steps):
         g = grad(t, x)
@@ -176,10 +177,10 @@ def descend(
         wsum += w
         xbar += (w / wsum) * (x - xbar)
         eta = schedule(t)
-        v = feedback.prepare(rule, g, eta, state)  # ef: v = e + eta g
+        v = rule.prepare(g, eta, state)  # ef: v = e + eta g
         p = c.encode(v.float(), seed=seed, step=t)
         dec = c.decode(p).to(dtype)
-        state = feedback.update(rule, state, v, dec)  # ef: e = v - C(v)
+        state = rule.update(state, v, dec)  # ef: e = v - C(v)
         x = x - (dec if units else eta * dec)
         if after_step is not None:
             after_step(t, x, xbar, p)
