@@ -79,6 +79,8 @@ def parse_args(argv=None):
     p.add_argument("--start-step", type=int, default=0, help="gradzip: steps of fp32 first")
     p.add_argument("--min-numel", type=int, default=1024, help="gradzip: smaller buckets fp32")
     p.add_argument("--layout", default="sharded", help="gradzip: sharded | allgather")
+    p.add_argument("--no-overlap", action="store_true",
+                   help="gradzip: run the hook's work on the backward's thread")  # fmt: skip
     p.add_argument("--uplink-rule", default=None, help="gradzip: none | ef | auto (override)")
     p.add_argument("--downlink-rule", default=None, help="gradzip: none | ef | auto (override)")
     p.add_argument("--powersgd-rank", type=int, default=2)
@@ -156,7 +158,7 @@ def attach_hook(model, args):
     state = gradzip.ddp.register(  # <- the line
         model, args.compress, start_step=args.start_step, min_numel=args.min_numel,
         layout=args.layout, seed=args.seed, uplink_rule=args.uplink_rule,
-        downlink_rule=args.downlink_rule,
+        downlink_rule=args.downlink_rule, overlap=not args.no_overlap,
     )  # fmt: skip
     state.warmup()  # numba's kernels compiled (or loaded) before the clock starts
     return state

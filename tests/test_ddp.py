@@ -130,6 +130,25 @@ def _compressed(rank: int) -> None:
     assert (st.config.uplink_rule, st.config.downlink_rule) == ("ef", "ef")
 
 
+def _overlapped(rank: int) -> None:
+    """The communication thread (overlap=True, the default) gives the synchronous hook's
+    parameters bit for bit, on every rank, with several buckets and a dense fallback."""
+    for spec, kw in (("fosgd", {}), ("memsgd-topk", {"min_numel": 1000}), ("fosgd-ef", {})):
+        got = {}
+        for overlap in (False, True):
+            m = _model(0.001)
+            kw.setdefault("min_numel", 0)
+            st = ddp.register(m, spec, overlap=overlap, **kw)
+            _train(m, torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9), rank, 4)
+            got[overlap] = _params(m)
+            tr = st.traffic()
+            assert tr["compressed_buckets"] > 0, (spec, tr)
+            assert kw["min_numel"] == 0 or tr["dense_buckets"] > 0, (spec, tr)
+            assert all(v > 0 for v in st.timings().values()), st.timings()
+        _same_everywhere(got[True], f"{spec} overlapped")
+        assert torch.equal(got[True], got[False]), f"{spec}: overlap changed the result"
+
+
 def _checkpoint(rank: int, path: str) -> None:
     """Checkpoint and restart mid-training: memories restored, the run continues exactly.
 
@@ -292,6 +311,7 @@ def _worker(rank: int, world: int, port: int, tmp: str) -> None:
         _differential(rank)
         _compressed(rank)
         _preconditioned(rank)
+        _overlapped(rank)
         _versus_engine(rank, tmp)
         if world == 2:
             _checkpoint(rank, os.path.join(tmp, "ckpt.pt"))

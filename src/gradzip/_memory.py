@@ -8,6 +8,10 @@ bucket back copies nothing.
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
+
+FORMAT = "gradzip.ddp/1"
+_REPLICATED = "replicated"  # a server memory loaded from a checkpoint: the total, on every rank
 
 
 class Memory(dict):
@@ -43,3 +47,97 @@ class Memory(dict):
         for nm, v in zip(names, views, strict=True):
             self[nm] = v
         self._flat[tuple(names)] = (flat, views)
+
+
+def migrate(state, names, sizes, sig, lo: int, hi: int, dev) -> None:
+    """Server memories placed by another bucket layout (or loaded): gather the total of
+    each and keep this rank's shard [lo, hi) of the bucket."""
+    parts = []
+    for nm, s in zip(names, sizes, strict=True):
+        m = state.server_error.get(nm)
+        if m is None or (state._owner.get(nm) == _REPLICATED and state.rank != 0):
+            parts.append(torch.zeros(s, device=dev))
+        else:
+            parts.append(m.to(dev, torch.float32))
+    full = torch.cat(parts)
+    dist.all_reduce(full, group=state.group)
+    full[:lo] = 0
+    full[hi:] = 0
+    state.server_error.put_flat(names, sizes, full)
+    for nm in names:
+        state._owner[nm] = sig
+
+
+def gather(state) -> dict:
+    """The full state (every rank's memories). A collective: call it on every rank."""
+    state._pipeline.drain()  # no bucket's collective in flight
+    n, dev = state.n, None
+    for m in (*state.worker_error.values(), *state.server_error.values()):
+        dev = m.device
+        break
+    cdev = state._comm_device(dev if dev is not None else torch.device("cpu"))
+    if state.backend == "nccl" and cdev.type == "cpu":
+        cdev = torch.device("cuda", torch.cuda.current_device())
+    wnames = [nm for nm in state.names if nm in state.worker_error]
+    snames = [nm for nm in state.names if nm in state.server_error]
+    flat = torch.cat(
+        [state.worker_error[nm].to(cdev, torch.float32) for nm in wnames]
+        or [torch.zeros(0, device=cdev)]
+    )
+    gathered = [torch.empty_like(flat) for _ in range(n)]
+    dist.all_gather(gathered, flat, group=state.group)
+    sparts = []
+    for nm in snames:
+        m = state.server_error[nm].to(cdev, torch.float32)
+        if state._owner.get(nm) == _REPLICATED and state.rank != 0:
+            m = torch.zeros_like(m)
+        sparts.append(m)
+    sflat = torch.cat(sparts or [torch.zeros(0, device=cdev)])
+    dist.all_reduce(sflat, group=state.group)
+    wsizes = [state.worker_error[nm].numel() for nm in wnames]
+    ssizes = [state.server_error[nm].numel() for nm in snames]
+    per_rank = [g.cpu().split(wsizes) for g in gathered]
+    return {
+        "format": FORMAT,
+        "world": n,
+        "step": state.step,
+        "seed": state.seed,
+        "config": state.config.as_dict(),
+        "worker_error": {
+            nm: torch.stack([pr[k] for pr in per_rank]).clone() for k, nm in enumerate(wnames)
+        },
+        "server_error": {
+            nm: part.clone() for nm, part in zip(snames, sflat.cpu().split(ssizes), strict=True)
+        },
+    }
+
+
+def restore(state, sd: dict) -> None:
+    """Restore a :meth:`GradzipState.state_dict` (on every rank; no communication)."""
+    state._pipeline.drain()
+    if not isinstance(sd, dict) or sd.get("format") != FORMAT:
+        raise ValueError(f"not a gradzip.ddp state dict (expected format {FORMAT!r})")
+    if sd["world"] != state.n:
+        raise ValueError(
+            f"the checkpoint holds the memories of {sd['world']} ranks, this run has "
+            f"{state.n}: error memories cannot be redistributed"
+        )
+    if sd["config"] != state.config.as_dict():
+        raise ValueError(
+            f"the checkpoint was made with {sd['config']}, this hook is {state.config.as_dict()}"
+        )
+    known = set(state.names)
+    for key in ("worker_error", "server_error"):
+        bad = set(sd[key]) - known
+        if bad:
+            raise ValueError(f"checkpoint memories for unknown parameters: {sorted(bad)[:5]}")
+    for nm, m in sd["worker_error"].items():
+        if m.shape[0] != state.n:
+            raise ValueError(f"worker memory of {nm!r} has {m.shape[0]} ranks")
+    state.step = int(sd["step"])
+    state.seed = int(sd["seed"])
+    state.worker_error = Memory(
+        {nm: m[state.rank].clone().float() for nm, m in sd["worker_error"].items()}
+    )
+    state.server_error = Memory({nm: m.clone().float() for nm, m in sd["server_error"].items()})
+    state._owner = dict.fromkeys(state.server_error, _REPLICATED)

@@ -61,22 +61,31 @@ sent and received (headers included), the framing (0: no lengths are exchanged),
 bytes of the dense allreduces (warm-up, small buckets, identity), the latter by the ring
 algorithm's count 2 (n - 1) / n of the buffer in each direction.
 
-Collectives are issued from the hook itself, in bucket order (gloo and NCCL both need
-every rank to issue the same collectives in the same order, which DDP's bucket order
-guarantees); the hook returns a completed future, so its communication does not overlap
-the rest of the backward pass (dense fallbacks do overlap).
+Overlap (``overlap=True``, the default): the hook hands a CPU bucket's work (encode, the
+two exchanges, serving its shard, decode) to one communication thread
+(:mod:`gradzip._pipeline`) and returns a future at once, so the backward pass computes the
+next buckets' gradients meanwhile; DDP waits for the futures at the end of the backward.
+One thread, first in first out, issues every collective of the hook (dense fallbacks
+included), in bucket order on every rank, as gloo and NCCL need. The bytes and the results
+are those of the synchronous hook (``overlap=False``), which CUDA buckets use (their
+kernels are queued on the stream without blocking the host). :meth:`GradzipState.timings`
+tells where the time goes.
 """
 
 # no `from __future__ import annotations`: DDP checks the hook's annotations at runtime
 import math
+import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from . import feedback, rng
+from . import _memory, feedback, rng
+from ._memory import FORMAT
 from ._memory import Memory as _Memory
+from ._pipeline import Pipeline
 from .compressors import compressor
 from .engines.cluster import exit_now
 from .engines.core import Algorithm, ServerState, WorkerState
@@ -87,9 +96,9 @@ from .methods import PRESETS, Method
 __all__ = ["GradzipState", "hook", "register", "shutdown", "LAYOUTS", "FORMAT"]
 
 LAYOUTS = ("sharded", "allgather")
-FORMAT = "gradzip.ddp/1"
+#: The phases of a compressed bucket's work, as :meth:`GradzipState.timings` reports them.
+PHASES = ("encode", "uplink", "serve", "downlink", "decode")
 _MASK = (1 << 64) - 1
-_REPLICATED = "replicated"  # a server memory loaded from a checkpoint: the total, on every rank
 
 
 @dataclass(frozen=True)
@@ -156,6 +165,9 @@ class GradzipState:
         allreduce_identity: identity both ways without feedback is a plain allreduce.
         seed: the run's seed (payload randomness derives from it, the bucket and the step).
         process_group: defaults to the world.
+        overlap: run CPU buckets' work on a communication thread, so that it overlaps the
+            rest of the backward pass (the same bytes and results as without; CUDA
+            buckets run on the hook's thread, whose kernels are queued asynchronously).
     """
 
     def __init__(
@@ -172,6 +184,7 @@ class GradzipState:
         allreduce_identity: bool = True,
         seed: int = 0,
         process_group=None,
+        overlap: bool = True,
     ):
         self.config = _resolve(spec, uplink_rule, downlink, downlink_rule, layout)
         if start_step < 0 or min_numel < 0:
@@ -221,6 +234,9 @@ class GradzipState:
         self._traffic["compressed_buckets"] = 0
         self._traffic["dense_buckets"] = 0
         self._precond = None  # (optimizer, name -> parameter), see precondition_with
+        self.overlap = bool(overlap)
+        self._pipeline = Pipeline()
+        self._timings = dict.fromkeys(PHASES, 0.0)
 
     # --- small helpers ------------------------------------------------------------------
     def warmup(self) -> None:
@@ -239,6 +255,15 @@ class GradzipState:
     def reset_traffic(self) -> None:
         for k in self._traffic:
             self._traffic[k] = 0
+        for k in self._timings:
+            self._timings[k] = 0.0
+
+    def timings(self) -> dict:
+        """Seconds this rank spent so far in each phase of the compressed buckets' work
+        (:data:`PHASES`: encoding, the uplink exchange, serving its shard, the downlink
+        exchange, decoding), wherever it ran (the hook's thread or the communication
+        thread). An exchange's time includes waiting for the slowest rank."""
+        return dict(self._timings)
 
     def _comm_device(self, like: torch.device) -> torch.device:
         return like if self.backend == "nccl" else torch.device("cpu")
@@ -313,29 +338,20 @@ class GradzipState:
         return self.dense or self.step < self.start_step or d < max(self.min_numel, self.n)
 
     def _migrate(self, names, sizes, sig, lo: int, hi: int, dev) -> None:
-        """Server memories placed by another bucket layout (or loaded): gather the total of
-        each and keep this rank's shard [lo, hi) of the bucket."""
-        parts = []
-        for nm, s in zip(names, sizes, strict=True):
-            m = self.server_error.get(nm)
-            if m is None or (self._owner.get(nm) == _REPLICATED and self.rank != 0):
-                parts.append(torch.zeros(s, device=dev))
-            else:
-                parts.append(m.to(dev, torch.float32))
-        full = torch.cat(parts)
-        dist.all_reduce(full, group=self.group)
-        full[:lo] = 0
-        full[hi:] = 0
-        self.server_error.put_flat(names, sizes, full)
-        for nm in names:
-            self._owner[nm] = sig
+        _memory.migrate(self, names, sizes, sig, lo, hi, dev)
 
     def reduce(self, bucket) -> torch.Tensor:
-        """The averaged (compressed) gradient of one bucket, written into its buffer.
+        """The averaged (compressed) gradient of one bucket, written into its buffer."""
+        return self._plan(bucket)()
 
-        The bucket's vector is taken in a canonical order (parameters by decreasing index in
-        the model, which is DDP's usual order), so that the payloads depend on which
-        parameters share the bucket, not on the order DDP put them in."""
+    def _plan(self, bucket) -> Callable[[], torch.Tensor]:
+        """The bucket's work at this step, to run now or on the communication thread.
+
+        What may change before it runs is read here, on the hook's thread: the bucket's
+        parameters, the step, the preconditioner. The bucket's vector is taken in a
+        canonical order (parameters by decreasing index in the model, which is DDP's usual
+        order), so that the payloads depend on which parameters share the bucket, not on
+        the order DDP put them in."""
         buf = bucket.buffer()
         names = self._names_of(bucket)
         sizes = [p.numel() for p in bucket.parameters()]
@@ -344,23 +360,39 @@ class GradzipState:
             raise RuntimeError(f"bucket of {d} coordinates holds parameters of {sum(sizes)}")
         order = sorted(range(len(names)), key=lambda k: -self._pos[names[k]])
         views = buf.detach().split(sizes)
-        if order != list(range(len(names))):
+        reordered = order != list(range(len(names)))
+        if reordered:
             names = [names[k] for k in order]
             sizes = [sizes[k] for k in order]
             views = [views[k] for k in order]
-            g = torch.cat([v.reshape(-1) for v in views]).to(torch.float32)
-        else:
-            g = buf.detach().to(torch.float32)  # no copy for a float32 bucket
-        scale = self._precond_flat(names, sizes, g.device)
-        if scale is not None:  # compress g / s, decode, multiply back: noise scaled like v
-            g.div_(scale)  # g is a copy or the bucket's own memory, which the result replaces
-        self._reduce_flat(names, sizes, g)
-        if scale is not None:
-            g.mul_(scale)
-        if g is not buf:
-            for v, part in zip(views, g.split(sizes), strict=True):
-                v.copy_(part)
-        return buf
+        scale = self._precond_flat(names, sizes, buf.device)
+        t = self.step
+
+        def run() -> torch.Tensor:
+            if reordered:
+                g = torch.cat([v.reshape(-1) for v in views]).to(torch.float32)
+            else:
+                g = buf.detach().to(torch.float32)  # no copy for a float32 bucket
+            if scale is not None:  # compress g / s, decode, multiply back: noise scaled like v
+                g.div_(scale)  # g is a copy or the bucket's memory, which the result replaces
+            self._reduce_flat(names, sizes, g, t)
+            if scale is not None:
+                g.mul_(scale)
+            if g is not buf:
+                for v, part in zip(views, g.split(sizes), strict=True):
+                    v.copy_(part)
+            return buf
+
+        return run
+
+    def _dense(self, buf: torch.Tensor) -> torch.Tensor:
+        """A plain allreduce of the bucket (averaged), counted by the ring's bytes."""
+        n = self.n
+        ring = math.ceil(2 * (n - 1) * buf.numel() * buf.element_size() / n)
+        self._traffic["dense_sent"] += ring
+        self._traffic["dense_received"] += ring
+        self._traffic["dense_buckets"] += 1
+        return buf.div_(n)
 
     def _layout(self, names: list[str], d: int, dev) -> ShardLayout:
         """The bucket's step: the engines' :class:`ShardLayout` (one shard per rank, or one
@@ -374,14 +406,15 @@ class GradzipState:
             self._layouts[key] = lay
         return lay
 
-    def _reduce_flat(self, names: list[str], sizes: list[int], g: torch.Tensor) -> None:
+    def _reduce_flat(self, names: list[str], sizes: list[int], g: torch.Tensor, t: int) -> None:
         """Replace g (the bucket in canonical order, float32) by the decoded average: the
-        step of :class:`gradzip.engines.sharded.ShardLayout` in gradient units (lr = 1),
+        step t of :class:`gradzip.engines.sharded.ShardLayout` in gradient units (lr = 1),
         with this rank as worker r and as the server of shard r."""
         d = g.numel()
         dev, cdev = g.device, self._comm_device(g.device)
-        n, r, t = self.n, self.rank, self.step
+        n, r = self.n, self.rank
         lay = self._layout(names, d, dev)
+        clock = _Clock(self._timings)
 
         # 1. the uplink payloads, one per shard
         e = self.worker_error.get_flat(names, sizes, dev)
@@ -392,21 +425,25 @@ class GradzipState:
         if ws.feedback.error is not e:
             self.worker_error.put_flat(names, sizes, ws.feedback.error)
         self._traffic["compressed_buckets"] += 1
+        clock("encode")
 
         if self.config.layout == "allgather":
             sizes_in = [up_sizes[0] if i != r else 0 for i in range(n)]
             got = self._a2a([ups[0] if j != r else ups[0][:0] for j in range(n)], sizes_in, cdev)
             got[r] = ups[0]
+            clock("uplink")
             acc = torch.zeros(d, device=dev)
             for i, data in enumerate(got):
                 acc += lay.algos[0].decode_downlink(data, f"rank {i}")
             g.copy_(acc.div_(n))
+            clock("decode")
             return
 
         # 2. shard j to rank j
         sizes_in = [up_sizes[r] if i != r else 0 for i in range(n)]
         mine = self._a2a([u if j != r else u[:0] for j, u in enumerate(ups)], sizes_in, cdev)
         mine[r] = ups[r]
+        clock("uplink")
 
         # 3. serve shard r: average, server rule, compress
         lo, hi = lay.bounds[r], lay.bounds[r + 1]
@@ -425,6 +462,7 @@ class GradzipState:
             es_full[lo:hi] = ss.feedback.error
             for nm in names:
                 self._owner[nm] = sig
+        clock("serve")
 
         # 4. every shard to every rank; all decode the same bytes
         downs = self._a2a(
@@ -433,8 +471,10 @@ class GradzipState:
             cdev,
         )
         downs[r] = down
+        clock("downlink")
         for j, x in enumerate(downs):  # every payload is decoded (and g read) before this
             g[lay.bounds[j] : lay.bounds[j + 1]] = lay.algos[j].decode_downlink(x, f"rank {j}")
+        clock("decode")
 
     def _after(self, bucket) -> None:
         if bucket.is_last():
@@ -443,74 +483,11 @@ class GradzipState:
     # --- checkpoints ----------------------------------------------------------------------
     def state_dict(self) -> dict:
         """The full state (every rank's memories). A collective: call it on every rank."""
-        n, dev = self.n, None
-        for m in (*self.worker_error.values(), *self.server_error.values()):
-            dev = m.device
-            break
-        cdev = self._comm_device(dev if dev is not None else torch.device("cpu"))
-        if self.backend == "nccl" and cdev.type == "cpu":
-            cdev = torch.device("cuda", torch.cuda.current_device())
-        wnames = [nm for nm in self.names if nm in self.worker_error]
-        snames = [nm for nm in self.names if nm in self.server_error]
-        flat = torch.cat(
-            [self.worker_error[nm].to(cdev, torch.float32) for nm in wnames]
-            or [torch.zeros(0, device=cdev)]
-        )
-        gathered = [torch.empty_like(flat) for _ in range(n)]
-        dist.all_gather(gathered, flat, group=self.group)
-        sparts = []
-        for nm in snames:
-            m = self.server_error[nm].to(cdev, torch.float32)
-            if self._owner.get(nm) == _REPLICATED and self.rank != 0:
-                m = torch.zeros_like(m)
-            sparts.append(m)
-        sflat = torch.cat(sparts or [torch.zeros(0, device=cdev)])
-        dist.all_reduce(sflat, group=self.group)
-        wsizes = [self.worker_error[nm].numel() for nm in wnames]
-        ssizes = [self.server_error[nm].numel() for nm in snames]
-        per_rank = [g.cpu().split(wsizes) for g in gathered]
-        return {
-            "format": FORMAT,
-            "world": n,
-            "step": self.step,
-            "seed": self.seed,
-            "config": self.config.as_dict(),
-            "worker_error": {
-                nm: torch.stack([pr[k] for pr in per_rank]).clone() for k, nm in enumerate(wnames)
-            },
-            "server_error": {
-                nm: part.clone() for nm, part in zip(snames, sflat.cpu().split(ssizes), strict=True)
-            },
-        }
+        return _memory.gather(self)
 
     def load_state_dict(self, sd: dict) -> None:
         """Restore a :meth:`state_dict` (on every rank; no communication)."""
-        if not isinstance(sd, dict) or sd.get("format") != FORMAT:
-            raise ValueError(f"not a gradzip.ddp state dict (expected format {FORMAT!r})")
-        if sd["world"] != self.n:
-            raise ValueError(
-                f"the checkpoint holds the memories of {sd['world']} ranks, this run has "
-                f"{self.n}: error memories cannot be redistributed"
-            )
-        if sd["config"] != self.config.as_dict():
-            raise ValueError(
-                f"the checkpoint was made with {sd['config']}, this hook is {self.config.as_dict()}"
-            )
-        known = set(self.names)
-        for key in ("worker_error", "server_error"):
-            bad = set(sd[key]) - known
-            if bad:
-                raise ValueError(f"checkpoint memories for unknown parameters: {sorted(bad)[:5]}")
-        for nm, m in sd["worker_error"].items():
-            if m.shape[0] != self.n:
-                raise ValueError(f"worker memory of {nm!r} has {m.shape[0]} ranks")
-        self.step = int(sd["step"])
-        self.seed = int(sd["seed"])
-        self.worker_error = _Memory(
-            {nm: m[self.rank].clone().float() for nm, m in sd["worker_error"].items()}
-        )
-        self.server_error = _Memory({nm: m.clone().float() for nm, m in sd["server_error"].items()})
-        self._owner = dict.fromkeys(self.server_error, _REPLICATED)
+        _memory.restore(self, sd)
 
 
 def _check_sizes(got: list[int], expected: list[int], spec: str) -> None:
@@ -524,16 +501,20 @@ def _check_sizes(got: list[int], expected: list[int], spec: str) -> None:
 def hook(state: GradzipState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     """The DDP communication hook: ``model.register_comm_hook(state, hook)``."""
     buf = bucket.buffer()
-    n = state.n
-    if state._use_dense(buf.numel()):
-        nbytes = buf.numel() * buf.element_size()
-        ring = math.ceil(2 * (n - 1) * nbytes / n)
-        state._traffic["dense_sent"] += ring
-        state._traffic["dense_received"] += ring
-        state._traffic["dense_buckets"] += 1
+    dense = state._use_dense(buf.numel())
+    if state.overlap and buf.device.type == "cpu":
+        try:  # the bucket's work on the communication thread; the backward goes on
+            if dense:
+                state._dense(buf)
+                job = lambda: _allreduced(buf, state.group)  # noqa: E731
+            else:
+                job = state._plan(bucket)
+        finally:
+            state._after(bucket)
+        return state._pipeline.submit(job)
+    if dense:
         state._after(bucket)
-        buf.div_(n)
-        fut = dist.all_reduce(buf, group=state.group, async_op=True).get_future()
+        fut = dist.all_reduce(state._dense(buf), group=state.group, async_op=True).get_future()
         return fut.then(lambda f: f.value()[0])
     try:
         out = state.reduce(bucket)
@@ -542,6 +523,24 @@ def hook(state: GradzipState, bucket: dist.GradBucket) -> torch.futures.Future[t
     fut = torch.futures.Future()
     fut.set_result(out)
     return fut
+
+
+def _allreduced(buf: torch.Tensor, group) -> torch.Tensor:
+    dist.all_reduce(buf, group=group)
+    return buf
+
+
+class _Clock:
+    """Adds the time since the last mark to ``totals[phase]``."""
+
+    def __init__(self, totals: dict):
+        self.totals = totals
+        self.last = time.perf_counter()
+
+    def __call__(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.totals[phase] += now - self.last
+        self.last = now
 
 
 def register(model, spec: str = "fosgd", **options) -> GradzipState:
@@ -563,6 +562,7 @@ def shutdown(state: GradzipState | None = None, *, exit_code: int | None = 0) ->
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
     if state is not None:
+        state._pipeline.close()
         state._layouts.clear()
         state._precond = None
         state._precond_flat_cache = {}
