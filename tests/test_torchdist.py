@@ -19,6 +19,7 @@ import torch
 from gradzip.compressors.registry import names as compressor_names
 from gradzip.engines import Algorithm, SimulatedEngine
 from gradzip.engines import torchdist as td
+from gradzip.engines.sharded import ShardLayout
 from gradzip.experiments.config import RunConfig
 from gradzip.experiments.runner import make_algorithm, make_job, make_problem, read_metrics, train
 from gradzip.methods import PRESETS, method
@@ -102,12 +103,38 @@ def _same_state(a: dict, b: dict) -> None:
     assert (ea is None and eb is None) or torch.equal(ea, eb)
 
 
+def _headers(engine_name: str, algo: Algorithm, n: int) -> tuple[list[int], list[int]]:
+    """The header bytes of every uplink and downlink message of a step (what stream
+    framing leaves out after a channel's opener; a header's size is fixed by the codec)."""
+
+    def size(c, d):
+        return c.encode(torch.linspace(-1.0, 1.0, d)).header.size
+
+    if engine_name == "torchdist":  # n workers up; the downlink to each of them
+        return [size(algo.up, algo.dim)] * n, [size(algo.down, algo.dim)] * n
+    lay = ShardLayout(algo, n)  # shard j: from and to the n - 1 other ranks
+    ups = [size(a.up, d) for a, d in zip(lay.algos, lay.sizes, strict=True)]
+    downs = [size(a.down, d) for a, d in zip(lay.algos, lay.sizes, strict=True)]
+    return ups * (n - 1), downs * (n - 1)
+
+
+def framed_bits(bits: tuple[int, int], t: int, headers: tuple[list[int], list[int]]):
+    """Standalone-payload bits of a step as stream framing sends them: at step 0 every
+    message is an opener (8 bytes more), later ones a frame (8 bytes instead of the
+    header)."""
+    return tuple(
+        b + sum(64 if t == 0 else 64 - 8 * h for h in hs)
+        for b, hs in zip(bits, headers, strict=True)
+    )
+
+
 def _check_against(engine_name: str, ref_cls, cfg: RunConfig) -> None:
-    """T steps on both engines: same bytes (bits), losses, parameters and memories; then
-    a checkpoint from the reference loaded into the distributed engine continues the
-    same trajectory."""
+    """T steps on both engines: same losses, parameters and memories, and the same bytes
+    (bits) up to the framing (``cfg.framing``); then a checkpoint from the reference
+    loaded into the distributed engine continues the same trajectory."""
     problem, algo = _build(cfg)
     ref = ref_cls(*_build(cfg), cfg.workers, seed=cfg.seed)
+    headers = _headers(engine_name, algo, cfg.workers)
     before = _children()
     eng = td.make_engine(make_job(cfg.replace(engine=engine_name)), problem, algo)
     try:
@@ -115,7 +142,12 @@ def _check_against(engine_name: str, ref_cls, cfg: RunConfig) -> None:
         for t in range(STEPS):
             lr = cfg.lr
             a, b = eng.step(t, lr), ref.step(t, lr)
-            assert (a.bits_up, a.bits_down) == (b.bits_up, b.bits_down), t
+            want = (b.bits_up, b.bits_down)
+            if cfg.framing == "stream":
+                want = framed_bits(want, t, headers)
+                if t:  # 8 bytes of overhead a message, whatever the header was
+                    assert all(h > 8 for hs in headers for h in hs)
+            assert (a.bits_up, a.bits_down) == want, t
             assert a.loss == b.loss, t
             assert a.bits_up > 0 and a.bits_down > 0
             if t == STEPS // 2 - 1:
@@ -134,10 +166,12 @@ def _check_against(engine_name: str, ref_cls, cfg: RunConfig) -> None:
     assert _children() <= before
 
 
-@pytest.mark.parametrize("name", ["fosgd", "memsgd-topk"])
-def test_parameter_server_equals_simulated(name, one_thread):
+@pytest.mark.parametrize("name, framing", [("fosgd", "stream"), ("memsgd-topk", "payload")])
+def test_parameter_server_equals_simulated(name, framing, one_thread):
     _needs(name)
-    cfg = RunConfig(problem="softmax-digits", method=name, workers=3, lr=0.2, seed=3)
+    cfg = RunConfig(
+        problem="softmax-digits", method=name, workers=3, lr=0.2, seed=3, framing=framing
+    )
     _check_against("torchdist", SimulatedEngine, cfg)
 
 
@@ -190,7 +224,12 @@ def test_one_shard_is_the_plain_step():
 @pytest.mark.parametrize(
     "kind, message",
     [
-        ("corrupt", r"worker 0 \(rank 1\) failed at step 3: PayloadError: not a gradzip payload"),
+        # the first byte of the downlink's frame is its step's: refused as the wrong step
+        (
+            "corrupt",
+            r"worker 0 \(rank 1\) failed at step 3: PayloadError: stream message on "
+            r"channel 1 is for step 252, expected step 3",
+        ),
         ("exit", r"lost contact .* worker 0 \(rank 1\) exited with code 3"),
     ],
 )
@@ -276,8 +315,11 @@ def test_torchrun_launch(tmp_path, one_thread):
     assert torch.equal(xa, xb)
     sa, _ = read_metrics(out)
     sb, _ = read_metrics(tmp_path / "sim")
-    key = ("loss", "bits_up", "bits_down")
-    assert [[r[k] for k in key] for r in sa] == [[r[k] for k in key] for r in sb]
+    assert [r["loss"] for r in sa] == [r["loss"] for r in sb]
+    cfg = RunConfig(problem="softmax-digits", method="fosgd", workers=3, seed=4)
+    headers = _headers("torchdist", _build(cfg)[1], 3)  # stream framing: the default
+    got = [(r["bits_up"], r["bits_down"]) for r in sa]
+    assert got == [framed_bits((r["bits_up"], r["bits_down"]), r["step"], headers) for r in sb]
 
 
 def test_ctrl_c_stops_every_process(tmp_path):

@@ -23,6 +23,7 @@ from .cluster import (
     _floats,
 )
 from .core import Algorithm, ServerState, WorkerState, state_from_tensors, state_tensors
+from .links import Links, down_channel, up_channel
 from .sharded import check_state_dict
 from .simulated import StepStats
 
@@ -37,12 +38,20 @@ class TorchDistEngine:
     float32 tensors), plus ``close``.
     """
 
-    def __init__(self, problem, algorithm: Algorithm, cluster: _Cluster, seed: int = 0):
+    def __init__(
+        self,
+        problem,
+        algorithm: Algorithm,
+        cluster: _Cluster,
+        seed: int = 0,
+        framing: str = "stream",
+    ):
         self.problem = problem
         self.algo = algorithm
         self.cluster = cluster
         self.n = cluster.world - 1
         self.seed = seed
+        self.links = Links(framing, max_numel=max(problem.dim, 1))
         self.x = problem.initial_point()
         self.server = ServerState()
         cluster.await_started(problem.dim, "the server")
@@ -66,13 +75,15 @@ class TorchDistEngine:
                 raise cl.failure(texts)
             t1 = time.perf_counter()
             try:
-                down, self.server = self.algo.aggregate(t, list(ups.values()), lr, self.server)
+                got = [self.links.unpack(up_channel(cl.worker_of(r)), u, t) for r, u in ups.items()]
+                down, self.server = self.algo.aggregate(t, got, lr, self.server)
+                msg = self.links.pack(down_channel(), down)
             except Exception:
                 self._abort(t)
                 raise
             t2 = time.perf_counter()
-            head = torch.tensor([OK, down.numel()], dtype=torch.int64)
-            sends = [(head, r, T_META) for r in cl.peers] + [(down, r, T_DATA) for r in cl.peers]
+            head = torch.tensor([OK, msg.numel()], dtype=torch.int64)
+            sends = [(head, r, T_META) for r in cl.peers] + [(msg, r, T_DATA) for r in cl.peers]
             cl.exchange(f"sending the downlink at step {t}", sends)
         # bits from the bytes actually sent: one copy of the downlink per worker
         bits_down = sum(8 * x.numel() for x, _, tag in sends if tag == T_DATA)
@@ -137,9 +148,12 @@ class TorchDistEngine:
 _WORKER_VALUES = 1 + len(state_tensors(WorkerState()))  # x and the worker's memories
 
 
-def _ps_worker(seed: int, cl: _Cluster, problem, algo: Algorithm) -> tuple[int, int]:
+def _ps_worker(
+    seed: int, cl: _Cluster, problem, algo: Algorithm, framing: str = "stream"
+) -> tuple[int, int]:
     """A parameter-server worker's loop; returns (exit code, steps done)."""
     i, steps = cl.rank - 1, 0
+    links = Links(framing, max_numel=max(problem.dim, 1))
     x, state, pending = problem.initial_point(), WorkerState(), None
     fault = _Fault(cl.rank)
     while True:
@@ -155,6 +169,7 @@ def _ps_worker(seed: int, cl: _Cluster, problem, algo: Algorithm) -> tuple[int, 
                 loss, g = problem.gradient(z, problem.batch(seed, t, i))
                 t1 = time.perf_counter()
                 data, state = algo.encode_uplink(t, i, g, lr, state)
+                data = links.pack(up_channel(i), data)
                 t2 = time.perf_counter()
             except Exception as e:
                 cl.reply_failed(_describe(e, f"at step {t}"))
@@ -167,7 +182,7 @@ def _ps_worker(seed: int, cl: _Cluster, problem, algo: Algorithm) -> tuple[int, 
                 t, cl.recv(torch.empty(int(head[1]), dtype=torch.uint8), T_DATA)
             )
             try:
-                x = algo.apply(x, down, lr)
+                x = algo.apply(x, links.unpack(down_channel(), down, t), lr)
             except Exception as e:  # reported with the next command
                 pending = _describe(e, f"at step {t}")
             steps += 1

@@ -26,6 +26,7 @@ from .cluster import (
     _text_tensor,
 )
 from .core import Algorithm, ServerState, WorkerState, state_from_tensors, state_tensors
+from .links import Links, down_channel, up_channel
 from .sharded import ShardLayout, check_state_dict
 from .simulated import StepStats
 
@@ -43,10 +44,11 @@ class _RunFailed(Exception):
 class _ShardedReplica:
     """One rank of the sharded layout: worker r and server of shard r."""
 
-    def __init__(self, seed: int, cl: _Cluster, problem, algo: Algorithm):
+    def __init__(self, seed: int, cl: _Cluster, problem, algo: Algorithm, framing: str):
         self.seed, self.cl, self.problem = seed, cl, problem
         self.r, self.n = cl.rank, cl.world
         self.layout = ShardLayout(algo, self.n)
+        self.links = Links(framing, max_numel=max(self.layout.sizes))
         self.x = problem.initial_point()
         self.worker = WorkerState()
         self.server = ServerState()  # of shard r
@@ -94,6 +96,9 @@ class _ShardedReplica:
                 loss, ups, self.worker, tc, tz = lay.uplink(
                     self.problem, self.seed, t, r, self.x, lr, self.worker
                 )
+                # what goes to rank j: framed on the channel (r, j); shard r stays here
+                ups = [u if j == r else self.links.pack(up_channel(r, j, n), u)
+                       for j, u in enumerate(ups)]  # fmt: skip
                 vals = (loss, tc, tz)
             except Exception as e:
                 own, msg = e, _text_tensor(_describe(e, f"at step {t}"))
@@ -111,13 +116,17 @@ class _ShardedReplica:
         mine[r] = ups[r]
         t1 = time.perf_counter()
         own, msg, down = None, None, torch.empty(0, dtype=torch.uint8)
+        sent = down
         try:
+            mine = [u if i == r else self.links.unpack(up_channel(i, r, n), u, t)
+                    for i, u in enumerate(mine)]  # fmt: skip
             down, self.server = lay.aggregate(r, t, mine, lr, self.server)
+            sent = self.links.pack(down_channel(r), down)
         except Exception as e:
             own, msg = e, _text_tensor(_describe(e, f"at step {t}"))
         t2 = time.perf_counter()
         meta2 = torch.tensor(
-            [OK if msg is None else FAILED, 0 if msg is None else msg.numel(), down.numel()],
+            [OK if msg is None else FAILED, 0 if msg is None else msg.numel(), sent.numel()],
             dtype=torch.int64,
         )
         metas2 = self._gather(meta2, f"exchanging downlink sizes at step {t}")
@@ -125,7 +134,7 @@ class _ShardedReplica:
         # downlink: shard r to every other rank
         dlens = [int(m[2]) for m in metas2]
         downs = self._a2a(
-            [down if j != r else down[:0] for j in range(n)],
+            [sent if j != r else sent[:0] for j in range(n)],
             [dlens[i] if i != r else 0 for i in range(n)],
             f"sending downlinks at step {t}",
         )
@@ -133,6 +142,8 @@ class _ShardedReplica:
         downs = [self.fault.maybe_corrupt(t, dj) if j != r else dj for j, dj in enumerate(downs)]
         t3 = time.perf_counter()
         try:
+            downs = [dj if j == r else self.links.unpack(down_channel(j), dj, t)
+                     for j, dj in enumerate(downs)]  # fmt: skip
             self.x = lay.apply(self.x, downs, lr)
         except Exception as e:
             if r == 0:
@@ -172,12 +183,19 @@ def _replica_state(values) -> tuple[torch.Tensor, WorkerState, ServerState]:
 class ShardedTorchDistEngine:
     """Rank 0 of the sharded layout: worker 0, server of shard 0, and the run's driver."""
 
-    def __init__(self, problem, algorithm: Algorithm, cluster: _Cluster, seed: int = 0):
+    def __init__(
+        self,
+        problem,
+        algorithm: Algorithm,
+        cluster: _Cluster,
+        seed: int = 0,
+        framing: str = "stream",
+    ):
         self.problem = problem
         self.algo = algorithm
         self.cluster = cluster
         self.n = cluster.world
-        self.rep = _ShardedReplica(seed, cluster, problem, algorithm)
+        self.rep = _ShardedReplica(seed, cluster, problem, algorithm, framing)
         cluster.await_started(problem.dim, "rank 0")
         # every rank starts from rank 0's point, with empty memories
         empty = {"feedback": {"error": None}}
@@ -249,8 +267,10 @@ class ShardedTorchDistEngine:
         self.cluster.close()
 
 
-def _sharded_worker(seed: int, cl: _Cluster, problem, algo: Algorithm) -> tuple[int, int]:
-    rep, steps = _ShardedReplica(seed, cl, problem, algo), 0
+def _sharded_worker(
+    seed: int, cl: _Cluster, problem, algo: Algorithm, framing: str = "stream"
+) -> tuple[int, int]:
+    rep, steps = _ShardedReplica(seed, cl, problem, algo, framing), 0
     while True:
         cmd, t, lr = cl.recv_ctrl()
         if cmd == STEP:

@@ -33,11 +33,19 @@ momentum are coordinate-wise, so memories are kept as full vectors (workers) and
 ``simulated-sharded`` (:class:`ShardedSimulatedEngine`) is the same layout in one process,
 for checking the multi-process trajectory.
 
-Bits: ``8 * len(payload)`` for every payload sent, counted from the tensors actually
-sent; the parameter server's downlink counts once per receiving worker. In the sharded
-layout the shard a rank keeps for itself crosses no network and is not counted: up, each
-worker sends n-1 shard payloads; down, each shard goes to n-1 ranks. The framing (lengths,
-control, status) is not counted, as in the simulated engine.
+Framing (``Job.framing``, the ``framing`` config key): with ``"stream"`` (the default)
+each channel (worker i's uplink of shard j; shard j's downlink, see
+:mod:`gradzip.engines.links`) sends its static header once and then 8 bytes a message
+(:mod:`gradzip.stream`); the receiver checks the step and the channel and hands the
+decoders the sender's payload byte for byte, so the trajectory is the one of ``"payload"``
+framing (every message a standalone payload), which the simulated engines count. A run
+restarted from a checkpoint opens its channels again.
+
+Bits: ``8 * len(message)`` for every message that carries a payload, counted from the
+tensors actually sent; the parameter server's downlink counts once per receiving worker. In
+the sharded layout the shard a rank keeps for itself crosses no network and is not counted:
+up, each worker sends n-1 shard payloads; down, each shard goes to n-1 ranks. The rest of
+the protocol (lengths, control, status) is not counted, as in the simulated engine.
 
 Time: ``t_compute`` is the slowest worker's gradient time and ``t_compress`` the slowest
 worker's encode time plus the serving rank's aggregate and apply (the workers run in
@@ -103,6 +111,7 @@ from .cluster import (
     worker_rank,
 )
 from .core import Algorithm
+from .links import check_framing
 from .ps import TorchDistEngine, _ps_worker
 from .sharded import ShardedSimulatedEngine, ShardLayout
 from .sharded_dist import ShardedTorchDistEngine, _sharded_worker
@@ -130,6 +139,7 @@ class Job:
     seed: int  # the run's seed: batches and payload randomness
     config: str = ""  # handed to build
     build: Callable[[str], tuple] | None = None
+    framing: str = "stream"  # stream | payload (see the module docstring)
 
 
 def world_size(job: Job) -> int:
@@ -172,7 +182,7 @@ def _worker_main(job: Job, cl: _Cluster) -> tuple[int, int]:
     cl.reply(OK, problem.dim)
     loop = _sharded_worker if cl.sharded else _ps_worker
     try:
-        return loop(job.seed, cl, problem, algo)
+        return loop(job.seed, cl, problem, algo, job.framing)
     except RuntimeError as e:  # the server went away (it reports the run's own error)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"gradzip worker (rank {cl.rank}): lost the server: {first}", file=sys.stderr)
@@ -219,6 +229,7 @@ def make_engine(job: Job, problem, algorithm: Algorithm):
     if job.engine == "simulated-sharded":
         return ShardedSimulatedEngine(problem, algorithm, job.workers, seed=job.seed)
     world = _check_world(job)
+    check_framing(job.framing)
     if job.engine == "torchdist-sharded":
         ShardLayout(algorithm, world)  # a clear error before any process starts
     if launched_by_torchrun():
@@ -227,8 +238,8 @@ def make_engine(job: Job, problem, algorithm: Algorithm):
         cluster = _Cluster.spawn(job, world, _spawned_main)
     try:
         if job.engine == "torchdist":
-            return TorchDistEngine(problem, algorithm, cluster, seed=job.seed)
-        return ShardedTorchDistEngine(problem, algorithm, cluster, seed=job.seed)
+            return TorchDistEngine(problem, algorithm, cluster, job.seed, job.framing)
+        return ShardedTorchDistEngine(problem, algorithm, cluster, job.seed, job.framing)
     except BaseException:
         cluster.close()
         raise

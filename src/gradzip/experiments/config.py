@@ -42,6 +42,7 @@ class RunConfig:
     seed: int = 0
     eval_every: int = 25
     engine: str = "simulated"  # simulated | torchdist
+    framing: str = "stream"  # torch.distributed engines: stream | payload
     checkpoint_every: int = 0  # steps between checkpoints (0 = only at the end)
     out: str = "results/run"
 
@@ -61,6 +62,7 @@ class RunConfig:
             "weight_decay": math.isfinite(self.weight_decay) and self.weight_decay >= 0,
             "dq_range": math.isfinite(self.dq_range) and self.dq_range >= 0,
             "dq_decay": math.isfinite(self.dq_decay) and self.dq_decay >= 0,
+            "framing": self.framing in ("stream", "payload"),
         }
         for key, ok in bad.items():
             if not ok:
@@ -100,6 +102,9 @@ HELP = {
     "seed": "seed of data order, model init and all compressor randomness",
     "eval_every": "steps between test evaluations (0: only at the end)",
     "engine": "simulated | simulated-sharded | torchdist | torchdist-sharded",
+    "framing": "payload framing of the torch.distributed engines: stream (a channel sends "
+    "its static header once, then 8 bytes a message) | payload (every message a standalone "
+    "payload, as the simulated engines count)",
     "checkpoint_every": "steps between checkpoints (0 = only at the end)",
     "out": "run folder (config.json, metrics.jsonl, summary.json, checkpoint.pt)",
 }

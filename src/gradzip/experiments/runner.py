@@ -62,7 +62,9 @@ def build_from_config(text: str):
 def make_job(cfg: RunConfig) -> torchdist.Job:
     """What every rank of a torch.distributed run needs."""
     text = json.dumps(as_dict(cfg))
-    return torchdist.Job(cfg.engine, cfg.workers, cfg.seed, text, build_from_config)
+    return torchdist.Job(
+        cfg.engine, cfg.workers, cfg.seed, text, build_from_config, framing=cfg.framing
+    )
 
 
 def make_schedule(cfg: RunConfig, problem) -> Schedule:
