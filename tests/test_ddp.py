@@ -149,6 +149,38 @@ def _overlapped(rank: int) -> None:
         assert torch.equal(got[True], got[False]), f"{spec}: overlap changed the result"
 
 
+def _unbound(rank: int, made: ddp.GradzipState) -> None:
+    """A state built before the process group without the model (``made``, pickled by
+    spawn) names the parameters at the first step; it trains like a bound one, and its
+    checkpoint resumes bit for bit in a fresh unbound state."""
+    m = _model(0.001)
+    m.register_comm_hook(made, ddp.hook)
+    _train(m, torch.optim.SGD(m.parameters(), lr=0.05), rank, 3)
+    _same_everywhere(_params(m), "unbound")
+    assert made.names == [f"param.{i}" for i in range(6)] and made.step == 3
+    assert made.traffic()["compressed_buckets"] > 0
+    runs = {}
+    for resumed in (False, True):
+        m = _model()
+        st = ddp.GradzipState(spec="memsgd-topk", min_numel=0)
+        m.register_comm_hook(st, ddp.hook)
+        opt = torch.optim.SGD(m.parameters(), lr=0.05)
+        _train(m, opt, rank, 3)
+        if resumed:
+            sd, params = st.state_dict(), [p.detach().clone() for p in m.parameters()]
+            m = _model()
+            with torch.no_grad():
+                for p, q in zip(m.parameters(), params, strict=True):
+                    p.copy_(q)
+            st = ddp.GradzipState(spec="memsgd-topk", min_numel=0)
+            st.load_state_dict(sd)  # names checked at the end of the first step
+            m.register_comm_hook(st, ddp.hook)
+            opt = torch.optim.SGD(m.parameters(), lr=0.05)
+        _train(m, opt, rank, 3, start=3)
+        runs[resumed] = _params(m)
+    assert torch.equal(runs[True], runs[False]), "an unbound state did not resume exactly"
+
+
 def _checkpoint(rank: int, path: str) -> None:
     """Checkpoint and restart mid-training: memories restored, the run continues exactly.
 
@@ -300,7 +332,7 @@ def _check_versus_engine(world: int, tmp: str) -> None:
         )
 
 
-def _worker(rank: int, world: int, port: int, tmp: str) -> None:
+def _worker(rank: int, world: int, port: int, tmp: str, made: ddp.GradzipState) -> None:
     faulthandler.enable()  # a crash in a rank prints every thread's Python stack
     os.environ["GRADZIP_THREADS"] = "1"
     torch.set_num_threads(1)
@@ -312,6 +344,7 @@ def _worker(rank: int, world: int, port: int, tmp: str) -> None:
         _compressed(rank)
         _preconditioned(rank)
         _overlapped(rank)
+        _unbound(rank, made)
         _versus_engine(rank, tmp)
         if world == 2:
             _checkpoint(rank, os.path.join(tmp, "ckpt.pt"))
@@ -345,7 +378,8 @@ def test_ddp_hook_gloo(world, tmp_path, monkeypatch):
     # one thread per rank for numba as for torch: oversubscribed pools spin
     for var in ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "GRADZIP_THREADS"):
         monkeypatch.setenv(var, "1")
-    mp.spawn(_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world)
+    made = ddp.GradzipState(spec="fosgd", min_numel=0)  # no process group, no model yet
+    mp.spawn(_worker, args=(world, _free_port(), str(tmp_path), made), nprocs=world)
     _check_versus_engine(world, str(tmp_path))
 
 
@@ -361,5 +395,16 @@ def test_bad_specs():
         ddp.GradzipState(nn.Linear(2, 2), "fosgd", layout="ring")
     with pytest.raises(ValueError, match="uplink_rule"):
         ddp.GradzipState(nn.Linear(2, 2), "fosgd", uplink_rule="sometimes")
+    st = ddp.GradzipState(spec="fosgd")  # before the process group, without the model
     with pytest.raises(RuntimeError, match="process group"):
-        ddp.GradzipState(nn.Linear(2, 2), "fosgd")
+        st.state_dict()
+
+
+def test_state_pickles_its_configuration():
+    import pickle
+
+    st = ddp.GradzipState(nn.Linear(3, 2), "topk:k=0.1", start_step=3, seed=9, overlap=False)
+    st.step = 5
+    back = pickle.loads(pickle.dumps(st))
+    assert back.config == st.config and back.start_step == 3 and back.seed == 9
+    assert back.overlap is False and back.step == 0 and back.names == []  # nothing bound

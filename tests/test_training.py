@@ -227,7 +227,7 @@ def test_no_preset_diverges_at_the_step_size_sgd_trains_at(momentum):
 def test_error_feedback_on_a_non_contractive_compressor_warns_and_presets_do_not():
     import warnings
 
-    from gradzip import ddp
+    from gradzip import _ddpconfig
 
     for name in PRESETS:  # none of the presets asks for EF where it may not contract
         with warnings.catch_warnings():
@@ -237,7 +237,7 @@ def test_error_feedback_on_a_non_contractive_compressor_warns_and_presets_do_not
         with pytest.warns(feedback.NonContractiveFeedbackWarning, match="no contraction"):
             method("sgd", uplink=spec, uplink_rule="ef")
         with pytest.warns(feedback.NonContractiveFeedbackWarning, match="gradzip.ddp downlink"):
-            ddp._resolve(spec, "none", None, "ef", "sharded")
+            _ddpconfig.resolve(spec, "none", None, "ef", "sharded")
     # contractive: declared delta (biased) or omega < 1 (unbiased): no warning
     with warnings.catch_warnings():
         warnings.simplefilter("error", feedback.NonContractiveFeedbackWarning)
@@ -249,9 +249,9 @@ def test_error_feedback_on_a_non_contractive_compressor_warns_and_presets_do_not
             "scaled_sign",
         ):
             method("sgd", uplink=spec, uplink_rule="ef", downlink=spec, downlink_rule="ef")
-    assert ddp._auto(gz.compressor("fosgd:rescale=mse")) == "ef"
-    assert ddp._auto(gz.compressor("fosgd:rescale=capped")) == "ef"
-    assert ddp._auto(gz.compressor("fosgd")) == "none"  # not contractive in the worst case
+    assert _ddpconfig._auto(gz.compressor("fosgd:rescale=mse")) == "ef"
+    assert _ddpconfig._auto(gz.compressor("fosgd:rescale=capped")) == "ef"
+    assert _ddpconfig._auto(gz.compressor("fosgd")) == "none"  # not contractive in the worst case
     # the engines' methods resolve `auto` the same way
     m = method("sgd", uplink="fosgd:rescale=mse", uplink_rule="auto", downlink_rule="auto")
     assert (m.uplink_rule, m.downlink_rule) == ("ef", "none")  # downlink: identity, unbiased

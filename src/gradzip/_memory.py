@@ -70,6 +70,7 @@ def migrate(state, names, sizes, sig, lo: int, hi: int, dev) -> None:
 
 def gather(state) -> dict:
     """The full state (every rank's memories). A collective: call it on every rank."""
+    state._bind_group()
     state._pipeline.drain()  # no bucket's collective in flight
     n, dev = state.n, None
     for m in (*state.worker_error.values(), *state.server_error.values()):
@@ -114,6 +115,7 @@ def gather(state) -> dict:
 
 def restore(state, sd: dict) -> None:
     """Restore a :meth:`GradzipState.state_dict` (on every rank; no communication)."""
+    state._bind_group()
     state._pipeline.drain()
     if not isinstance(sd, dict) or sd.get("format") != FORMAT:
         raise ValueError(f"not a gradzip.ddp state dict (expected format {FORMAT!r})")
@@ -126,11 +128,11 @@ def restore(state, sd: dict) -> None:
         raise ValueError(
             f"the checkpoint was made with {sd['config']}, this hook is {state.config.as_dict()}"
         )
-    known = set(state.names)
-    for key in ("worker_error", "server_error"):
-        bad = set(sd[key]) - known
-        if bad:
-            raise ValueError(f"checkpoint memories for unknown parameters: {sorted(bad)[:5]}")
+    names = set(sd["worker_error"]) | set(sd["server_error"])
+    if state.names:
+        check_names(state, names)
+    else:  # named at the first step: checked then
+        state._pending_names = names
     for nm, m in sd["worker_error"].items():
         if m.shape[0] != state.n:
             raise ValueError(f"worker memory of {nm!r} has {m.shape[0]} ranks")
@@ -141,3 +143,14 @@ def restore(state, sd: dict) -> None:
     )
     state.server_error = Memory({nm: m.clone().float() for nm, m in sd["server_error"].items()})
     state._owner = dict.fromkeys(state.server_error, _REPLICATED)
+
+
+def check_names(state, names) -> None:
+    """Raise ValueError unless every name of a loaded checkpoint is a parameter's."""
+    bad = set(names) - set(state.names)
+    if bad:
+        raise ValueError(
+            f"checkpoint memories for unknown parameters: {sorted(bad)[:5]} (this state "
+            f"names its parameters {state.names[:3]}...; a checkpoint loads into a state "
+            "of its own naming: bound to the model, or not)"
+        )

@@ -77,12 +77,12 @@ import math
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from . import _memory, feedback, rng
+from ._ddpconfig import LAYOUTS, resolve
 from ._memory import FORMAT
 from ._memory import Memory as _Memory
 from ._pipeline import Pipeline
@@ -91,72 +91,30 @@ from .engines.cluster import exit_now
 from .engines.core import Algorithm, ServerState, WorkerState
 from .engines.sharded import ShardLayout
 from .feedback import FeedbackState
-from .methods import PRESETS, Method
+from .methods import Method
 
 __all__ = ["GradzipState", "hook", "register", "shutdown", "LAYOUTS", "FORMAT"]
 
-LAYOUTS = ("sharded", "allgather")
 #: The phases of a compressed bucket's work, as :meth:`GradzipState.timings` reports them.
 PHASES = ("encode", "uplink", "serve", "downlink", "decode")
 _MASK = (1 << 64) - 1
 
 
-@dataclass(frozen=True)
-class Config:
-    """What the hook sends (the resolved spec)."""
-
-    uplink: str
-    uplink_rule: str
-    downlink: str
-    downlink_rule: str
-    layout: str
-
-    def as_dict(self) -> dict:
-        return dict(self.__dict__)
-
-
-def _resolve(spec, uplink_rule, downlink, downlink_rule, layout) -> Config:
-    if layout not in LAYOUTS:
-        raise ValueError(f"unknown layout {layout!r}; valid: {', '.join(LAYOUTS)}")
-    if not isinstance(spec, str) or not spec.strip():
-        raise ValueError(f"expected a method preset or compressor spec, got {spec!r}")
-    if spec in PRESETS:
-        up, ur, down, dr = PRESETS[spec]
-    else:
-        up, ur, down, dr = spec, "auto", spec, "auto"
-    ur = ur if uplink_rule is None else uplink_rule
-    down = down if downlink is None else downlink
-    dr = dr if downlink_rule is None else downlink_rule
-    for what, rule in (("uplink_rule", ur), ("downlink_rule", dr)):
-        if rule == "auto":
-            continue
-        if rule not in feedback.RULES:
-            valid = ", ".join((*feedback.RULES, "auto"))
-            raise ValueError(f"unknown {what} {rule!r}; valid: {valid}")
-        if feedback.rule(rule).needs_gradient_point:
-            raise ValueError(
-                f"{what}: the {rule} rule takes the gradient at a corrected point, which "
-                "a comm hook cannot do; use the gradzip train engines for it"
-            )
-    cu, cd = compressor(up), compressor(down)  # the registry's error for a bad spec
-    ur = _auto(cu) if ur == "auto" else ur
-    dr = _auto(cd) if dr == "auto" else dr
-    feedback.check_feedback(ur, cu, "gradzip.ddp uplink")
-    if layout != "allgather":
-        feedback.check_feedback(dr, cd, "gradzip.ddp downlink")
-    if layout == "allgather":
-        down, dr = "identity", "none"  # nothing is sent down
-    return Config(cu.spec, ur, cd.spec, dr, layout)
-
-
-_auto = feedback.auto  # the engines' Method resolves ``auto`` the same way
-
-
 class GradzipState:
     """The hook's state: configuration, per-parameter memories, step, traffic counters.
 
+    Built before or after the process group, with or without the model: it binds to the
+    process group at its first use, and to the parameters either by :meth:`bind` (implied
+    by ``model``: they are named as the model names them) or, without a model, at the
+    first step (``param.0``, ``param.1``, ... in the order DDP's first step hands them to
+    the hook, the same on every rank and after a restart). The two namings give different
+    payload seeds and checkpoint keys; a checkpoint loads into a state of its own naming.
+    A pickled state (``torch.multiprocessing`` or a launcher sending it to its processes)
+    keeps its configuration and nothing bound, like ``PowerSGDState``.
+
     Args:
-        model: the DDP-wrapped model (or its module): its parameter names key the memories.
+        model: the DDP-wrapped model (or its module), optional: its parameter names key
+            the memories.
         spec: a method preset (``gradzip methods``) or a compressor spec.
         uplink_rule, downlink, downlink_rule: overrides (rules: ``none``, ``ef``, ``auto``).
         layout: ``sharded`` (default) or ``allgather``.
@@ -172,7 +130,7 @@ class GradzipState:
 
     def __init__(
         self,
-        model: torch.nn.Module,
+        model: torch.nn.Module | None = None,
         spec: str = "fosgd",
         *,
         uplink_rule: str | None = None,
@@ -186,26 +144,27 @@ class GradzipState:
         process_group=None,
         overlap: bool = True,
     ):
-        self.config = _resolve(spec, uplink_rule, downlink, downlink_rule, layout)
+        self.config = resolve(spec, uplink_rule, downlink, downlink_rule, layout)
         if start_step < 0 or min_numel < 0:
             raise ValueError("start_step and min_numel must be >= 0")
-        if not dist.is_available() or not dist.is_initialized():
-            raise RuntimeError("GradzipState needs an initialized torch.distributed process group")
+        self._options = dict(
+            spec=spec, uplink_rule=uplink_rule, downlink=downlink, downlink_rule=downlink_rule,
+            layout=layout, start_step=start_step, min_numel=min_numel,
+            allreduce_identity=allreduce_identity, seed=seed, overlap=overlap,
+        )  # fmt: skip
         self.spec = spec
         self.up = compressor(self.config.uplink)
         self.down = compressor(self.config.downlink)
         c = self.config
-        with warnings.catch_warnings():  # _resolve has warned, naming the hook
+        with warnings.catch_warnings():  # resolve has warned, naming the hook
             warnings.simplefilter("ignore", feedback.NonContractiveFeedbackWarning)
             self.method = Method(c.uplink, c.uplink_rule, c.downlink, c.downlink_rule)
         self._layouts: dict[tuple, ShardLayout] = {}
         self.start_step = int(start_step)
         self.min_numel = int(min_numel)
         self.seed = int(seed) & _MASK
-        self.group = process_group if process_group is not None else dist.group.WORLD
-        self.n = dist.get_world_size(self.group)
-        self.rank = dist.get_rank(self.group)
-        self.backend = dist.get_backend(self.group)
+        self._group_arg = process_group
+        self.group = None  # bound at first use (_bind_group)
         c = self.config
         self.dense = (
             allreduce_identity
@@ -214,15 +173,14 @@ class GradzipState:
             and c.uplink_rule == "none"
             and c.downlink_rule == "none"
         )
-        # parameter identity -> (index, name); names stable across restarts
-        module = model.module if hasattr(model, "module") else model
+        # parameter identity -> index into names; names stable across restarts
         self.names: list[str] = []
         self._index: dict[int, int] = {}
-        for name, p in module.named_parameters():
-            if p.requires_grad:
-                self._index[id(p)] = len(self.names)
-                self.names.append(name)
-        self._pos = {nm: i for i, nm in enumerate(self.names)}
+        self._pos: dict[str, int] = {}
+        self._by_model = False
+        self._named = False  # without a model: every parameter has been seen (one step)
+        if model is not None:
+            self.bind(model)
         self.step = 0
         self.worker_error = _Memory()  # this rank's uplink memory
         self.server_error = _Memory()  # per parameter, zero outside the coordinates served
@@ -233,10 +191,45 @@ class GradzipState:
         self._traffic["dense_received"] = 0
         self._traffic["compressed_buckets"] = 0
         self._traffic["dense_buckets"] = 0
-        self._precond = None  # (optimizer, name -> parameter), see precondition_with
+        self._precond = None  # the optimizer, see precondition_with
+        self._pending_names: set[str] = set()  # loaded memories of a naming not yet seen
         self.overlap = bool(overlap)
         self._pipeline = Pipeline()
         self._timings = dict.fromkeys(PHASES, 0.0)
+
+    # --- binding ------------------------------------------------------------------------
+    def bind(self, model: torch.nn.Module) -> None:
+        """Name the parameters as ``model`` (the DDP model or its module) names them
+        (those that require a gradient). Before the first step only."""
+        if self.names and not self._by_model:
+            raise RuntimeError("bind(model) after the first step: the parameters are named")
+        module = model.module if hasattr(model, "module") else model
+        self.names, self._index = [], {}
+        for name, p in module.named_parameters():
+            if p.requires_grad:
+                self._index[id(p)] = len(self.names)
+                self.names.append(name)
+        self._pos = {nm: i for i, nm in enumerate(self.names)}
+        self._by_model = True
+
+    def _bind_group(self) -> None:
+        if self.group is not None:
+            return
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError(
+                "GradzipState needs an initialized torch.distributed process group "
+                "(init_process_group before the first step)"
+            )
+        self.group = self._group_arg if self._group_arg is not None else dist.group.WORLD
+        self.n = dist.get_world_size(self.group)
+        self.rank = dist.get_rank(self.group)
+        self.backend = dist.get_backend(self.group)
+
+    def __getstate__(self) -> dict:
+        return {"options": self._options}
+
+    def __setstate__(self, st: dict) -> None:
+        self.__init__(None, **st["options"])
 
     # --- small helpers ------------------------------------------------------------------
     def warmup(self) -> None:
@@ -272,13 +265,22 @@ class GradzipState:
         out = []
         for p in bucket.parameters():
             i = self._index.get(id(p))
+            if i is None and not self._by_model and not self._named:
+                i = self._index[id(p)] = len(self.names)  # named by appearance
+                self.names.append(f"param.{i}")
+                self._pos[self.names[i]] = i
             if i is None:
                 raise ValueError(
-                    "a bucket holds a parameter the GradzipState does not know: build the "
-                    "state from the same model the hook is registered on"
+                    "a bucket holds a parameter the GradzipState does not know: bind the "
+                    "state to the model the hook is registered on"
                 )
             out.append(self.names[i])
         return out
+
+    def _canonical(self, name: str) -> int:
+        """Sort key of a bucket's parameters: by decreasing index in the model (DDP's
+        usual order), or by appearance."""
+        return -self._pos[name] if self._by_model else self._pos[name]
 
     def _bucket_seed(self, names: list[str]) -> int:
         return rng.fold(self.seed, self._pos[names[0]] + 1, rng.BUCKET_MIX)
@@ -306,26 +308,34 @@ class GradzipState:
             raise TypeError(
                 f"{type(optimizer).__name__} has no preconditioner(param); use gradzip.optim.Adam"
             )
-        module_params = {}
-        for group in optimizer.param_groups:
+        self._precond = optimizer
+        self._precond_flat_cache: dict[tuple, tuple[list, torch.Tensor]] = {}
+        if self._by_model:
+            self._precond_params(self.names)  # the optimizer must hold every parameter
+
+    def _precond_params(self, names) -> list:
+        held = {}
+        for group in self._precond.param_groups:
             for p in group["params"]:
                 i = self._index.get(id(p))
                 if i is not None:
-                    module_params[self.names[i]] = p
-        missing = [nm for nm in self.names if nm not in module_params]
+                    held[self.names[i]] = p
+        missing = [nm for nm in names if nm not in held]
         if missing:
             raise ValueError(f"the optimizer does not hold the parameters {missing[:5]}")
-        self._precond = (optimizer, module_params)
-        self._precond_flat_cache: dict[tuple, tuple[list, torch.Tensor]] = {}
+        return [held[nm] for nm in names]
 
     def _precond_flat(self, names, sizes, dev) -> torch.Tensor | None:
         if self._precond is None:
             return None
-        opt, params = self._precond
-        parts = [opt.preconditioner(params[nm]) for nm in names]
+        opt = self._precond
+        key = tuple(names)
+        params = self._precond_flat_cache.get(("params", key))
+        if params is None:
+            params = self._precond_flat_cache[("params", key)] = self._precond_params(names)
+        parts = [opt.preconditioner(p) for p in params]
         if any(s is None for s in parts):
             return None  # before the optimizer's first step: nothing to scale by yet
-        key = tuple(names)
         hit = self._precond_flat_cache.get(key)
         if hit is not None and all(a is b for a, b in zip(hit[0], parts, strict=True)):
             return hit[1]  # the same scales as last step (a frozen v): no new copy
@@ -358,7 +368,7 @@ class GradzipState:
         d = buf.numel()
         if sum(sizes) != d:
             raise RuntimeError(f"bucket of {d} coordinates holds parameters of {sum(sizes)}")
-        order = sorted(range(len(names)), key=lambda k: -self._pos[names[k]])
+        order = sorted(range(len(names)), key=lambda k: self._canonical(names[k]))
         views = buf.detach().split(sizes)
         reordered = order != list(range(len(names)))
         if reordered:
@@ -479,6 +489,10 @@ class GradzipState:
     def _after(self, bucket) -> None:
         if bucket.is_last():
             self.step += 1
+            self._named = True
+            if self._pending_names:  # loaded before the names were known: check them now
+                _memory.check_names(self, self._pending_names)
+                self._pending_names = set()
 
     # --- checkpoints ----------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -500,6 +514,7 @@ def _check_sizes(got: list[int], expected: list[int], spec: str) -> None:
 
 def hook(state: GradzipState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     """The DDP communication hook: ``model.register_comm_hook(state, hook)``."""
+    state._bind_group()
     buf = bucket.buffer()
     dense = state._use_dense(buf.numel())
     if state.overlap and buf.device.type == "cpu":
