@@ -1,7 +1,8 @@
 """Stream framing: a channel sends its static header once, then 8-byte frames.
 
-A standalone payload (:mod:`gradzip.wire`) describes itself: 52-80 bytes of header per
-message, 4.6 bits per coordinate at d = 124. Between two parties that talk every step the
+A standalone payload (:mod:`gradzip.wire`) describes itself: 52-75 bytes of header per
+message for the registry's compressors on a vector, 3.4-4.8 bits per coordinate at d = 124
+(``benchmarks/stream_overhead.py``). Between two parties that talk every step the
 header hardly changes. A *channel* is one sender and its receivers (worker i's uplink of
 shard j; shard j's downlink, the same bytes to every worker); every payload on it has the
 same *static header*: codec, parameters, dtype, shape, section lengths, seed, worker. Only

@@ -32,6 +32,10 @@ Parsing validates every field before anything is allocated: a truncated, padded,
 corrupted or hostile payload raises :class:`PayloadError` saying what is wrong, and the
 element count a payload may declare is capped (``max_numel``), so a few bytes can never
 ask for gigabytes.
+
+Between two parties that exchange payloads every step, :mod:`gradzip.stream` sends the
+header once per channel and then 8 bytes a message; what it delivers is this format,
+byte for byte.
 """
 
 from __future__ import annotations
