@@ -193,13 +193,7 @@ class StreamReceiver:
         self._template: np.ndarray | None = None  # the opener's header bytes
         self._header = None  # the opener's parsed header
         self._last = -1
-
-    @property
-    def frame_size(self) -> int | None:
-        """Bytes of every frame on the open stream (None before the opener)."""
-        if self._header is None:
-            return None
-        return OVERHEAD + sum(self._header.section_lengths)
+        self.frame_size: int | None = None  # bytes of every frame (None before the opener)
 
     def unpack(self, msg, *, step: int | None = None) -> Payload:
         """The payload ``msg`` (an opener or a frame, bytes-like or a 1-D ``uint8``
@@ -260,4 +254,5 @@ class StreamReceiver:
             raise PayloadError(f"{where} opens at step {header.step}, expected step {step}")
         self._template = raw[OVERHEAD : OVERHEAD + header.size].copy()
         self._header, self._last = header, header.step
+        self.frame_size = OVERHEAD + body.numel() - header.size
         return Payload(body, header)
