@@ -444,7 +444,7 @@ class GradzipState:
             clock("uplink")
             acc = torch.zeros(d, device=dev)
             for i, data in enumerate(got):
-                acc += lay.algos[0].decode_downlink(data, f"rank {i}")
+                acc += lay.algos[0].decode_uplink(data, f"rank {i}", t, i)
             g.copy_(acc.div_(n))
             clock("decode")
             return
@@ -483,7 +483,7 @@ class GradzipState:
         downs[r] = down
         clock("downlink")
         for j, x in enumerate(downs):  # every payload is decoded (and g read) before this
-            g[lay.bounds[j] : lay.bounds[j + 1]] = lay.algos[j].decode_downlink(x, f"rank {j}")
+            g[lay.bounds[j] : lay.bounds[j + 1]] = lay.algos[j].decode_downlink(x, f"rank {j}", t)
         clock("decode")
 
     def _after(self, bucket) -> None:

@@ -25,7 +25,7 @@ import torch
 from .. import feedback
 from ..compressors import decode
 from ..methods import Method
-from ..wire import PayloadError
+from ..wire import Payload, PayloadError
 
 SERVER = (1 << 32) - 1  # the worker id the server's downlink seeds from
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -160,21 +160,38 @@ class Algorithm:
         return p.data, state
 
     # --- server side ------------------------------------------------------------------
-    def _decode_checked(self, data: torch.Tensor, who: str) -> torch.Tensor:
-        y = decode(data, device=self.device)
-        if y.shape != (self.dim,):
-            raise PayloadError(
-                f"{who} sent a tensor of shape {tuple(y.shape)}, expected ({self.dim},)"
-            )
-        return y.float()
+    def _decode_checked(
+        self, data: torch.Tensor, who: str, *, codec=None, step=None, worker=None
+    ) -> torch.Tensor:
+        """Decode what ``who`` sent, refused (:class:`PayloadError`) before anything is
+        allocated unless it holds this step's dimension (a header claiming more is refused
+        while parsing) and, where given, the expected codec, step and sender, under this
+        algorithm's seed: a stale, duplicated or misrouted payload is named, never used."""
+        p = data if isinstance(data, Payload) else Payload.from_bytes(data, max_numel=self.dim)
+        h, problems = p.header, []
+        if h.shape != (self.dim,):
+            problems.append(f"shape {tuple(h.shape)}, expected ({self.dim},)")
+        if codec is not None and h.codec != codec.codec_id:
+            problems.append(f"codec {h.codec}, expected {codec.codec_id} ({codec.name})")
+        if step is not None and h.step != step:
+            problems.append(f"step {h.step}, expected {step}")
+        if worker is not None and h.worker != worker:
+            sender = "the server" if worker == SERVER else f"worker {worker}"
+            problems.append(f"sender id {h.worker}, expected {sender}")
+        if h.seed != self.seed:
+            problems.append(f"seed {h.seed}, expected {self.seed}")
+        if problems:
+            raise PayloadError(f"{who} sent a payload of {', '.join(problems)}")
+        return decode(p, device=self.device).float()
 
     def aggregate(
         self, t: int, uplinks: list[torch.Tensor], lr: float, state: ServerState
     ) -> tuple[torch.Tensor, ServerState]:
         """Step 3: average the uplink payloads and return the downlink bytes."""
         g_hat = torch.zeros(self.dim, device=self.device)
+        up = self.up_rule.compressor_at(self.up, t, self.method)
         for i, data in enumerate(uplinks):
-            g_hat += self._decode_checked(data, f"worker {i}")
+            g_hat += self._decode_checked(data, f"worker {i}", codec=up, step=t, worker=i)
         g_hat /= len(uplinks)
         m, sq = state.momentum, state.second
         if self.optimizer != "sgd":  # Adam on the gradient-unit mean, w in update units
@@ -209,13 +226,26 @@ class Algorithm:
         return w, m, sq
 
     # --- every replica ----------------------------------------------------------------
-    def decode_downlink(self, downlink: torch.Tensor, who: str = "server") -> torch.Tensor:
-        """The decoded downlink vector, checked against this step's dimension."""
-        return self._decode_checked(downlink, who)
+    def decode_uplink(
+        self, data: torch.Tensor, who: str, t: int | None = None, worker: int | None = None
+    ) -> torch.Tensor:
+        """A worker's decoded uplink vector, checked against this step's dimension and the
+        uplink codec (and the step t and the sender's id, where given)."""
+        up = self.up if t is None else self.up_rule.compressor_at(self.up, t, self.method)
+        return self._decode_checked(data, who, codec=up, step=t, worker=worker)
 
-    def apply(self, x: torch.Tensor, downlink: torch.Tensor, lr: float) -> torch.Tensor:
-        """Step 4: the new parameters from the downlink bytes."""
-        u = self._decode_checked(downlink, "server")
+    def decode_downlink(
+        self, downlink: torch.Tensor, who: str = "server", t: int | None = None
+    ) -> torch.Tensor:
+        """The decoded downlink vector, checked against this step's dimension, the downlink
+        codec and the server's id (and the step t where given)."""
+        return self._decode_checked(downlink, who, codec=self.down, step=t, worker=SERVER)
+
+    def apply(
+        self, x: torch.Tensor, downlink: torch.Tensor, lr: float, t: int | None = None
+    ) -> torch.Tensor:
+        """Step 4: the new parameters from the downlink bytes (of step t, where given)."""
+        u = self.decode_downlink(downlink, "server", t)
         if self.weight_decay:  # AdamW's decoupled decay, the same on every replica
             x = x * (1 - lr * self.weight_decay)
         return x - (u if self.down_units else lr * u)

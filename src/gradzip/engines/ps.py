@@ -88,7 +88,7 @@ class TorchDistEngine:
         # bits from the bytes actually sent: one copy of the downlink per worker
         bits_down = sum(8 * x.numel() for x, _, tag in sends if tag == T_DATA)
         t3 = time.perf_counter()
-        self.x = self.algo.apply(self.x, down, lr)
+        self.x = self.algo.apply(self.x, down, lr, t)
         t4 = time.perf_counter()
         vals = [_floats(metas[r][2:5]) for r in cl.peers]  # loss, t_compute, t_compress
         loss = sum(v[0] for v in vals) / self.n
@@ -182,7 +182,7 @@ def _ps_worker(
                 t, cl.recv(torch.empty(int(head[1]), dtype=torch.uint8), T_DATA)
             )
             try:
-                x = algo.apply(x, links.unpack(down_channel(), down, t), lr)
+                x = algo.apply(x, links.unpack(down_channel(), down, t), lr, t)
             except Exception as e:  # reported with the next command
                 pending = _describe(e, f"at step {t}")
             steps += 1

@@ -135,10 +135,12 @@ class ShardLayout:
         return self.algos[j].aggregate(t, uplinks, lr, state)
 
     # --- 3. every replica ---------------------------------------------------------------
-    def apply(self, x: torch.Tensor, downs: list[torch.Tensor], lr: float) -> torch.Tensor:
+    def apply(
+        self, x: torch.Tensor, downs: list[torch.Tensor], lr: float, t: int | None = None
+    ) -> torch.Tensor:
         return torch.cat(
             [
-                a.apply(xj, dj, lr)
+                a.apply(xj, dj, lr, t)
                 for a, xj, dj in zip(self.algos, self.split(x), downs, strict=True)
             ]
         )
@@ -205,7 +207,7 @@ class ShardedSimulatedEngine:
                 j, t, [u[j] for u in ups], lr, self.servers[j]
             )
             downs.append(down)
-        self.x = self.layout.apply(self.x, downs, lr)
+        self.x = self.layout.apply(self.x, downs, lr, t)
         tz += time.perf_counter() - t0
         up, down = ShardLayout.bits(
             [[u.numel() for u in row] for row in ups], [d.numel() for d in downs]

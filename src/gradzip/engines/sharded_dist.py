@@ -144,7 +144,7 @@ class _ShardedReplica:
         try:
             downs = [dj if j == r else self.links.unpack(down_channel(j), dj, t)
                      for j, dj in enumerate(downs)]  # fmt: skip
-            self.x = lay.apply(self.x, downs, lr)
+            self.x = lay.apply(self.x, downs, lr, t)
         except Exception as e:
             if r == 0:
                 raise

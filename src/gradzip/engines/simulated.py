@@ -47,7 +47,7 @@ class SimulatedEngine:
             losses.append(loss)
         t0 = time.perf_counter()
         down, self.server = self.algo.aggregate(t, ups, lr, self.server)
-        self.x = self.algo.apply(self.x, down, lr)
+        self.x = self.algo.apply(self.x, down, lr, t)
         tz += time.perf_counter() - t0
         bits_up = sum(8 * u.numel() for u in ups)
         return StepStats(sum(losses) / self.n, bits_up, 8 * down.numel() * self.n, tc, tz, 0.0)
