@@ -149,6 +149,27 @@ def _overlapped(rank: int) -> None:
         assert torch.equal(got[True], got[False]), f"{spec}: overlap changed the result"
 
 
+def _framed(rank: int) -> None:
+    """Stream framing (the default) gives the results of standalone payloads; after each
+    channel's opener every message is 8 bytes plus the payload's sections."""
+    n = dist.get_world_size()
+    for spec in ("fosgd", "memsgd-topk"):
+        got, sent = {}, {}
+        for framing in ("payload", "stream"):
+            m = _model()  # one bucket
+            st = ddp.register(m, spec, min_numel=0, framing=framing)
+            _train(m, torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9), rank, 4)
+            got[framing], sent[framing] = _params(m), st.traffic()["sent"]
+        assert torch.equal(got["stream"], got["payload"]), spec
+        ((lay, _),) = st._layouts.values()
+        up, down = lay.probes()
+        h_up, h_down = up[0].header.size, down[0].header.size
+        # per step this rank sends n - 1 uplink and n - 1 downlink messages
+        opened = 8 * 2 * (n - 1)
+        framed = 3 * (n - 1) * ((h_up - 8) + (h_down - 8))
+        assert sent["stream"] - sent["payload"] == opened - framed, (spec, sent, h_up, h_down)
+
+
 def _unbound(rank: int, made: ddp.GradzipState) -> None:
     """A state built before the process group without the model (``made``, pickled by
     spawn) names the parameters at the first step; it trains like a bound one, and its
@@ -344,6 +365,7 @@ def _worker(rank: int, world: int, port: int, tmp: str, made: ddp.GradzipState) 
         _compressed(rank)
         _preconditioned(rank)
         _overlapped(rank)
+        _framed(rank)
         _unbound(rank, made)
         _versus_engine(rank, tmp)
         if world == 2:

@@ -117,6 +117,7 @@ def restore(state, sd: dict) -> None:
     """Restore a :meth:`GradzipState.state_dict` (on every rank; no communication)."""
     state._bind_group()
     state._pipeline.drain()
+    state._layouts.clear()  # the channels open again (the step may go back)
     if not isinstance(sd, dict) or sd.get("format") != FORMAT:
         raise ValueError(f"not a gradzip.ddp state dict (expected format {FORMAT!r})")
     if sd["world"] != state.n:

@@ -83,12 +83,14 @@ import torch.distributed as dist
 
 from . import _memory, feedback, rng
 from ._ddpconfig import LAYOUTS, resolve
+from ._exchange import BucketLinks
 from ._memory import FORMAT
 from ._memory import Memory as _Memory
 from ._pipeline import Pipeline
 from .compressors import compressor
 from .engines.cluster import exit_now
 from .engines.core import Algorithm, ServerState, WorkerState
+from .engines.links import check_framing
 from .engines.sharded import ShardLayout
 from .feedback import FeedbackState
 from .methods import Method
@@ -126,6 +128,8 @@ class GradzipState:
         overlap: run CPU buckets' work on a communication thread, so that it overlaps the
             rest of the backward pass (the same bytes and results as without; CUDA
             buckets run on the hook's thread, whose kernels are queued asynchronously).
+        framing: ``stream`` (each channel's static header once, then 8 bytes a message)
+            or ``payload`` (standalone payloads); the same results either way.
     """
 
     def __init__(
@@ -143,6 +147,7 @@ class GradzipState:
         seed: int = 0,
         process_group=None,
         overlap: bool = True,
+        framing: str = "stream",
     ):
         self.config = resolve(spec, uplink_rule, downlink, downlink_rule, layout)
         if start_step < 0 or min_numel < 0:
@@ -150,8 +155,9 @@ class GradzipState:
         self._options = dict(
             spec=spec, uplink_rule=uplink_rule, downlink=downlink, downlink_rule=downlink_rule,
             layout=layout, start_step=start_step, min_numel=min_numel,
-            allreduce_identity=allreduce_identity, seed=seed, overlap=overlap,
+            allreduce_identity=allreduce_identity, seed=seed, overlap=overlap, framing=framing,
         )  # fmt: skip
+        self.framing = check_framing(framing)
         self.spec = spec
         self.up = compressor(self.config.uplink)
         self.down = compressor(self.config.downlink)
@@ -404,17 +410,20 @@ class GradzipState:
         self._traffic["dense_buckets"] += 1
         return buf.div_(n)
 
-    def _layout(self, names: list[str], d: int, dev) -> ShardLayout:
+    def _layout(self, names: list[str], d: int, dev) -> tuple[ShardLayout, BucketLinks]:
         """The bucket's step: the engines' :class:`ShardLayout` (one shard per rank, or one
-        shard for ``allgather``), seeded from the bucket; cached per bucket and device."""
+        shard for ``allgather``), seeded from the bucket, and this rank's channels for it;
+        cached per bucket and device."""
         key = (tuple(names), d, dev)
-        lay = self._layouts.get(key)
-        if lay is None:
+        hit = self._layouts.get(key)
+        if hit is None:
             bseed = self._bucket_seed(names)
             algo = Algorithm(self.method, d, seed=bseed, device=dev)
             lay = ShardLayout(algo, self.n if self.config.layout == "sharded" else 1)
-            self._layouts[key] = lay
-        return lay
+            c = self.config
+            links = BucketLinks(lay, self.rank, self.n, self.framing, (c.uplink, c.downlink))
+            hit = self._layouts[key] = (lay, links)
+        return hit
 
     def _reduce_flat(self, names: list[str], sizes: list[int], g: torch.Tensor, t: int) -> None:
         """Replace g (the bucket in canonical order, float32) by the decoded average: the
@@ -423,36 +432,41 @@ class GradzipState:
         d = g.numel()
         dev, cdev = g.device, self._comm_device(g.device)
         n, r = self.n, self.rank
-        lay = self._layout(names, d, dev)
+        lay, bl = self._layout(names, d, dev)
         clock = _Clock(self._timings)
+        none = torch.empty(0, dtype=torch.uint8)
 
         # 1. the uplink payloads, one per shard
         e = self.worker_error.get_flat(names, sizes, dev)
         ups, ws = lay.encode_uplink(t, r, g, 1.0, WorkerState(FeedbackState(e)))
         ups = [u.reshape(-1) for u in ups]
-        up_sizes, down_sizes = lay.payload_sizes()  # fixed by codec and length: no exchange
-        _check_sizes([u.numel() for u in ups], up_sizes, self.config.uplink)
         if ws.feedback.error is not e:
             self.worker_error.put_flat(names, sizes, ws.feedback.error)
         self._traffic["compressed_buckets"] += 1
-        clock("encode")
 
-        if self.config.layout == "allgather":
-            sizes_in = [up_sizes[0] if i != r else 0 for i in range(n)]
-            got = self._a2a([ups[0] if j != r else ups[0][:0] for j in range(n)], sizes_in, cdev)
-            got[r] = ups[0]
+        if self.config.layout == "allgather":  # rank i's one payload to every rank
+            msg = bl.pack_up(0, ups[0]).to(cdev)
+            clock("encode")
+            got = self._a2a(
+                [msg if j != r else none for j in range(n)],
+                [bl.size("up", 0) if i != r else 0 for i in range(n)],
+                cdev,
+            )
             clock("uplink")
             acc = torch.zeros(d, device=dev)
-            for i, data in enumerate(got):
+            for i in range(n):
+                data = ups[0] if i == r else bl.unpack_up(i, 0, got[i], t)
                 acc += lay.algos[0].decode_uplink(data, f"rank {i}", t, i)
             g.copy_(acc.div_(n))
+            bl.opened = True
             clock("decode")
             return
 
         # 2. shard j to rank j
-        sizes_in = [up_sizes[r] if i != r else 0 for i in range(n)]
-        mine = self._a2a([u if j != r else u[:0] for j, u in enumerate(ups)], sizes_in, cdev)
-        mine[r] = ups[r]
+        sends = [bl.pack_up(j, u) if j != r else none for j, u in enumerate(ups)]
+        clock("encode")
+        got = self._a2a(sends, [bl.size("up", r) if i != r else 0 for i in range(n)], cdev)
+        mine = [ups[r] if i == r else bl.unpack_up(i, r, got[i], t) for i in range(n)]
         clock("uplink")
 
         # 3. serve shard r: average, server rule, compress
@@ -464,7 +478,7 @@ class GradzipState:
         es = None if es_full is None else es_full[lo:hi]
         down, ss = lay.aggregate(r, t, mine, 1.0, ServerState(FeedbackState(es)))
         down = down.reshape(-1)
-        _check_sizes([down.numel()], down_sizes[r : r + 1], self.config.downlink)
+        msg = bl.pack_down(r, down)
         if ss.feedback.error is not es:
             if es_full is None:
                 es_full = torch.zeros(d, device=dev)
@@ -475,12 +489,13 @@ class GradzipState:
         clock("serve")
 
         # 4. every shard to every rank; all decode the same bytes
-        downs = self._a2a(
-            [down if j != r else down[:0] for j in range(n)],
-            [down_sizes[i] if i != r else 0 for i in range(n)],
+        got = self._a2a(
+            [msg if j != r else none for j in range(n)],
+            [bl.size("down", i) if i != r else 0 for i in range(n)],
             cdev,
         )
-        downs[r] = down
+        downs = [down if j == r else bl.unpack_down(j, got[j], t) for j in range(n)]
+        bl.opened = True
         clock("downlink")
         for j, x in enumerate(downs):  # every payload is decoded (and g read) before this
             g[lay.bounds[j] : lay.bounds[j + 1]] = lay.algos[j].decode_downlink(x, f"rank {j}", t)
@@ -502,14 +517,6 @@ class GradzipState:
     def load_state_dict(self, sd: dict) -> None:
         """Restore a :meth:`state_dict` (on every rank; no communication)."""
         _memory.restore(self, sd)
-
-
-def _check_sizes(got: list[int], expected: list[int], spec: str) -> None:
-    if got != expected:  # cannot happen for a codec whose decode validates its sections
-        raise RuntimeError(
-            f"gradzip.ddp: {spec} made payloads of {got} bytes where its codec and length "
-            f"fix {expected}: the hook cannot size the exchange"
-        )
 
 
 def hook(state: GradzipState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:

@@ -69,21 +69,26 @@ class ShardLayout:
             )
             for j, s in enumerate(self.sizes)
         ]
-        self._payload_sizes: tuple[list[int], list[int]] | None = None
+        self._probes: tuple[list, list] | None = None
 
-    def payload_sizes(self) -> tuple[list[int], list[int]]:
-        """Bytes of each shard's uplink and downlink payload. A payload's sections are fixed
-        by its codec, parameters and length (``decode`` refuses any other), so one probe
-        encode per shard tells, whatever the values; cached. (A rule whose compressor
-        changes with the step, ``dq``, is not for this.)"""
-        if self._payload_sizes is None:
+    def probes(self) -> tuple[list, list]:
+        """One uplink and one downlink payload per shard, of arbitrary values. A payload's
+        header and sections are fixed by its codec, parameters and length (``decode``
+        refuses any other), so these tell every payload's size and layout; cached. (A rule
+        whose compressor changes with the step, ``dq``, is not for this.)"""
+        if self._probes is None:
             up, down = [], []
             for a, s in zip(self.algos, self.sizes, strict=True):
                 x = torch.linspace(-1.0, 1.0, s)
-                up.append(a.up.encode(x).data.numel())
-                down.append(a.down.encode(x).data.numel())
-            self._payload_sizes = (up, down)
-        return self._payload_sizes
+                up.append(a.up.encode(x))
+                down.append(a.down.encode(x))
+            self._probes = (up, down)
+        return self._probes
+
+    def payload_sizes(self) -> tuple[list[int], list[int]]:
+        """Bytes of each shard's uplink and downlink payload (from :meth:`probes`)."""
+        up, down = self.probes()
+        return [p.nbytes for p in up], [p.nbytes for p in down]
 
     def split(self, v: torch.Tensor | None) -> list[torch.Tensor | None]:
         return [None] * self.n if v is None else list(v.split(self.sizes))
