@@ -50,7 +50,8 @@ A receiver without an expected step accepts an opener at any step (a sender open
 after a restart): a replayed opener is caught only where the caller passes ``step``.
 
 Sizes are known without sending lengths: :func:`frame_size` and :func:`opener_size` of a
-payload of the same codec, parameters and length (the DDP hook probes one per shard).
+payload of the same codec, parameters and length (one probe encode per shard tells, as
+``ShardLayout.payload_sizes`` does for standalone payloads).
 """
 
 from __future__ import annotations
