@@ -34,42 +34,20 @@ Feedback works in gradient units (the step size is not known to a comm hook), as
 PyTorch's PowerSGD hook. The ``dq`` rule needs the gradient at a corrected point and is
 not available here.
 
-Options: ``start_step`` (plain allreduce before that many steps: a warm-up),
-``min_numel`` (buckets smaller than that are allreduced uncompressed), and
-``allreduce_identity`` (the identity compressor in both directions without feedback is a
-plain fp32 allreduce, the same as DDP without a hook).
+Memories are kept per parameter, keyed by its name, so they survive DDP's bucket
+rebuilds; each bucket is taken in a canonical order (parameters by decreasing index), and
+server memories move to their new owners when the buckets change (:mod:`gradzip._memory`,
+which also holds the checkpoint: :meth:`GradzipState.state_dict` is a collective).
+Messages are framed per channel (:mod:`gradzip._exchange`: an opener, then 8 bytes a
+message); :meth:`GradzipState.traffic` counts the bytes actually sent and received, and
+the dense allreduces (warm-up, small buckets, identity) by the ring's 2 (n - 1) / n.
 
-Memories survive DDP's bucket rebuild (after the first iterations DDP regroups the
-parameters in the order their gradients became ready): they are kept per parameter, keyed
-by its name, never per bucket index, and each bucket is taken in a canonical order
-(parameters by decreasing index), so the payloads depend on which parameters share a
-bucket, not on the order DDP lists them in. A server memory lives, per parameter, as a full-size
-tensor that is zero outside the coordinates the rank serves; when the buckets change, the
-ranks sum their pieces once (an allreduce) and each keeps its new shard.
-
-Checkpoints: :meth:`GradzipState.state_dict` is a collective (every rank calls it); it
-returns, on every rank, the step, the configuration and every memory (the worker error of
-each rank, the server error summed over its owners), so rank 0 can save it beside the
-model. :meth:`GradzipState.load_state_dict` is called on every rank with that dict; the
-run then continues as if it had not been interrupted (same seeds, same memories): bit for
-bit when DDP groups the parameters as before the restart (always with one bucket); with
-several buckets, DDP's first step after a restart uses its initial grouping, so that
-step's compression draws differ (the memories are whole: migrated as above).
-
-Traffic: :meth:`GradzipState.traffic` counts, on this rank, the payload bytes actually
-sent and received (headers included), the framing (0: no lengths are exchanged), and the
-bytes of the dense allreduces (warm-up, small buckets, identity), the latter by the ring
-algorithm's count 2 (n - 1) / n of the buffer in each direction.
-
-Overlap (``overlap=True``, the default): the hook hands a CPU bucket's work (encode, the
-two exchanges, serving its shard, decode) to one communication thread
-(:mod:`gradzip._pipeline`) and returns a future at once, so the backward pass computes the
-next buckets' gradients meanwhile; DDP waits for the futures at the end of the backward.
-One thread, first in first out, issues every collective of the hook (dense fallbacks
-included), in bucket order on every rank, as gloo and NCCL need. The bytes and the results
-are those of the synchronous hook (``overlap=False``), which CUDA buckets use (their
-kernels are queued on the stream without blocking the host). :meth:`GradzipState.timings`
-tells where the time goes.
+Overlap (``overlap=True``, the default): the hook hands a CPU bucket's work to one
+communication thread (:mod:`gradzip._pipeline`) and returns a future at once, so the
+backward pass computes the next buckets' gradients meanwhile. That one thread issues every
+collective of the hook, in bucket order on every rank, as gloo and NCCL need; the results
+are those of ``overlap=False``. :meth:`GradzipState.timings` tells where the time goes.
+The options, checkpoints and traffic are described in docs/ddp.md.
 """
 
 # no `from __future__ import annotations`: DDP checks the hook's annotations at runtime
@@ -209,6 +187,7 @@ class GradzipState:
         (those that require a gradient). Before the first step only."""
         if self.names and not self._by_model:
             raise RuntimeError("bind(model) after the first step: the parameters are named")
+        _refuse_fsdp(model)
         module = model.module if hasattr(model, "module") else model
         self.names, self._index = [], {}
         for name, p in module.named_parameters():
@@ -565,8 +544,20 @@ class _Clock:
         self.last = now
 
 
+def _refuse_fsdp(model) -> None:
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+
+    if isinstance(model, FullyShardedDataParallel | FSDPModule):
+        raise TypeError(
+            f"gradzip.ddp's hook is for DistributedDataParallel, not {type(model).__name__} "
+            "(FSDP calls comm hooks with other arguments); for FSDP2 (fully_shard) use "
+            "gradzip.fsdp.register; FSDP1 is not supported"
+        )
+
+
 def register(model, spec: str = "fosgd", **options) -> GradzipState:
     """Register the hook on a DDP model in one line; returns its state."""
+    _refuse_fsdp(model)
     state = GradzipState(model, spec, **options)
     model.register_comm_hook(state, hook)
     return state
