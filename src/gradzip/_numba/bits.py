@@ -410,3 +410,8 @@ def unpack_uints(data: np.ndarray, width: int, out: np.ndarray) -> None:
             _unpack_uints_par(data, width, out, out.size)
     else:
         _unpack_uints_range(data, width, out, 0, out.size)
+
+
+from .parallel import launch_numba_threads  # noqa: E402
+
+launch_numba_threads()  # numba's pool, without changing torch's thread count

@@ -7,6 +7,12 @@ and this module hands pieces of the work to a small thread pool: :func:`run` in 
 aligned pieces, :func:`run_pieces` in pieces pulled one after another (guided scheduling,
 for the passes of the transform and of the fused one-bit codec), with per-worker buffers
 from :func:`worker_buffers`.
+
+:func:`launch_numba_threads` starts numba's own pool (used by the few ``parallel=True``
+kernels) without the side effect numba's OpenMP layer has on torch: its launch calls
+``omp_set_num_threads(NUMBA_NUM_THREADS)`` in the OpenMP runtime torch shares, which
+changed ``torch.get_num_threads()`` (2 -> 1 with NUMBA_NUM_THREADS=1; 1 -> 2 with
+OMP_NUM_THREADS=1, on 2 cores). The modules holding such kernels call it when imported.
 """
 
 from __future__ import annotations
@@ -33,6 +39,25 @@ MIN_PIECES = 32
 #: (docs/perf.md).
 POOLED_PIECES_FROM = 1 << 19
 _buffers = threading.local()
+
+
+_numba_launched = False
+
+
+def launch_numba_threads() -> None:
+    """Launch numba's thread pool now (once per process), keeping torch's thread count as
+    it was: gradzip never changes ``torch.get_num_threads()`` as a side effect."""
+    global _numba_launched
+    if _numba_launched:
+        return
+    import numba
+    import torch
+
+    before = torch.get_num_threads()
+    numba.get_num_threads()  # launches the pool (the threading layer is chosen here)
+    if torch.get_num_threads() != before:
+        torch.set_num_threads(before)
+    _numba_launched = True
 
 
 def threads() -> int:

@@ -127,3 +127,8 @@ def rademacher(key: int, n: int) -> np.ndarray:
     out = np.empty(n, np.float32)
     _rademacher(n, *split_key(key), out)
     return out
+
+
+from .parallel import launch_numba_threads  # noqa: E402
+
+launch_numba_threads()  # numba's pool, without changing torch's thread count
