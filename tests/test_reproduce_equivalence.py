@@ -1,8 +1,11 @@
 """The reproductions' loops against the library's: each paper's driver, run on the library's
 float32 parts, takes the same steps as the simulated engine (or the experiment runner),
-bit for bit; the float64 objectives agree with the problems' losses."""
+bit for bit; the one float64 logistic objective (gradzip.problems.logistic) against its
+formula, finite differences and the problems' loss."""
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import pytest
@@ -15,7 +18,7 @@ from gradzip.experiments import runner
 from gradzip.experiments.config import RunConfig
 from gradzip.experiments.schedules import Schedule
 from gradzip.methods import Method
-from gradzip.problems import Problem, build, datasets
+from gradzip.problems import Problem, build, datasets, logistic
 from gradzip.reproduce import biased, common, dqgd, memsgd
 
 
@@ -85,29 +88,28 @@ def test_memsgd_average_is_the_weighted_mean_of_the_iterates():
 
 
 def test_memsgd_objective_is_the_problems_logistic_loss(tmp_path):
-    prob = memsgd.Logreg(*_logreg_data(tmp_path), 0.1, "tiny")
+    prob = logistic.Logistic(*_logreg_data(tmp_path), 0.1)
     lib = Problem(
         "tiny",
         datasets.Dataset(
-            torch.from_numpy(prob.X).float(), torch.from_numpy((prob.y > 0).astype(np.int64)),
+            prob.A.float(), (prob.y > 0).long(),
             torch.zeros(1, prob.d), torch.zeros(1, dtype=torch.int64), 2, "tiny",
         ),
         nn.Linear(prob.d, 1, bias=False), "logistic", l2=prob.lam, batch_size=0,
     )  # fmt: skip
     lib.split(1)
-    x = np.random.default_rng(0).standard_normal(prob.d)
-    x32 = torch.from_numpy(x).float()
-    loss, g = lib.gradient(x32, torch.arange(prob.n))
-    assert prob.f(x) == pytest.approx(loss, rel=1e-5)
-    np.testing.assert_allclose(prob.grad(x), g.double().numpy(), rtol=1e-4, atol=1e-6)
-    _, g5 = lib.gradient(x32, torch.tensor([5]))
-    np.testing.assert_allclose(prob.grad_row(x, 5), g5.double().numpy(), rtol=1e-4, atol=1e-6)
+    x = torch.from_numpy(np.random.default_rng(0).standard_normal(prob.d))
+    loss, g = lib.gradient(x.float(), torch.arange(prob.n))
+    assert prob.loss(x) == pytest.approx(loss, rel=1e-5)
+    torch.testing.assert_close(prob.gradient(x), g.double(), rtol=1e-4, atol=1e-6)
+    _, g5 = lib.gradient(x.float(), torch.tensor([5]))
+    torch.testing.assert_close(prob.row_gradient(x, 5), g5.double(), rtol=1e-4, atol=1e-6)
 
 
 def _logreg_data(tmp_path):
-    ds = datasets.load_libsvm(tiny_libsvm(tmp_path / "tiny"))
-    X = np.hstack([ds.X.double().numpy(), np.ones((len(ds.y), 1))])
-    return X / np.linalg.norm(X, axis=1, keepdims=True), ds.y.numpy() * 2.0 - 1.0
+    """memsgd's layout: a bias column, rows of unit norm, labels in {-1, +1}."""
+    f = logistic.from_dataset(datasets.load_libsvm(tiny_libsvm(tmp_path / "tiny")), 0.0)
+    return f.A / torch.linalg.vector_norm(f.A, dim=1, keepdim=True), f.y
 
 
 # --- DQ-GD (Lin et al.): dqgd.descend is the engine's step with the dq rule ----------------
@@ -189,10 +191,63 @@ def test_common_train_is_the_runner(tmp_path, problem, method, batch, workers):
 
 def test_biased_objective_is_the_problems_logistic_loss(tmp_path):
     prob = build("logreg", str(tiny_libsvm(tmp_path / "tiny")), batch_size=0, l2=0.05)
-    f, fstar, gnorm = biased._objective(prob)
+    f = logistic.from_dataset(prob.data, prob.l2)  # as biased's f*
+    _, fstar, gnorm = f.solve()
     x = torch.randn(prob.dim, generator=torch.Generator().manual_seed(0))
-    assert f(x.double().numpy()) == pytest.approx(prob.evaluate(x)["train_loss"], rel=1e-5)
-    assert fstar <= f(np.zeros(prob.dim)) and gnorm < 1e-6
+    assert f.loss(x.double()) == pytest.approx(prob.evaluate(x)["train_loss"], rel=1e-5)
+    assert fstar <= f.loss(torch.zeros(prob.dim, dtype=torch.float64)) and gnorm < 1e-6
+
+
+# --- the one logistic objective (gradzip.problems.logistic) ---------------------------------
+
+
+def _tiny_logistic(dtype=torch.float64, lam=0.1):
+    g = torch.Generator().manual_seed(4)
+    A = torch.randn(7, 3, generator=g, dtype=torch.float64)
+    y = torch.tensor([1.0, -1, -1, 1, 1, -1, 1], dtype=torch.float64)
+    return logistic.Logistic(A.to(dtype), y.to(dtype), lam), A, y
+
+
+def test_logistic_loss_is_the_formula():
+    f, A, y = _tiny_logistic()
+    x = torch.tensor([0.3, -1.2, 2.0], dtype=torch.float64)
+    rows = [math.log1p(math.exp(-yi * sum(a * b for a, b in zip(ai, x.tolist(), strict=True))))
+            for ai, yi in zip(A.tolist(), y.tolist(), strict=True)]  # fmt: skip
+    want = sum(rows) / len(rows) + 0.05 * sum(v * v for v in x.tolist())
+    assert f.loss(x) == pytest.approx(want, rel=1e-14)
+    big = torch.tensor([800.0, 0.0, 0.0], dtype=torch.float64)  # margins of +-800: no overflow
+    assert math.isfinite(f.loss(big)) and torch.isfinite(f.gradient(big)).all()
+
+
+def test_logistic_derivatives_are_finite_differences():
+    f, _, _ = _tiny_logistic()
+    x = torch.tensor([0.3, -1.2, 2.0], dtype=torch.float64)
+    h = 1e-6
+    eye = torch.eye(3, dtype=torch.float64)
+    fd = torch.tensor([(f.loss(x + h * e) - f.loss(x - h * e)) / (2 * h) for e in eye]).double()
+    torch.testing.assert_close(f.gradient(x), fd, rtol=1e-7, atol=1e-9)
+    fd2 = torch.stack([(f.gradient(x + h * e) - f.gradient(x - h * e)) / (2 * h) for e in eye])
+    torch.testing.assert_close(f.hessian(x), fd2, rtol=1e-6, atol=1e-8)
+    # a mini-batch (repeats counted) is the mean of its rows' gradients; one row, both ways
+    rows = torch.tensor([2, 5, 2])
+    per_row = [f.row_gradient(x, int(i)) for i in rows]
+    torch.testing.assert_close(f.gradient(x, rows), sum(per_row) / 3, rtol=1e-14, atol=1e-15)
+    torch.testing.assert_close(f.row_gradient(x, 4), f.gradient(x, torch.tensor([4])),
+                               rtol=1e-14, atol=1e-15)  # fmt: skip
+
+
+def test_logistic_solve_and_dtype():
+    f, _, _ = _tiny_logistic()
+    xs, fstar, gnorm = f.solve()
+    assert gnorm < 1e-13 and fstar == f.loss(xs)
+    for v in torch.eye(3, dtype=torch.float64):
+        assert f.loss(xs + 1e-3 * v) > fstar and f.loss(xs - 1e-3 * v) > fstar
+    f32, _, _ = _tiny_logistic(torch.float32)
+    x = torch.tensor([0.3, -1.2, 2.0])
+    assert f32.gradient(x).dtype == torch.float32 == f32.row_gradient(x, 1).dtype
+    torch.testing.assert_close(
+        f32.gradient(x).double(), f.gradient(x.double()), rtol=1e-6, atol=1e-7
+    )
 
 
 # --- the data-path setting ------------------------------------------------------------------

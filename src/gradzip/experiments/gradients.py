@@ -10,8 +10,8 @@ runs on files read by path (nothing is downloaded):
 - :func:`mlp_gradients`: a one-hidden-layer MLP on scikit-learn's bundled digits,
   mini-batch gradients of all parameters flattened, at several points of training.
 
-These helpers are deliberately self-contained; the ``problems`` package is the place for
-datasets and models used in training (issue 4).
+The logistic objective is :class:`gradzip.problems.logistic.Logistic`; the ``problems``
+package is the place for datasets and models used in training (issue 4).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..problems import datasets
+from ..problems import datasets, logistic
 
 DEFAULT_LIBSVM = str(datasets.libsvm_path("a9a"))
 #: feature counts of the LIBSVM files beside the project (files may omit the last feature)
@@ -180,24 +180,18 @@ def logreg_gradients(
 
 def _logreg_run(A, y, steps, batch, lr, lam, seed, full, minibatch) -> list[torch.Tensor]:
     n, d = A.shape
-    lam = 1.0 / n if lam is None else lam
+    f = logistic.Logistic(A, y, 1.0 / n if lam is None else lam)
     g = _gen(seed)
     w = torch.zeros(d, dtype=torch.float64)
-
-    def grad(rows):
-        a, b = (A, y) if rows is None else (A[rows], y[rows])
-        s = -b * torch.sigmoid(-b * (a @ w))
-        return a.T @ s / len(b) + lam * w
-
     want = sorted(set(steps))
     out = []
     for t in range(want[-1] + 1 if want else 0):
         if t in want:
             if full:
-                out.append(grad(None).float())
+                out.append(f.gradient(w).float())
             if minibatch:
-                out.append(grad(torch.randint(n, (batch,), generator=g)).float())
-        w -= lr * grad(torch.randint(n, (batch,), generator=g))
+                out.append(f.gradient(w, torch.randint(n, (batch,), generator=g)).float())
+        w -= lr * f.gradient(w, torch.randint(n, (batch,), generator=g))
     return out
 
 

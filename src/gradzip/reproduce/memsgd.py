@@ -35,7 +35,7 @@ import torch
 from .. import feedback
 from ..compressors import compressor
 from ..experiments.schedules import Schedule
-from ..problems import datasets
+from ..problems import datasets, logistic
 from ..stream import StreamSender
 from .report import Claim, Section, fmt, grade, md_table, pyplot, savefig
 
@@ -63,75 +63,22 @@ QUICK = Config(
 FULL = Config()
 
 
-# --- the objective, in float64 -------------------------------------------------------------
+# --- the objective, in float64 (gradzip.problems.logistic) ---------------------------------
 
 
-@dataclass
-class Logreg:
-    X: np.ndarray  # (n, d) with a last column of ones (the bias, regularized too)
-    y: np.ndarray  # (n,) in {-1, +1}
-    lam: float
-    name: str
-
-    @property
-    def n(self) -> int:
-        return len(self.y)
-
-    @property
-    def d(self) -> int:
-        return self.X.shape[1]
-
-    def f(self, x: np.ndarray) -> float:
-        m = -self.y * (self.X @ x)
-        return float(np.logaddexp(0.0, m).mean() + 0.5 * self.lam * x @ x)
-
-    def grad(self, x: np.ndarray) -> np.ndarray:
-        m = -self.y * (self.X @ x)
-        s = 0.5 * (1.0 + np.tanh(0.5 * m))  # sigma(m), stable
-        return self.X.T @ (-self.y * s) / self.n + self.lam * x
-
-    def grad_row(self, x: np.ndarray, i: int) -> np.ndarray:
-        a = self.X[i]
-        m = -self.y[i] * float(a @ x)
-        s = 0.5 * (1.0 + math.tanh(0.5 * m))
-        return (-self.y[i] * s) * a + self.lam * x
-
-    def solve(self) -> tuple[np.ndarray, float, float]:
-        """(x*, f*, ||grad f(x*)||): L-BFGS then Newton steps, all in float64."""
-        from scipy.optimize import minimize
-
-        r = minimize(
-            lambda x: (self.f(x), self.grad(x)),
-            np.zeros(self.d),
-            jac=True,
-            method="L-BFGS-B",
-            options={"maxiter": 5000, "gtol": 1e-10, "ftol": 0},
-        )
-        x = r.x
-        for _ in range(30):  # Newton: quadratic convergence from the L-BFGS point
-            m = -self.y * (self.X @ x)
-            s = 0.5 * (1.0 + np.tanh(0.5 * m))
-            w = s * (1 - s)
-            H = (self.X.T * w) @ self.X / self.n + self.lam * np.eye(self.d)
-            g = self.grad(x)
-            if np.linalg.norm(g) < 1e-15:
-                break
-            x = x - np.linalg.solve(H, g)
-        return x, self.f(x), float(np.linalg.norm(self.grad(x)))
-
-
-def load(name: str, rows: int, seed: int) -> Logreg:
+def load(name: str, rows: int, seed: int) -> logistic.Logistic:
+    """The data set ``name`` in float64: a seeded subset of ``rows`` rows (all for 0), a bias
+    column, rows scaled to unit norm, lambda = 1/n."""
     ds = datasets.load_libsvm(
         datasets.libsvm_path(name), n_features=datasets.LIBSVM_FEATURES.get(name)
     )
-    X = ds.X.double().numpy()
-    y = ds.y.numpy() * 2.0 - 1.0
+    full = logistic.from_dataset(ds, 0.0)
+    A, y = full.A, full.y
     if rows and rows < len(y):
         idx = np.sort(np.random.default_rng(seed).choice(len(y), rows, replace=False))
-        X, y = X[idx], y[idx]
-    X = np.hstack([X, np.ones((len(y), 1))])
-    X /= np.linalg.norm(X, axis=1, keepdims=True)  # unit rows, as epsilon and RCV1 come
-    return Logreg(X, y, 1.0 / len(y), name)
+        A, y = A[torch.from_numpy(idx)], y[torch.from_numpy(idx)]
+    A = A / torch.linalg.vector_norm(A, dim=1, keepdim=True)  # unit rows, as epsilon and RCV1
+    return logistic.Logistic(A, y, 1.0 / len(y))
 
 
 # --- one run -------------------------------------------------------------------------------
@@ -191,7 +138,7 @@ def descend(
 
 
 def run_one(
-    prob: Logreg,
+    prob: logistic.Logistic,
     label: str,
     spec: str,
     memory: bool,
@@ -210,14 +157,14 @@ def run_one(
     else:  # eta_t = gamma0 / (1 + gamma0 lambda t), weights (t + 1)^2
         schedule = Schedule("bottou", gamma0, lam)
         average = Schedule("memsgd", gamma0, lam, 1.0)
-    x0 = np.zeros(prob.d)
-    run = Run(label, spec, memory, shift, [0.0], [prob.f(x0) - fstar], [0.0], [0.0])
+    x0 = torch.zeros(prob.d, dtype=torch.float64)
+    run = Run(label, spec, memory, shift, [0.0], [prob.loss(x0) - fstar], [0.0], [0.0])
     last = [run.subopt[0]]
     bits = [0, 0, 0]  # on the wire; without the payload headers; as standalone payloads
     uplink = StreamSender(0)  # the worker's channel: one full header, then 8 bytes a message
 
     def grad(t, x):
-        return torch.from_numpy(prob.grad_row(x.numpy(), int(rows[t])))
+        return prob.row_gradient(x, int(rows[t]))
 
     def after_step(t, x, xbar, p):
         bits[0] += 8 * uplink.pack(p).numel()
@@ -225,8 +172,8 @@ def run_one(
         bits[2] += p.nbits
         if t + 1 in evals:
             run.epochs.append((t + 1) / n)
-            run.subopt.append(prob.f(xbar.numpy()) - fstar)
-            last.append(prob.f(x.numpy()) - fstar)
+            run.subopt.append(prob.loss(xbar) - fstar)
+            last.append(prob.loss(x) - fstar)
             run.bits.append(float(bits[0]))
             run.payload_bits.append(float(bits[1]))
             run.standalone_bits.append(float(bits[2]))
@@ -466,7 +413,7 @@ def reproduce(out: Path, quick: bool = False, progress=print) -> Section:
     ):
         prob = load(name, cfg.rows, cfg.seed)
         xs, fstar, gnorm = prob.solve()
-        nnz = float((prob.X[:, :-1] != 0).mean())
+        nnz = float((prob.A[:, :-1] != 0).double().mean())
         steps = int(cfg.epochs * prob.n)
         runs, sgd_grid = {}, {}
         for g0 in cfg.gamma0s:  # SGD's gamma0: the best of a small grid
