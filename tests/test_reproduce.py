@@ -141,25 +141,24 @@ def test_memsgd_claims_flip_with_the_numbers():
 
 def test_dqgd_quantizer_and_rates():
     # the cube quantizer: error per coordinate at most half a cell, bits as allocated
-    import numpy as np
+    import torch
 
-    w = dqgd.widths(10, 2.5)
+    w = torch.from_numpy(dqgd.widths(10, 2.5))
     assert w.sum() == 25 and set(w.tolist()) <= {2, 3}
-    y = np.linspace(-1, 1, 10)
+    y = torch.linspace(-1, 1, 10, dtype=torch.float64)
     q, clipped = dqgd.quantize(y, w, 1.0)
-    assert clipped == 0 and np.all(np.abs(q - y) <= 2.0**-w + 1e-12)
+    assert clipped == 0 and torch.all((q - y).abs() <= 2.0**-w + 1e-12)
     # with many bits DQ-GD and naive both contract at sigma on a well-posed problem
     cfg = dqgd.Config(m=60, n=8, rates=(12.0,), seeds=1)
     p = dqgd.synthetic(cfg)
-    rng = np.random.default_rng(0)
     x0 = p.x_star + 1.0
     T = 40
     for fn in (dqgd.dqgd, dqgd.naive):
-        r = fn(p, dqgd.Quantizer(p.n, 12.0, flat=False), x0, T, rng)
+        r = fn(p, dqgd.Quantizer(p.n, 12.0, flat=False), x0, T)
         assert r <= p.sigma * 1.02 + 1e-3
     # with few bits the naive quantizer does not contract at sigma, DQ-GD at its bound
     Q = dqgd.Quantizer(p.n, 3.0, flat=False)
-    r = dqgd.dqgd(p, Q, x0, T, rng)
+    r = dqgd.dqgd(p, Q, x0, T)
     assert r <= max(p.sigma, Q.rho * 2.0**-3) * 1.02
     assert math.isfinite(r)
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from gradzip.compressors import compressor
+from gradzip.compressors import compressor, uniform
 from gradzip.engines import Algorithm, SimulatedEngine
 from gradzip.experiments import runner
 from gradzip.experiments.config import RunConfig
@@ -115,11 +115,12 @@ def _logreg_data(tmp_path):
 # --- DQ-GD (Lin et al.): dqgd.descend is the engine's step with the dq rule ----------------
 
 
-@pytest.mark.parametrize("rate", [1.0, 2.5])
-def test_dqgd_loop_is_the_engine_step(rate):
-    """In float32, with the cube quantizer (gradzip's uniform reference) at a fixed range,
-    DQ-GD's loop and the engine with ``uniform`` and the ``dq`` rule take the same steps."""
-    m, n, T, seed = 40, 6, 25, 0
+@pytest.mark.parametrize("rate, flat", [(1.0, False), (2.5, False), (2.0, True), (2.5, True)])
+def test_dqgd_loop_is_the_engine_step(rate, flat):
+    """In float32, with the cube or the flattened quantizer (gradzip's uniform reference,
+    gradzip's rotation) at a fixed range, DQ-GD's loop and the engine with ``uniform`` and
+    the ``dq`` rule take the same steps (n = 8: no padding, the engine's rotation)."""
+    m, n, T, seed = 40, 8, 25, 3
     g = torch.Generator().manual_seed(0)
     A = torch.randn(m, n, generator=g)
     b = A @ torch.randn(n, generator=g) + 0.1 * torch.randn(m, generator=g)
@@ -135,23 +136,47 @@ def test_dqgd_loop_is_the_engine_step(rate):
     x0 = prob.initial_point().numpy()
     r = float(np.linalg.norm(grad(x0)))
     eta = 0.5
-    Q = dqgd.Quantizer(n, rate, flat=False)
-    x_T = dqgd.descend(grad, Q, x0, eta, r, 1.0, T, np.random.default_rng(0))
+    Q = dqgd.Quantizer(n, rate, flat=flat, seed=seed)
+    x_T = dqgd.descend(grad, Q, x0, eta, r, 1.0, T)
     method = Method(
-        uplink=f"uniform:bits={rate},flatten=false", uplink_rule="dq", dq_range=r, dq_decay=1.0
-    )
+        uplink=f"uniform:bits={rate},flatten={str(flat).lower()}", uplink_rule="dq",
+        dq_range=r * Q.shrink, dq_decay=1.0,
+    )  # fmt: skip
     ref = engine_trajectory(prob, method, [eta] * T, seed)
-    assert x_T.dtype == np.float32 and Q.sent == T
+    assert x_T.dtype == np.float32 and Q.sent == T and Q.D == n
     assert torch.equal(torch.from_numpy(x_T), ref[-1])
     assert not torch.equal(ref[-1], ref[-2])  # it moved to the end
 
 
-def test_dqgd_flat_rotation_is_the_orthonormal_walsh_hadamard_matrix():
-    from scipy.linalg import hadamard as sylvester
+def test_dqgd_flat_step_is_the_uniform_compressor_on_the_padded_vector():
+    """Message t of the flattened quantizer (n = 6 padded to D = 8) is what
+    ``uniform:flatten=true`` encodes and decodes from the padded vector at (seed, step t):
+    the same rotation signs, cells and bits (floor(R n) = 12 over 8 coordinates)."""
+    n, D, rate, seed, r = 6, 8, 2.0, 5, 0.75
+    Q = dqgd.Quantizer(n, rate, flat=True, seed=seed)
+    assert Q.D == D and int(Q.w.sum()) == 12 == math.floor(rate * n)
+    c = uniform.Uniform(bits=rate * n / D, range=r * Q.shrink, flatten=True)
+    g = torch.Generator().manual_seed(1)
+    for t in range(4):
+        u = torch.randn(n, generator=g) * 0.3
+        q = Q(u, r)
+        p = c.encode(torch.nn.functional.pad(u, (0, D - n)), seed=seed, step=t)
+        assert torch.equal(q, c.decode(p)[:n]), t
 
-    for D in (1, 2, 16, 128):
-        H = dqgd.walsh_hadamard(D)
-        assert np.array_equal(H, sylvester(D) / np.sqrt(D))  # the same bits
+
+@pytest.mark.parametrize("flat", [False, True])
+def test_dqgd_rows_run_as_they_would_alone(flat):
+    """The sweep's batch (one row per R, one seed) gives each run the bits it has alone."""
+    cfg = dqgd.Config(m=50, n=6, rates=(0.5, 2.0, 4.0), seeds=1)
+    p = dqgd.synthetic(cfg)
+    x0 = np.stack([dqgd.start(p, cfg, 0, R, flat) for R in cfg.rates])
+    for fn in (dqgd.dqgd, dqgd.naive):
+        together = dqgd.Quantizer(p.n, cfg.rates, flat, seed=7)
+        rates = fn(p, together, x0, 30)
+        for i, R in enumerate(cfg.rates):
+            alone = dqgd.Quantizer(p.n, R, flat, seed=7)
+            assert rates[i] == fn(p, alone, x0[i], 30), (fn.__name__, R)
+            assert together.clipped[i] == alone.clipped and together.sent[i] == alone.sent
 
 
 # --- Beznosikov et al. and FO-SGD: common.train is the experiment runner ------------------

@@ -17,13 +17,17 @@ relative errors, below float32's precision; the DQ-GD loop is :mod:`gradzip.feed
 ``dq`` rule:
 
 - ``cube``: the ball of radius r is put in the cube [-r, r]^n (rho = sqrt(n));
-- ``flat``: a randomized Hadamard rotation (n padded to D = 2^ceil(log2 n), fresh signs
-  per step and seed) flattens u, so the cube's half side can shrink to
-  r sqrt(2 ln(2D) / D) (coordinates beyond it are clipped and counted), and the floor(R n)
-  bits are spread over the D rotated coordinates: rho = sqrt(2 ln 2D).
+- ``flat``: gradzip's randomized Hadamard rotation (:func:`gradzip.hadamard.rotate` of u
+  zero-padded to D = 2^ceil(log2 n), one D-block; at step t the signs that
+  ``uniform:flatten=true`` draws at (seed, step t, worker 0)) flattens u, so the cube's
+  half side can shrink to r sqrt(2 ln(2D) / D) (coordinates beyond it are clipped and
+  counted), and the floor(R n) bits are spread over the D rotated coordinates:
+  rho = sqrt(2 ln 2D).
 
-The empirical rate is (||x_T - x*|| / ||x_0 - x*||)^(1/T), averaged over seeds (the seed
-draws x_0 and the rotation signs).
+The empirical rate is (||x_T - x*|| / ||x_0 - x*||)^(1/T), averaged over seeds: seed s
+draws x_0 (per R) and the rotation signs (the same for every R and both algorithms). The
+runs at the R of one seed go step by step together, as the rows of one batch, each row
+computed as it would be alone.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import feedback, hadamard
+from .. import feedback, hadamard, rng
 from ..compressors import uniform
 from ..problems import datasets
 from .report import Claim, Section, fmt, grade, md_table, pyplot, savefig
@@ -99,6 +103,10 @@ class LSQ:
         return (self.L - self.mu) / (self.L + self.mu)
 
     def grad(self, x: np.ndarray) -> np.ndarray:
+        """grad f(x), or grad f at each row of x (a matrix-vector product each: the bits of
+        one run do not depend on the others)."""
+        if x.ndim == 2:
+            return np.stack([self.grad(v) for v in x])
         return self.A.T @ (self.A @ x - self.b) / len(self.b)
 
 
@@ -110,9 +118,9 @@ def make(name: str, A: np.ndarray, b: np.ndarray) -> LSQ:
 
 
 def synthetic(cfg: Config) -> LSQ:
-    rng = np.random.default_rng(cfg.seed)
-    A = rng.standard_t(cfg.dof, size=(cfg.m, cfg.n))
-    b = A @ rng.standard_normal(cfg.n) + 0.1 * rng.standard_normal(cfg.m)
+    g = np.random.default_rng(cfg.seed)
+    A = g.standard_t(cfg.dof, size=(cfg.m, cfg.n))
+    b = A @ g.standard_normal(cfg.n) + 0.1 * g.standard_normal(cfg.m)
     return make(f"synthetic {cfg.m}x{cfg.n} (Student-t({cfg.dof:g}) entries)", A, b)
 
 
@@ -133,47 +141,52 @@ def widths(d: int, rate: float) -> np.ndarray:
     return uniform.widths(d, rate).numpy()
 
 
-def quantize(y: np.ndarray, w: np.ndarray, half: float) -> tuple[np.ndarray, int]:
-    """Cells of [-half, half] per coordinate (2^w_i of them), centres; clipped count.
+def quantize(y: torch.Tensor, w: torch.Tensor, half) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cells of [-half, half] per coordinate (2^w_i of them), centres; clipped count per row.
 
-    gradzip's ``uniform`` reference, run in the dtype of ``y`` (float64 here)."""
-    clipped = int((np.abs(y) > half).sum())
-    yt, wt = torch.from_numpy(y), torch.as_tensor(w)
-    return uniform.cell_centre(uniform.cell_index(yt, wt, half), wt, half).numpy(), clipped
-
-
-def walsh_hadamard(D: int) -> np.ndarray:
-    """The orthonormal D x D Walsh-Hadamard matrix (natural order), from gradzip's transform.
-    D <= 128 here: a matrix product is as fast as butterflies, and it keeps the bits of the
-    published numbers (a butterfly transform rounds differently)."""
-    H = hadamard.fwht_reference(torch.eye(D, dtype=torch.float64)).numpy()  # entries +-1
-    return H / math.sqrt(D)
+    gradzip's ``uniform`` reference, run in the dtype of ``y`` (float64 here); ``half`` is a
+    float or a column (one per row of ``y``)."""
+    clipped = (y.abs() > half).sum(-1)
+    return uniform.cell_centre(uniform.cell_index(y, w, half), w, half), clipped
 
 
 class Quantizer:
-    """Q(u; r): a ball of radius r, covered by a cube (optionally after flattening)."""
+    """Q(u; r): a ball of radius r, covered by a cube (optionally after flattening).
 
-    def __init__(self, n: int, rate: float, flat: bool):
-        self.n, self.rate, self.flat = n, rate, flat
+    ``rate`` is R or one R per row of u: the rows are runs that go step by step together
+    (their own r, their own bits). With ``flat``, message t is rotated by gradzip's
+    rotation (:func:`gradzip.hadamard.rotate`) with the signs the ``uniform`` compressor
+    draws at (``seed``, step t, worker 0), the same for every row."""
+
+    def __init__(self, n: int, rate, flat: bool, seed: int = 0):
+        self.n, self.rate, self.flat, self.seed = n, rate, flat, seed
         self.D = 1 << max(0, math.ceil(math.log2(n))) if flat else n
-        self.w = uniform.widths(self.D, rate * n / self.D)  # floor(R n) bits in all
-        self.H = walsh_hadamard(self.D) if flat else None
+        self.w = torch.stack(  # floor(R n) bits in all, per row
+            [uniform.widths(self.D, float(R) * n / self.D) for R in np.atleast_1d(rate)]
+        )
         self.rho = math.sqrt(2 * math.log(2 * self.D)) if flat else math.sqrt(n)
         self.shrink = math.sqrt(2 * math.log(2 * self.D) / self.D) if flat else 1.0
-        self.clipped = 0
-        self.sent = 0
+        self.t = 0  # messages so far: the step of the next one
+        self.clipped = np.zeros(np.shape(rate), np.int64)  # per row
+        self.sent = np.zeros(np.shape(rate), np.int64)  # messages per row
 
-    def __call__(self, u: np.ndarray, r: float, rng: np.random.Generator) -> np.ndarray:
-        self.sent += 1
-        if not self.flat:
-            q, c = quantize(u, self.w, r)
-            self.clipped += c
-            return q
-        s = rng.choice((-1.0, 1.0), self.D)
-        y = self.H @ (s * np.concatenate([u, np.zeros(self.D - self.n)]))
-        q, c = quantize(y, self.w, r * self.shrink)
-        self.clipped += c
-        return (s * (self.H @ q))[: self.n]
+    def __call__(self, u: torch.Tensor, r, live: np.ndarray | None = None) -> torch.Tensor:
+        """Q(u; r) for u of shape (n,) or (rows, n), r a float or one per row; ``live``
+        (a bool per row): the rows that count (a stopped run's rows do not)."""
+        y = u.reshape(-1, self.n)
+        half = np.atleast_1d(np.asarray(r, np.float64) * self.shrink)
+        half = torch.from_numpy(half).to(u.dtype).reshape(-1, 1)  # a range per row
+        if self.flat:  # the uniform compressor's key at step t, zero padding to D
+            key = rng.derive_key(self.seed, self.t, 0, rng.STREAM_ROTATION)
+            y = hadamard.rotate(torch.nn.functional.pad(y, (0, self.D - self.n)), key)
+        q, clipped = quantize(y, self.w, half)
+        if self.flat:
+            q = hadamard.unrotate(q, key)[:, : self.n]
+        live = np.ones(len(y), bool) if live is None else live
+        self.t += 1
+        self.sent += live.reshape(self.sent.shape)
+        self.clipped += np.where(live, clipped.numpy(), 0).reshape(self.clipped.shape)
+        return q.reshape(u.shape)
 
 
 # --- the two algorithms --------------------------------------------------------------------
@@ -185,60 +198,86 @@ def rate_of(err0: float, errT: float, T: int) -> float:
     return (max(errT, 1e-300) / err0) ** (1.0 / T)
 
 
-def descend(grad, Q, x0: np.ndarray, eta: float, r: float, kappa: float, T: int, rng):
+def _rates(p: LSQ, x0: np.ndarray, x: np.ndarray, T: int):
+    """The rate of each run (a float for one run, a list for rows)."""
+    out = [
+        rate_of(np.linalg.norm(a - p.x_star), float(np.linalg.norm(b - p.x_star)), T)
+        for a, b in zip(np.atleast_2d(x0), np.atleast_2d(x), strict=True)
+    ]
+    return out if np.ndim(x0) == 2 else out[0]
+
+
+def descend(grad, Q, x0: np.ndarray, eta: float, r, kappa, T: int) -> np.ndarray:
     """x_T of DQ-GD: gradzip's ``dq`` feedback rule with the quantizer Q on the ball of
-    radius r kappa^t, in the dtype of x0 (``grad`` and ``Q`` take and return arrays)."""
+    radius r kappa^t, in the dtype of x0; each row of x0 is a run, with its own r and kappa
+    (floats, or one per row). ``grad`` takes and returns arrays."""
     x = torch.from_numpy(x0.copy())
+    r, kappa = np.asarray(r, np.float64), np.asarray(kappa, np.float64)
     state = feedback.FeedbackState(torch.zeros_like(x))  # e_{-1} = 0
     for _ in range(T):
         z = DQ.gradient_point(x, eta, state)  # z_t = x_t + eta e_{t-1}
         u = DQ.prepare(torch.from_numpy(grad(z.numpy())), eta, state)
-        q = torch.from_numpy(Q(u.numpy(), r, rng))
+        q = Q(u, r)
         state = DQ.update(state, u, q)  # e_t = q_t - u_t
         x = x - eta * q
-        r *= kappa
+        r = r * kappa
     return x.numpy()
 
 
-def dqgd(p: LSQ, Q: Quantizer, x0: np.ndarray, T: int, rng) -> float:
-    kappa = min(1.0, max(p.sigma, Q.rho * 2.0**-Q.rate))
-    r = float(np.linalg.norm(p.grad(x0)))
+def dqgd(p: LSQ, Q: Quantizer, x0: np.ndarray, T: int):
+    """DQ-GD's rate from x0 (one run, or one per row at Q's rates)."""
+    rates = np.atleast_1d(Q.rate)
+    kappa = [min(1.0, max(p.sigma, Q.rho * 2.0**-R)) for R in rates]
+    r = [float(np.linalg.norm(p.grad(v))) for v in np.atleast_2d(x0)]
+    if np.ndim(x0) == 1:
+        kappa, r = kappa[0], r[0]
     with np.errstate(all="ignore"):
-        x = descend(p.grad, Q, x0, p.eta, r, kappa, T, rng)
-    return rate_of(np.linalg.norm(x0 - p.x_star), float(np.linalg.norm(x - p.x_star)), T)
+        x = descend(p.grad, Q, x0, p.eta, r, kappa, T)
+    return _rates(p, x0, x, T)
 
 
-def naive(p: LSQ, Q: Quantizer, x0: np.ndarray, T: int, rng) -> float:
-    eta, x = p.eta, x0.copy()
+def naive(p: LSQ, Q: Quantizer, x0: np.ndarray, T: int):
+    """The naive quantizer's rate from x0 (one run, or one per row at Q's rates); a run
+    stops where its gradient is 0 or not finite."""
+    eta, x = p.eta, np.atleast_2d(x0).copy()
+    live = np.ones(len(x), bool)
     with np.errstate(all="ignore"):
         for _ in range(T):
             g = p.grad(x)
-            r = float(np.linalg.norm(g))
-            if not math.isfinite(r) or r == 0:
+            r = np.array([np.linalg.norm(v) for v in g])
+            live &= np.isfinite(r) & (r != 0)
+            if not live.any():
                 break
-            x = x - eta * Q(g, r, rng)
-    return rate_of(np.linalg.norm(x0 - p.x_star), float(np.linalg.norm(x - p.x_star)), T)
+            q = Q(torch.from_numpy(g), np.where(live, r, 1.0), live).numpy()
+            x = np.where(live[:, None], x - eta * q, x)
+    return _rates(p, x0, x.reshape(np.shape(x0)), T)
+
+
+def start(p: LSQ, cfg: Config, s: int, R: float, flat: bool) -> np.ndarray:
+    """x_0 of seed ``s`` at rate R: x* plus Gaussian noise of x*'s scale."""
+    g = np.random.default_rng([cfg.seed, s, int(R * 1000), flat])
+    return p.x_star + g.standard_normal(p.n) * max(1.0, np.abs(p.x_star).max())
 
 
 def sweep(p: LSQ, cfg: Config, T: int) -> dict:
-    """Mean rate over seeds for every (algorithm, quantizer, R)."""
+    """Mean rate over seeds for every (algorithm, quantizer, R). The rates of one seed run
+    together (one row each) and share its rotation signs: seed cfg.seed + s."""
     out = {"rates": list(cfg.rates), "T": T}
     for flat in (False, True):
         qn = "flat" if flat else "cube"
         for algo, fn in (("dqgd", dqgd), ("naive", naive)):
-            vals, clip = [], []
-            for R in cfg.rates:
-                rs, c, sent = [], 0, 0
-                for s in range(cfg.seeds):
-                    rng = np.random.default_rng([cfg.seed, s, int(R * 1000), flat])
-                    x0 = p.x_star + rng.standard_normal(p.n) * max(1.0, np.abs(p.x_star).max())
-                    Q = Quantizer(p.n, R, flat)
-                    rs.append(fn(p, Q, x0, T, rng))
-                    c, sent = c + Q.clipped, sent + Q.sent
-                vals.append(float(np.mean(rs)) if all(map(math.isfinite, rs)) else math.inf)
-                clip.append(c / max(sent * Q.D, 1))
+            per_seed, clip, sent = [], 0, 0
+            for s in range(cfg.seeds):
+                x0 = np.stack([start(p, cfg, s, R, flat) for R in cfg.rates])
+                Q = Quantizer(p.n, cfg.rates, flat, seed=cfg.seed + s)
+                per_seed.append(fn(p, Q, x0, T))
+                clip, sent = clip + Q.clipped, sent + Q.sent
+            vals = [
+                float(np.mean(rs)) if all(map(math.isfinite, rs)) else math.inf
+                for rs in zip(*per_seed, strict=True)
+            ]
             out[f"{algo}-{qn}"] = vals
-            out[f"{algo}-{qn}-clipped"] = clip
+            out[f"{algo}-{qn}-clipped"] = (clip / np.maximum(sent * Q.D, 1)).tolist()
         out[f"rho-{qn}"] = Quantizer(p.n, 1.0, flat).rho
     return out
 
