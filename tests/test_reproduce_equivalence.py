@@ -282,6 +282,6 @@ def test_reproductions_read_the_data_setting(tmp_path, monkeypatch):
     monkeypatch.setenv(datasets.DATA_ENV, str(tmp_path))
     (tmp_path / "libsvm").mkdir()
     tiny_libsvm(tmp_path / "libsvm" / "a9a")
-    assert biased.Config().logreg_data == str(tmp_path / "libsvm" / "a9a")
+    assert datasets.libsvm_path(biased.Config().logreg_data) == tmp_path / "libsvm" / "a9a"
     prob = memsgd.load("a9a", 0, 0)
     assert prob.d == 123 + 1  # a9a's known feature count, and the bias column

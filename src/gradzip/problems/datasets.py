@@ -12,7 +12,12 @@ wrong (missing file, malformed line, wrong magic number, ...).
 
 The folder of the shared data sets is one setting, :func:`data_dir`: the environment
 variable ``GRADZIP_DATA``, else ``../shared/data`` (relative to the working directory: the
-project root in a checkout). Within ``with reuse():`` each loader reads a data set once.
+project root in a checkout); ``with using_data_dir(path):`` sets it for a block (the
+``--data`` of ``gradzip reproduce``). Fashion-MNIST is read from ``data_dir()/fashion-mnist``
+where that folder exists, else from Debian's folder (:func:`fashion_dir`). A missing file's
+error says where the files come from (:data:`LIBSVM_URL`, :data:`FASHION_SOURCES`);
+:func:`check_available` names every missing one at once, before a long job starts. Within
+``with reuse():`` each loader reads a data set once.
 """
 
 from __future__ import annotations
@@ -36,14 +41,83 @@ DEFAULT_FASHION = "/usr/share/datasets/fashion-mnist"
 LIBSVM_FEATURES = {"a9a": 123, "a9a.t": 123, "w8a": 300, "mushrooms": 112, "phishing": 68}
 
 
+#: where the LIBSVM binary classification sets (a9a, a9a.t, w8a, mushrooms, ...) come from
+LIBSVM_URL = "https://www.csie.ntu.edu.tw/~cjlin/libsvmtools/datasets/binary.html"
+#: where the four Fashion-MNIST IDX files come from
+FASHION_SOURCES = (
+    "`apt-get install -y dataset-fashion-mnist` (into /usr/share/datasets/fashion-mnist) or "
+    "https://github.com/zalandoresearch/fashion-mnist (data/fashion/*.gz)"
+)
+FASHION_FILES = (
+    "train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte",
+)  # fmt: skip
+
+
 def data_dir() -> Path:
     """The folder of the shared data sets: ``$GRADZIP_DATA``, else ``../shared/data``."""
     return Path(os.environ.get(DATA_ENV) or DEFAULT_DATA)
 
 
+@contextlib.contextmanager
+def using_data_dir(path: str | Path | None):
+    """Within the block, :func:`data_dir` is ``path`` (``None``: unchanged). It sets
+    ``GRADZIP_DATA``, so processes started in the block (the torch.distributed engines'
+    workers) see it too."""
+    if path is None:
+        yield
+        return
+    before = os.environ.get(DATA_ENV)
+    os.environ[DATA_ENV] = str(path)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(DATA_ENV, None)
+        else:
+            os.environ[DATA_ENV] = before
+
+
 def libsvm_path(name: str = "a9a") -> Path:
     """The LIBSVM file ``name`` in :func:`data_dir` (``a9a``, ``w8a``, ...)."""
     return data_dir() / "libsvm" / name
+
+
+def fashion_dir() -> Path:
+    """Fashion-MNIST's folder: ``data_dir()/fashion-mnist`` where it exists, else Debian's
+    ``/usr/share/datasets/fashion-mnist``."""
+    here = data_dir() / "fashion-mnist"
+    return here if here.is_dir() else Path(DEFAULT_FASHION)
+
+
+def _libsvm_hint(path: Path) -> str:
+    return (
+        f"{path.name} is a LIBSVM binary set from {LIBSVM_URL}; pass its path with --data, "
+        f"or put it in DIR/libsvm/ and set {DATA_ENV}=DIR (default {DEFAULT_DATA})"
+    )
+
+
+def _fashion_missing(root: Path) -> list[str]:
+    return [s for s in FASHION_FILES if not any((root / n).exists() for n in (s + ".gz", s))]
+
+
+def check_available(libsvm: tuple[str, ...] = (), fashion: bool = False) -> None:
+    """Raise one :class:`DataError` naming every missing file (the LIBSVM files ``libsvm``
+    under :func:`data_dir`, Fashion-MNIST's four files where ``fashion``) and where to get
+    them; nothing when all are there."""
+    gone = [str(libsvm_path(n)) for n in libsvm if not libsvm_path(n).is_file()]
+    where = []
+    if gone:
+        where.append(f"LIBSVM sets: {LIBSVM_URL}")
+    if fashion and _fashion_missing(fashion_dir()):
+        root = fashion_dir()
+        gone += [str(root / f"{s}.gz") for s in _fashion_missing(root)]
+        where.append(f"Fashion-MNIST: {FASHION_SOURCES}, or into {data_dir() / 'fashion-mnist'}")
+    if gone:
+        raise DataError(
+            f"missing data: {', '.join(gone)} (data folder {data_dir()}: --data DIR or "
+            f"{DATA_ENV}=DIR; {'; '.join(where)})"
+        )
 
 
 _REUSE: ContextVar[dict | None] = ContextVar("gradzip_datasets_reuse", default=None)
@@ -99,7 +173,9 @@ def read_libsvm(path: str | Path, n_features: int | None = None):
     matrix) and its raw labels; :class:`DataError` for a missing, malformed or empty file."""
     from sklearn.datasets import load_svmlight_file
 
-    path = _exists(Path(path), "LIBSVM file")
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"LIBSVM file not found: {path} ({_libsvm_hint(path)})")
     try:
         X, y = load_svmlight_file(str(path), n_features=n_features)
     except (ValueError, OSError) as e:
@@ -171,20 +247,21 @@ def _read_idx(path: Path, magic: int, dims: int) -> np.ndarray:
 
 
 @_reusable
-def load_fashion_mnist(root: str | Path = DEFAULT_FASHION) -> Dataset:
-    """Fashion-MNIST from the four original IDX files (gzipped or not) in ``root``."""
-    root = Path(root)
+def load_fashion_mnist(root: str | Path | None = None) -> Dataset:
+    """Fashion-MNIST from the four original IDX files (gzipped or not) in ``root`` (default
+    :func:`fashion_dir`)."""
+    root = Path(root) if root is not None else fashion_dir()
     if not root.is_dir():
         raise DataError(
-            f"Fashion-MNIST folder not found: {root} "
-            "(install it with `apt-get install -y dataset-fashion-mnist`, or pass --data)"
+            f"Fashion-MNIST folder not found: {root} (its four IDX files {', '.join(FASHION_FILES)}"
+            f"(.gz): {FASHION_SOURCES}; or pass --data DIR)"
         )
 
     def find(stem: str) -> Path:
         for name in (stem + ".gz", stem):
             if (root / name).exists():
                 return root / name
-        raise DataError(f"Fashion-MNIST file {stem}(.gz) not found in {root}")
+        raise DataError(f"Fashion-MNIST file {stem}(.gz) not found in {root} ({FASHION_SOURCES})")
 
     X = _read_idx(find("train-images-idx3-ubyte"), 2051, 3)
     y = _read_idx(find("train-labels-idx1-ubyte"), 2049, 1)

@@ -124,7 +124,7 @@ def _linear(ds: datasets.Dataset, hidden: int) -> nn.Module:
 
 
 def _fashion(data: str | None, seed: int) -> datasets.Dataset:
-    return datasets.load_fashion_mnist(data or datasets.DEFAULT_FASHION)
+    return datasets.load_fashion_mnist(data or None)  # None: datasets.fashion_dir()
 
 
 #: name -> recipe; a new problem is one entry here

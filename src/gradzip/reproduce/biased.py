@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -40,7 +40,7 @@ FLOOR = 1e-11  # below this, f(x) - f* of float32 iterates is rounding, not conv
 class Config:
     k_frac: float = 0.1  # top-k keeps this fraction of d
     nd_levels: int = 8  # natural dithering levels
-    logreg_data: str = field(default_factory=lambda: str(datasets.libsvm_path("a9a")))
+    logreg_data: str = "a9a"  # a LIBSVM file in datasets.data_dir() / "libsvm"
     logreg_l2: float = 0.05  # strong convexity, so that linear convergence shows in few steps
     logreg_steps: int = 200
     logreg_batch: int = 16  # stochastic setting, per worker
@@ -140,7 +140,7 @@ def _train(cfg: Config, progress):
     settings = {}
     lr_prob = build(
         "logreg",
-        cfg.logreg_data,
+        str(datasets.libsvm_path(cfg.logreg_data)),
         workers=cfg.workers,
         batch_size=0,
         l2=cfg.logreg_l2,

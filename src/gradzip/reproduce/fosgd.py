@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +44,7 @@ class Config:
     d_fixed: int = 1 << 14
     ks: tuple[int, ...] = (1, 4, 16, 64, 256, 1024, 4096, 1 << 14)
     var_seeds: int = 20
-    logreg_data: str = field(default_factory=lambda: str(datasets.libsvm_path("w8a")))
+    logreg_data: str = "w8a"  # a LIBSVM file in datasets.data_dir() / "libsvm"
     logreg_batch: int = 4
     logreg_steps: int = 500
     logreg_lr: float = 0.2
@@ -85,7 +85,7 @@ def _train(cfg: Config, progress) -> dict[str, dict[str, common.Trace]]:
         "logreg-w8a": (
             lambda: build(
                 "logreg",
-                cfg.logreg_data,
+                str(datasets.libsvm_path(cfg.logreg_data)),
                 workers=cfg.workers,
                 batch_size=cfg.logreg_batch,
                 seed=cfg.seed,
