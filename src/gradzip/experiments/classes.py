@@ -36,6 +36,7 @@ import torch
 
 from ..compressors import compressor as make_compressor
 from ..compressors import names
+from ..problems import datasets
 from . import gradients
 
 #: specs added to the registered names (default parameters) when they can be built
@@ -391,6 +392,24 @@ def write_csv(rows: Sequence[dict], path: str | Path) -> None:
             w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in COLUMNS})
 
 
+def _unknown(specs: Sequence[str]) -> list[str]:
+    """The error of each spec that does not build (an unknown name or parameter)."""
+    bad = []
+    for spec in specs:
+        try:
+            make_compressor(spec)
+        except (ValueError, TypeError) as e:
+            bad.append(f"--compressors {spec!r}: {e}")
+    return bad
+
+
+def _no_libsvm(path) -> str:
+    return (
+        f"LIBSVM data file not found: {path} (a9a: {datasets.LIBSVM_URL}; pass --data FILE "
+        f"or set {datasets.DATA_ENV}=DIR holding libsvm/a9a)"
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="gradzip classes",
@@ -408,12 +427,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--samples", type=int, help="Monte Carlo samples per vector")
     args = ap.parse_args(list(argv) if argv is not None else None)
     specs = None
-    if args.compressors:
+    if args.compressors is not None:
         specs = [s.strip() for s in args.compressors.split(";") if s.strip()]
+        bad = _unknown(specs) if specs else ["--compressors names no compressor"]
+        if bad:  # the specs asked for are checked before anything runs or is written
+            print(f"gradzip classes: error: {bad[0]}", file=sys.stderr)
+            return 2
     if args.samples is not None and args.samples < 1:
         ap.error("--samples must be >= 1")
     if not Path(args.data).is_file():
-        print(f"gradzip classes: error: LIBSVM data file not found: {args.data}", file=sys.stderr)
+        print(f"gradzip classes: error: {_no_libsvm(args.data)}", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
     notes: list[str] = []
@@ -423,6 +446,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     except (ValueError, OSError) as e:
         print(f"gradzip classes: error: {e}", file=sys.stderr)
+        return 2
+    if not rows:
+        print(f"gradzip classes: error: nothing measured ({'; '.join(notes)})", file=sys.stderr)
         return 2
     print(format_table(rows))
     print()

@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 
 from ..compressors import compressor
+from ..problems import datasets
 from . import gradients
 from .classes import moments
 
@@ -230,14 +231,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="fewer constants, vectors, samples")
     ap.add_argument("--out", type=Path, default=Path("results/scales"), help="output folder")
     ap.add_argument("--data", default=gradients.DEFAULT_LIBSVM, help="LIBSVM file (logreg)")
-    ap.add_argument("--fashion", default=gradients.DEFAULT_FASHION, help="Fashion-MNIST folder")
+    ap.add_argument(
+        "--fashion", default=str(datasets.fashion_dir()), help="Fashion-MNIST folder (if any)"
+    )
     ap.add_argument("--samples", type=int, help="Monte Carlo samples per vector")
     ap.add_argument("--sources", help="comma-separated subset of the sources")
     args = ap.parse_args(list(argv) if argv is not None else None)
     if args.samples is not None and args.samples < 2:
         ap.error("--samples must be >= 2")
     if not Path(args.data).is_file():
-        print(f"gradzip scales: error: LIBSVM data file not found: {args.data}", file=sys.stderr)
+        print(
+            f"gradzip scales: error: LIBSVM data file not found: {args.data} (a9a: "
+            f"{datasets.LIBSVM_URL}; --data FILE or {datasets.DATA_ENV}=DIR holding libsvm/a9a)",
+            file=sys.stderr,
+        )
         return 2
     only = [s.strip() for s in args.sources.split(",")] if args.sources else None
     known = sources(args.quick, args.data, args.fashion)

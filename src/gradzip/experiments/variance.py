@@ -64,7 +64,31 @@ def sparsity_sweep(d: int, ks: Sequence[int], seeds: int = 20) -> dict[str, list
     return out
 
 
+def drawable(label: str, xs, ys) -> tuple[list, list, str]:
+    """The points of a series a log-log axis can show (positive and finite), and its label,
+    which says what is left out: ``(not drawn: ...)`` when nothing is left."""
+    pts = [(x, y) for x, y in zip(xs, ys, strict=True) if 0 < y < math.inf and x > 0]
+    gone = len(xs) - len(pts)
+    if not pts:
+        return [], [], f"{label} (not drawn: no positive finite value on this log axis)"
+    if gone:
+        label += f" ({gone} of {len(xs)} points <= 0 or not finite, not drawn)"
+    return [x for x, _ in pts], [y for _, y in pts], label
+
+
+def _series(ax, xs, by_label: dict) -> None:
+    for label, ys in by_label.items():
+        px, py, shown = drawable(label, xs, ys)
+        if px:
+            ax.loglog(px, py, "o-", label=shown)
+        else:  # still in the legend, with why it is not on the axis
+            ax.plot([], [], "o-", label=shown)
+
+
 def plot(dims, by_dim, d_fixed, ks, by_k, path: Path) -> Path:
+    """The two panels (vNMSE against d for a 1-sparse vector, against k at ``d_fixed``);
+    a series or a point the log axes cannot show is named in the legend, not dropped
+    silently."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -72,18 +96,19 @@ def plot(dims, by_dim, d_fixed, ks, by_k, path: Path) -> Path:
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     ax = axes[0]
-    for label, ys in by_dim.items():
-        ax.loglog(dims, ys, "o-", label=label)
+    _series(ax, dims, by_dim)
     ax.loglog(dims, [theory_unflattened_1sparse(d) for d in dims], "k--", lw=1, label="d - 1")
     ax.loglog(dims, [theory_fosgd_norm_bound(d) for d in dims], "k:", lw=1, label="2 ln(2d) - 1")
     ax.set(xlabel="dimension d", ylabel="vNMSE", title="1-sparse input: variance vs dimension")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     ax = axes[1]
-    for label, ys in by_k.items():
-        ax.loglog(ks, ys, "o-", label=label)
+    _series(ax, ks, by_k)
     ax.set(xlabel="nonzeros k", ylabel="vNMSE", title=f"d = {d_fixed}: variance vs sparsity")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
     ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
