@@ -23,6 +23,12 @@ the digest of the sources the cache was built from.
   command the warning prints) removes a stale cache's ``*.nbi``/``*.nbc`` and records the
   present stamp; the next process caches again.
 
+- A cold compile is not silent: the first time in a process that numba compiles one of
+  these kernels (a cache miss; each codec's first call takes seconds then) one line says
+  so on stderr (:func:`gradzip._log.notice`, logger ``gradzip.kernels``), and
+  :func:`compiled` counts the kernels compiled so far (``gradzip kernels`` compiles them
+  all ahead of time, :mod:`gradzip._warmup`).
+
 The cache directory is the one numba picks for these files (``__pycache__`` next to them,
 ``NUMBA_CACHE_DIR``, or numba's user-wide directory where ``__pycache__`` is not writable).
 An installed package changes its sources only when upgraded (pip leaves numba's files).
@@ -157,15 +163,64 @@ def check_cache(
 
 
 _lock = threading.Lock()
+_compiled: list[str] = []  # kernels numba compiled in this process (cache misses)
+
+
+def compiled() -> list[str]:
+    """The kernels (``module.function``) numba compiled in this process so far, one entry a
+    signature: cache misses only (a kernel loaded from the on-disk cache is not counted)."""
+    return list(_compiled)
+
+
+def _compile_message(usable: bool, cache: Path | None) -> str:
+    if cache is None:
+        how = "numba cannot cache them here: every process compiles"
+    elif usable:
+        how = f"once per machine, cached in {cache}; `gradzip kernels` compiles them all ahead"
+    else:
+        how = "in memory: the kernel cache is stale, `gradzip kernels --refresh` renews it"
+    return f"gradzip: compiling kernels ({how})..."
+
+
+def _watch_compiles(usable: bool) -> None:
+    """Record every compilation of a kernel of this folder and announce the first one."""
+    from numba.core import event
+
+    from .._log import get, notice
+
+    class Watch(event.Listener):
+        said = False
+
+        def on_start(self, ev):
+            disp = (ev.data or {}).get("dispatcher")
+            func = getattr(disp, "py_func", None)
+            module = getattr(func, "__module__", "") or ""
+            if not module.startswith(__name__.rpartition(".")[0] + "."):
+                return
+            _compiled.append(f"{module}.{func.__name__}")
+            if not Watch.said:
+                Watch.said = True
+                notice(get("kernels"), _compile_message(usable, cache_dir()))
+
+        def on_end(self, ev):
+            pass
+
+    event.register("numba:compile", Watch())
 
 
 def __getattr__(name: str):
-    """``CACHE``: :func:`check_cache` of the present sources, computed on first use, once."""
+    """``CACHE``: :func:`check_cache` of the present sources, computed on first use, once
+    (with the watch on compilations that announces a cold one)."""
     if name != "CACHE":
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     with _lock:
         if "CACHE" not in globals():
-            globals()["CACHE"] = check_cache()
+            usable = check_cache()
+            try:
+                _watch_compiles(usable)
+            except (ImportError, AttributeError):  # another numba's internals: stay silent
+                pass
+            globals()["CACHE"] = usable
     return globals()["CACHE"]
 
 
