@@ -88,8 +88,11 @@ def parse_args(argv=None):
     p.add_argument("--nproc", type=int, default=0, help="spawn this many local ranks")
     p.add_argument("--backend", default="", help="gloo | nccl (default: nccl on GPUs)")
     p.add_argument("--threads", type=int, default=0, help="torch threads per rank (0: auto)")
-    p.add_argument("--save", default="", help="checkpoint file written at the end (rank 0)")
-    p.add_argument("--resume", default="", help="checkpoint to start from")
+    p.add_argument("--save", default="",
+                   help="checkpoint file (rank 0; written atomically) at the end and every "
+                   "--save-every steps")  # fmt: skip
+    p.add_argument("--save-every", type=int, default=0, help="steps between saves (0: at the end)")
+    p.add_argument("--resume", default="", help="checkpoint to start from (e.g. --save's file)")
     p.add_argument("--json", default="", help="rank 0 writes its measurements here")
     args = p.parse_args(argv)
     if args.lr is None:
@@ -178,6 +181,22 @@ def evaluate(model, Xt, yt, rank, world, device) -> float:
     return float(correct[0] / correct[1])
 
 
+def save_checkpoint(path: str, model, opt, state, step: int, rank: int) -> None:
+    """Every rank calls it (the hook's ``state_dict`` is a collective); rank 0 writes the
+    file atomically (``gradzip.checkpoint.save``: a temporary file in the same folder,
+    fsync, rename), so a kill mid-write leaves the previous checkpoint whole."""
+    ck = {
+        "model": model.module.state_dict(),
+        "optimizer": opt.state_dict(),
+        "step": step,
+        "gradzip": state.state_dict() if state is not None else None,  # a collective
+    }
+    if rank == 0:
+        import gradzip.checkpoint
+
+        gradzip.checkpoint.save(ck, path)
+
+
 def train(rank: int, world: int, args) -> dict:
     torch.manual_seed(args.seed)  # the same initial model on every rank
     use_cuda = torch.cuda.is_available() and args.backend != "gloo"
@@ -199,7 +218,9 @@ def train(rank: int, world: int, args) -> dict:
         state.precondition_with(opt)  # compress g / sqrt(v): Adam's own scale (gradzip.optim)
     start = 0
     if args.resume:
-        ck = torch.load(args.resume, map_location="cpu", weights_only=True)
+        import gradzip.checkpoint  # a damaged file: one line naming it
+
+        ck = gradzip.checkpoint.load(args.resume, keys=("model", "optimizer", "step"))
         model.module.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         if state is not None:
@@ -226,6 +247,8 @@ def train(rank: int, world: int, args) -> dict:
         times.append(dt)
         train_time += dt
         last = step + 1 == args.steps
+        if args.save and args.save_every and (step + 1) % args.save_every == 0 and not last:
+            save_checkpoint(args.save, model, opt, state, step + 1, rank)
         if (args.eval_every and (step + 1) % args.eval_every == 0) or last:
             acc = evaluate(model, Xt, yt, rank, world, device)
             timeline.append({"step": step + 1, "time": train_time, "acc": acc,
@@ -255,14 +278,7 @@ def train(rank: int, world: int, args) -> dict:
         "traffic": state.traffic() if state is not None else None,
     }
     if args.save:
-        ck = {
-            "model": model.module.state_dict(),
-            "optimizer": opt.state_dict(),
-            "step": start + steps_run,
-            "gradzip": state.state_dict() if state is not None else None,  # a collective
-        }
-        if rank == 0:
-            torch.save(ck, args.save)
+        save_checkpoint(args.save, model, opt, state, start + steps_run, rank)
     if rank == 0 and args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)

@@ -81,7 +81,7 @@ def cmd_demo(args) -> int:
     print("== 1. training: MLP on scikit-learn's digits, 4 workers, parameter server ==")
     cfg = RunConfig(problem="mlp-digits", workers=4, steps=300, lr=0.1, eval_every=25,
                     out=str(out / "compare"))  # fmt: skip
-    md, fig = compare.compare(cfg, DEMO_METHODS)
+    md, fig = compare.compare(cfg, DEMO_METHODS, overwrite=True)  # a demo: redone each time
     print(md)
     print(f"figure: {fig}")
     print("\n== 2. the FO-SGD contrast: one-bit quantization of a 1-sparse vector ==")
@@ -100,18 +100,40 @@ def cmd_demo(args) -> int:
     return 0
 
 
-def _config_from(args):
+def _config_from(args, base=None):
     from .experiments import config
 
     flags = {k: getattr(args, k) for k in config.RunConfig.__dataclass_fields__}
-    return config.load(args.config, args.set or [], **flags)
+    return config.load(args.config, args.set or [], base=base, **flags)
+
+
+def _resume_config(args):
+    """``--resume``: the run's saved configuration, overridden only by what is passed, and
+    a line naming the keys that change (``out`` is the folder given: it may have moved)."""
+    from .experiments.runfolder import saved_config
+
+    out = _config_from(args).out
+    saved = saved_config(out)
+    cfg = _config_from(args, base=saved)
+    changed = [
+        f"{k} {getattr(saved, k)!r} -> {getattr(cfg, k)!r}"
+        for k in cfg.__dataclass_fields__
+        if getattr(saved, k) != getattr(cfg, k)
+    ]
+    note = f"; changed: {', '.join(changed)}" if changed else ""
+    return cfg, f"gradzip train: resuming {out} with its saved configuration{note}"
 
 
 def cmd_train(args) -> int:
+    from .experiments.runfolder import RESUME_OR_OVERWRITE
     from .experiments.runner import train
 
-    cfg = _config_from(args)
-    summary = train(cfg, resume=args.resume, progress=not args.quiet)
+    if args.resume and args.overwrite:
+        raise ValueError(RESUME_OR_OVERWRITE)
+    cfg, note = _resume_config(args) if args.resume else (_config_from(args), None)
+    summary = train(
+        cfg, resume=args.resume, progress=not args.quiet, overwrite=args.overwrite, note=note
+    )
     print(json.dumps(summary, indent=2))
     from .engines import torchdist
 
@@ -131,7 +153,9 @@ def cmd_compare(args) -> int:
 
     for n in names:
         method(n)  # a bad name fails here, before any run
-    md, fig = compare.compare(_config_from(args), names, progress=not args.quiet)
+    md, fig = compare.compare(
+        _config_from(args), names, progress=not args.quiet, overwrite=args.overwrite
+    )
     print(md)
     print(f"figure: {fig}")
     return 0
@@ -207,12 +231,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="one training run (writes a run folder)")
     _add_run_flags(t)
-    t.add_argument("--resume", action="store_true", help="continue from the run's checkpoint")
+    t.add_argument(
+        "--resume", action="store_true",
+        help="continue the run in --out from its checkpoint, with its saved configuration "
+        "(flags given override it, e.g. a larger --steps)",
+    )  # fmt: skip
+    t.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     t.set_defaults(func=cmd_train)
 
     c = sub.add_parser("compare", help="several methods on one problem: figure and table")
     _add_run_flags(c)
     c.add_argument("--methods", default=",".join(DEMO_METHODS), help="comma-separated presets")
+    c.add_argument("--overwrite", action="store_true", help="replace runs already in --out")
     c.set_defaults(func=cmd_compare)
 
     k = sub.add_parser("kernels", help="numba's on-disk kernel cache: refresh a stale one")
@@ -242,8 +272,13 @@ def main(argv: list[str] | None = None) -> int:
 
         return (classes if argv[0] == "classes" else scales).main(argv[1:])
     args = build_parser().parse_args(argv)
+    from .experiments.runner import RunInterrupted
+
     try:
         return args.func(args)
+    except RunInterrupted as e:  # SIGINT/SIGTERM: checkpointed; one line, 128 + signal
+        print(f"gradzip {args.command}: {e}", file=sys.stderr)
+        return e.code
     except (ValueError, TypeError, OSError) as e:  # bad input: one clear line, no traceback
         print(f"gradzip {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -12,15 +12,20 @@ import json
 from pathlib import Path
 
 from .config import RunConfig
+from .runfolder import check_new
 from .runner import read_metrics, train
 
 
-def run(cfg: RunConfig, method_names: list[str], progress: bool = True) -> list[dict]:
+def run(
+    cfg: RunConfig, method_names: list[str], progress: bool = True, overwrite: bool = False
+) -> list[dict]:
     out = Path(cfg.out)
+    for name in method_names:  # every folder checked before the first run
+        check_new(out / name, overwrite)
     results = []
     for name in method_names:
         run_cfg = cfg.replace(method=name, out=str(out / name))
-        summary = train(run_cfg, progress=progress)
+        summary = train(run_cfg, progress=progress, overwrite=overwrite)
         steps, evals = read_metrics(run_cfg.out)
         results.append({"method": name, "summary": summary, "steps": steps, "evals": evals})
     return results
@@ -92,8 +97,10 @@ def plot(cfg: RunConfig, results: list[dict], path: Path) -> Path:
     return path
 
 
-def compare(cfg: RunConfig, method_names: list[str], progress: bool = True) -> tuple[str, Path]:
-    results = run(cfg, method_names, progress)
+def compare(
+    cfg: RunConfig, method_names: list[str], progress: bool = True, overwrite: bool = False
+) -> tuple[str, Path]:
+    results = run(cfg, method_names, progress, overwrite)
     md = table(cfg, results)
     out = Path(cfg.out)
     fig = plot(cfg, results, out / "compare.png")

@@ -43,7 +43,8 @@ class RunConfig:
     eval_every: int = 25
     engine: str = "simulated"  # simulated | torchdist
     framing: str = "stream"  # torch.distributed engines: stream | payload
-    checkpoint_every: int = 0  # steps between checkpoints (0 = only at the end)
+    checkpoint_every: int = 0  # steps between checkpoints (0 = by time only)
+    checkpoint_seconds: float = 60.0  # seconds between checkpoints (0 = by steps only)
     out: str = "results/run"
 
     def __post_init__(self):
@@ -55,6 +56,8 @@ class RunConfig:
             "hidden": self.hidden >= 1,
             "eval_every": self.eval_every >= 0,
             "checkpoint_every": self.checkpoint_every >= 0,
+            "checkpoint_seconds": math.isfinite(self.checkpoint_seconds)
+            and self.checkpoint_seconds >= 0,
             "lr": math.isfinite(self.lr) and self.lr > 0,
             "l2": math.isfinite(self.l2) and (self.l2 >= 0 or self.l2 == -1),
             "lam": math.isfinite(self.lam) and self.lam >= 0,
@@ -105,7 +108,9 @@ HELP = {
     "framing": "payload framing of the torch.distributed engines: stream (a channel sends "
     "its static header once, then 8 bytes a message) | payload (every message a standalone "
     "payload, as the simulated engines count)",
-    "checkpoint_every": "steps between checkpoints (0 = only at the end)",
+    "checkpoint_every": "steps between checkpoints (0 = by time only); one is always written "
+    "at the end and on SIGINT/SIGTERM",
+    "checkpoint_seconds": "seconds of running between checkpoints (0 = by steps only)",
     "out": "run folder (config.json, metrics.jsonl, summary.json, checkpoint.pt)",
 }
 
@@ -139,9 +144,12 @@ def _typed(changes: dict) -> dict:
     return {k: _convert(k, v) for k, v in changes.items()}
 
 
-def load(path: str | Path | None = None, sets: list[str] = (), **flags) -> RunConfig:
-    """Defaults < TOML file < ``key=value`` strings < flags (None flags are ignored)."""
-    cfg = RunConfig()
+def load(
+    path: str | Path | None = None, sets: list[str] = (), base: RunConfig | None = None, **flags
+) -> RunConfig:
+    """Defaults (or ``base``: a resumed run's saved configuration) < TOML file <
+    ``key=value`` strings < flags (None flags are ignored)."""
+    cfg = RunConfig() if base is None else base
     if path:
         p = Path(path)
         if not p.exists():
