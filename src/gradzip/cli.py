@@ -1,4 +1,10 @@
-"""``gradzip``: the command line. Each subcommand is a thin shell over a library function."""
+"""``gradzip``: the command line. Each subcommand is a thin shell over a library function.
+
+Diagnostics go to stderr through :mod:`logging` (:mod:`gradzip._log`); tables and reports
+to stdout. A failing command prints one line on stderr (no traceback), exits non-zero and
+leaves no output folder it created behind empty; one that needs a package of an extra not
+installed says which ``pip install 'gradzip[...]'`` before it starts (:mod:`._clisupport`).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +13,10 @@ import json
 import sys
 import time
 from pathlib import Path
+
+from ._clisupport import NEEDS, CreatedFolders, missing_extra, require
+
+_created = CreatedFolders()  # output folders of the running command (removed empty on failure)
 
 
 def _pow2_list(text: str) -> list[int]:
@@ -42,6 +52,7 @@ def cmd_bench(args) -> int:
     sizes = args.sizes or (bench.QUICK_SIZES if args.quick else bench.DEFAULT_SIZES)
     print(f"gradzip bench: sizes {sizes}, timings are medians, ratios against copy_ in this run")
     rows = bench.bench(args.compressors, sizes, quick=args.quick)
+    _created.watch(args.out.parent)
     print(bench.format_table(rows))
     bench.write_json(rows, args.out)
     print(f"wrote {args.out}")
@@ -77,6 +88,7 @@ def cmd_demo(args) -> int:
     from .experiments.config import RunConfig
 
     out: Path = args.out
+    _created.watch(out)
     t0 = time.perf_counter()
     print("== 1. training: MLP on scikit-learn's digits, 4 workers, parameter server ==")
     cfg = RunConfig(problem="mlp-digits", workers=4, steps=300, lr=0.1, eval_every=25,
@@ -131,31 +143,40 @@ def cmd_train(args) -> int:
     if args.resume and args.overwrite:
         raise ValueError(RESUME_OR_OVERWRITE)
     cfg, note = _resume_config(args) if args.resume else (_config_from(args), None)
-    summary = train(
-        cfg, resume=args.resume, progress=not args.quiet, overwrite=args.overwrite, note=note
-    )
+    from .experiments.tracking import tensorboard
+
+    _created.watch(cfg.out)
+    if args.tensorboard is not None:
+        _created.watch(args.tensorboard)
+    with tensorboard(args.tensorboard):
+        summary = train(
+            cfg, resume=args.resume, progress=not args.quiet, overwrite=args.overwrite, note=note
+        )
     print(json.dumps(summary, indent=2))
+    failed = int("diverged_at" in summary)  # the runner said why, in one line on stderr
     from .engines import torchdist
 
     if cfg.engine in torchdist.ENGINES and torchdist.launched_by_torchrun():
         # a torchrun rank: its process group is gone and its files are written; end without
         # interpreter finalization, where gloo's threads can abort a finished process
         # (exit -6; see gradzip.ddp.shutdown)
-        torchdist.exit_now(0)
-    return 0
+        torchdist.exit_now(failed)
+    return failed
 
 
 def cmd_compare(args) -> int:
     from .experiments import compare
 
     names = [m.strip() for m in args.methods.split(",") if m.strip()]
-    from .methods import method
+    from .methods import PRESETS, method
 
+    if not names:
+        raise ValueError(f"--methods names no method; presets: {', '.join(PRESETS)}")
     for n in names:
         method(n)  # a bad name fails here, before any run
-    md, fig = compare.compare(
-        _config_from(args), names, progress=not args.quiet, overwrite=args.overwrite
-    )
+    cfg = _config_from(args)
+    _created.watch(cfg.out)
+    md, fig = compare.compare(cfg, names, progress=not args.quiet, overwrite=args.overwrite)
     print(md)
     print(f"figure: {fig}")
     return 0
@@ -174,7 +195,8 @@ def cmd_methods(args) -> int:
 def cmd_reproduce(args) -> int:
     from . import reproduce
 
-    path, secs = reproduce.reproduce(args.paper, args.out, quick=args.quick)
+    _created.watch(args.out)
+    path, secs = reproduce.reproduce(args.paper, args.out, quick=args.quick, data=args.data)
     for s in secs:
         for c in s.claims:
             print(f"{s.name:>7} {c.key:<18} {c.verdict:<14} {c.summary}")
@@ -198,9 +220,22 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_kernels(args) -> int:
-    from ._numba.cache import refresh
+    """Drop a stale kernel cache; unless ``--refresh`` alone, then compile every kernel."""
+    from ._numba import cache
 
-    return refresh()
+    rc = cache.refresh()
+    if rc or args.refresh:
+        return rc
+    if not cache.CACHE:
+        print("numba cannot cache the kernels here: every process compiles its own")
+        return 0
+    from . import _warmup
+
+    print("gradzip kernels: compiling ahead of time (minutes, the first time)", flush=True)
+    r = _warmup.warmup(args.compressors, progress=lambda m: print(m, file=sys.stderr))
+    done = f"{r['kernels']} kernels compiled" if r["kernels"] else "every kernel was cached"
+    print(f"{done} ({r['specs']} compressors, {r['seconds']:.1f} s): {cache.cache_dir()}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -237,6 +272,11 @@ def build_parser() -> argparse.ArgumentParser:
         "(flags given override it, e.g. a larger --steps)",
     )  # fmt: skip
     t.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    t.add_argument(
+        "--tensorboard", metavar="DIR", default=None,
+        help="write TensorBoard scalars (loss, accuracy, bits up/down, time split) to DIR "
+        "(pip install 'gradzip[tensorboard]')",
+    )  # fmt: skip
     t.set_defaults(func=cmd_train)
 
     c = sub.add_parser("compare", help="several methods on one problem: figure and table")
@@ -245,8 +285,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--overwrite", action="store_true", help="replace runs already in --out")
     c.set_defaults(func=cmd_compare)
 
-    k = sub.add_parser("kernels", help="numba's on-disk kernel cache: refresh a stale one")
-    k.add_argument("--refresh", action="store_true", required=True, help="drop a stale cache")
+    k = sub.add_parser(
+        "kernels", help="compile every kernel ahead of time (once per machine) into numba's cache"
+    )
+    k.add_argument("--refresh", action="store_true", help="only drop a stale cache")
+    k.add_argument(
+        "--compressors", type=_specs, help="';'-separated specs (default: every one, presets)"
+    )
     k.set_defaults(func=cmd_kernels)
 
     m = sub.add_parser("methods", help="list method presets")
@@ -261,12 +306,37 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("paper", choices=("memsgd", "biased", "dqgd", "fosgd", "all"))
     r.add_argument("--quick", action="store_true", help="a small version (< 30 s)")
     r.add_argument("--out", type=Path, default=Path("results/reproduce"), help="output folder")
+    r.add_argument(
+        "--data", type=Path, default=None,
+        help="the folder holding libsvm/ (a9a, w8a) and optionally fashion-mnist/ (default "
+        "$GRADZIP_DATA, else ../shared/data; Fashion-MNIST else /usr/share/datasets)",
+    )  # fmt: skip
     r.set_defaults(func=cmd_reproduce)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    from . import _log
+
+    _log.to_stderr()
+    command = next((a for a in argv if not a.startswith("-")), "")
+    rc = 1
+    try:
+        require(*NEEDS.get(command, ()))
+        rc = _main(argv)
+    except ModuleNotFoundError as e:  # an optional package: which extra installs it
+        if missing_extra(e) is None:
+            raise
+        print(f"gradzip {command}: error: {missing_extra(e)}", file=sys.stderr)
+        rc = 2
+    finally:
+        if rc:
+            _created.remove_empty()
+    return rc
+
+
+def _main(argv: list[str]) -> int:
     if argv[:1] in (["classes"], ["scales"]):  # own parsers: `gradzip classes --help` is theirs
         from .experiments import classes, scales
 
@@ -279,12 +349,12 @@ def main(argv: list[str] | None = None) -> int:
     except RunInterrupted as e:  # SIGINT/SIGTERM: checkpointed; one line, 128 + signal
         print(f"gradzip {args.command}: {e}", file=sys.stderr)
         return e.code
+    except BrokenPipeError:  # e.g. `gradzip methods | head` (an OSError: caught first)
+        sys.stderr.close()
+        return 0
     except (ValueError, TypeError, OSError) as e:  # bad input: one clear line, no traceback
         print(f"gradzip {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:  # e.g. `gradzip compressors | head`
-        sys.stderr.close()
-        return 0

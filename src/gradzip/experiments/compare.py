@@ -1,14 +1,19 @@
 """``gradzip compare``: several methods on one problem, same seeds, one figure, one table.
 
 The figure has loss and (where the problem has classes) test accuracy against steps,
-against total bits on the wire (both directions) and against wall time; the table gives
-the final accuracy, the total bits up and down, and the compression factor against
+against total bits on the wire (both directions, log axis: the start, at 0 bits, is left
+out) and against the time the steps spent (:func:`time_label` says which time that is: the
+simulated engines sum compute and compression over the workers, one after another, and
+move no bytes; the torch.distributed engines measure each step's wall time); the table
+gives the final accuracy, the total bits up and down, and the compression factor against
 ``sgd`` (its bits are computed from the same problem even when ``sgd`` is not compared).
+A diverged run's losses are ``null`` in its summary and ``-`` in the table.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from .config import RunConfig
@@ -38,11 +43,22 @@ def _sgd_bits(cfg: RunConfig, results: list[dict]) -> float | None:
     return None
 
 
+def _num(v, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def time_label(engine: str) -> str:
+    """What ``cum_time`` (the sum of t_compute + t_compress + t_comm) measures on ``engine``."""
+    if engine.startswith("simulated"):
+        return "compute + compression time (s), workers summed, no communication (simulated)"
+    return "step wall time (s): compute + compression + communication"
+
+
 def table(cfg: RunConfig, results: list[dict]) -> str:
     base = _sgd_bits(cfg, results)
     has_acc = "test_acc" in results[0]["summary"]
     head = "| method | test loss | " + ("test acc | " if has_acc else "")
-    head += "bits up | bits down | vs sgd | time (s) |"
+    head += "bits up | bits down | vs sgd | compute+compress+comm (s) |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in results:
         s = r["summary"]
@@ -50,11 +66,12 @@ def table(cfg: RunConfig, results: list[dict]) -> str:
         factor = f"{base / total:.1f}x fewer" if base else "-"
         if r["method"] == "sgd":
             factor = "baseline"
-        acc = f"{100 * s['test_acc']:.2f}% | " if has_acc else ""
+        acc = f"{100 * s['test_acc']:.2f}% | " if s.get("test_acc") is not None else "- | "
+        acc = acc if has_acc else ""
         if "diverged_at" in s:
             acc = f"diverged at step {s['diverged_at']} | " if has_acc else ""
         lines.append(
-            f"| {r['method']} | {s['test_loss']:.4f} | {acc}{s['cum_bits_up']:.3g} | "
+            f"| {r['method']} | {_num(s['test_loss'], '.4f')} | {acc}{s['cum_bits_up']:.3g} | "
             f"{s['cum_bits_down']:.3g} | {factor} | {s['cum_time']:.1f} |"
         )
     return "\n".join(lines)
@@ -75,10 +92,12 @@ def plot(cfg: RunConfig, results: list[dict], path: Path) -> Path:
         bits = [e["cum_bits_up"] + e["cum_bits_down"] for e in ev]
         secs = [e["cum_time"] for e in ev]
         for row, key in enumerate(["train_loss", "test_acc"][:rows]):
-            ys = [e[key] for e in ev]
+            ys = [math.nan if e.get(key) is None else e[key] for e in ev]  # null: diverged
             for col, xs in enumerate((steps, bits, secs)):
-                axes[row][col].plot(xs, ys, "o-", ms=3, label=r["method"])
-    xlabels = ("step", "total bits on the wire (up + down)", "wall time (s)")
+                pts = [(x, y) for x, y in zip(xs, ys, strict=True) if col != 1 or x > 0]
+                if pts:  # the bits axis is logarithmic: the start (0 bits) has no place
+                    axes[row][col].plot(*zip(*pts, strict=True), "o-", ms=3, label=r["method"])
+    xlabels = ("step", "total bits on the wire (up + down)", time_label(cfg.engine))
     for row, ylabel in enumerate(["training loss", "test accuracy"][:rows]):
         for col, xl in enumerate(xlabels):
             ax = axes[row][col]

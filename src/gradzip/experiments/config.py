@@ -118,10 +118,18 @@ HELP = {
 _BOOLS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
 
-def _convert(key: str, value):
+def _convert(key: str, value, typed: bool = False):
+    """``value`` as key's type; strings are parsed (``--set``, flags) unless ``typed`` (a
+    TOML file, whose values carry their type: ``steps = "5"`` is an error there)."""
     if key not in _FIELDS:
         raise ValueError(f"unknown config key {key!r}; valid keys: {', '.join(_FIELDS)}")
     kind = type(_FIELDS[key].default)
+    if typed and isinstance(value, str) and kind is not str:
+        need = "true or false" if kind is bool else f"a {kind.__name__}"
+        raise ValueError(
+            f"config key {key!r} needs {need}, got the string {value!r} (TOML: {key} = "
+            f"{value.strip()}, without quotes)"
+        )
     if kind is bool:
         if isinstance(value, str) and value.strip().lower() in _BOOLS:
             return _BOOLS[value.strip().lower()]
@@ -140,8 +148,8 @@ def _convert(key: str, value):
     return value
 
 
-def _typed(changes: dict) -> dict:
-    return {k: _convert(k, v) for k, v in changes.items()}
+def _typed(changes: dict, typed: bool = False) -> dict:
+    return {k: _convert(k, v, typed) for k, v in changes.items()}
 
 
 def load(
@@ -158,7 +166,7 @@ def load(
             data = tomllib.loads(p.read_text())
         except tomllib.TOMLDecodeError as e:
             raise ValueError(f"malformed TOML in {p}: {e}") from None
-        cfg = cfg.replace(**data)
+        cfg = dataclasses.replace(cfg, **_typed(data, typed=True))
     for item in sets:
         key, eq, value = item.partition("=")
         if not eq:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import math
 import signal
-import sys
 import threading
 import time
 from pathlib import Path
@@ -29,12 +28,14 @@ from pathlib import Path
 import torch
 
 from .. import checkpoint, methods
+from .._log import get as _logger
 from ..compressors.base import NonFiniteError
 from ..engines import Algorithm, SimulatedEngine, torchdist
 from ..problems import build
 from . import runfolder
 from .config import RunConfig, as_dict
 from .schedules import Schedule
+from .tracking import Reporter, jsonable
 
 
 def make_method(cfg: RunConfig) -> methods.Method:
@@ -81,30 +82,6 @@ def make_job(cfg: RunConfig) -> torchdist.Job:
 def make_schedule(cfg: RunConfig, problem) -> Schedule:
     lam = cfg.lam or problem.l2
     return Schedule(cfg.schedule, cfg.lr, lam, cfg.shift, cfg.steps)
-
-
-class Progress:
-    """A one-line progress bar on stderr (plain lines when not a terminal)."""
-
-    def __init__(self, total: int, label: str, enabled: bool = True):
-        self.total, self.label, self.enabled = total, label, enabled
-        self.tty = sys.stderr.isatty()
-        self.t0 = time.perf_counter()
-        self.last = -1
-
-    def update(self, done: int, info: str = "") -> None:
-        if not self.enabled:
-            return
-        pct = int(100 * done / max(self.total, 1))
-        if not self.tty and pct // 10 == self.last // 10 and done != self.total:
-            return
-        self.last = pct
-        bar = "#" * (pct // 5) + "." * (20 - pct // 5)
-        el = time.perf_counter() - self.t0
-        line = f"{self.label} [{bar}] {done}/{self.total} {el:6.1f}s {info}"
-        print(("\r" + line) if self.tty else line, end="" if self.tty else "\n", file=sys.stderr)
-        if self.tty and done == self.total:
-            print(file=sys.stderr)
 
 
 class RunInterrupted(Exception):
@@ -181,7 +158,7 @@ def train(
             except (ValueError, KeyError) as e:
                 raise ValueError(f"{out / runfolder.CHECKPOINT}: {e}") from None
         if note:
-            print(note, file=sys.stderr)
+            _logger("train").info(note)
         resolved = runfolder.resolved_config(cfg, method, problem.dim)
         metrics = runfolder.begin(out, resolved, start, overwrite)
         try:
@@ -195,7 +172,7 @@ def train(
 
 def _run(cfg, start, progress, out, problem, schedule, engine, metrics) -> dict:
     for note in start.notes if start is not None else ():
-        print(f"gradzip: note: {note}", file=sys.stderr)
+        _logger("train").warning(f"gradzip: note: {note}")
     first, avg, last = 0, None, None
     totals = {"cum_bits_up": 0, "cum_bits_down": 0, "cum_time": 0.0}
     if start is not None:
@@ -224,7 +201,8 @@ def _run(cfg, start, progress, out, problem, schedule, engine, metrics) -> dict:
 
     def evaluate(step: int) -> dict:
         x = engine.x if avg is None else avg["x"]
-        row = {"step": step, "eval": True, **problem.evaluate(x), **totals}
+        row = jsonable({"step": step, "eval": True, **problem.evaluate(x), **totals})
+        bar.evaluation(row)
         metrics.write(json.dumps(row) + "\n")
         metrics.flush()
         return row
@@ -245,7 +223,7 @@ def _run(cfg, start, progress, out, problem, schedule, engine, metrics) -> dict:
             128 + signum,
         )
 
-    bar = Progress(cfg.steps, f"{cfg.method:>16}", progress)
+    bar = Reporter(cfg.steps, f"{cfg.method:>16}", progress, first)  # and TensorBoard
     if start is None:
         last = evaluate(0)
     diverged = None
@@ -268,11 +246,12 @@ def _run(cfg, start, progress, out, problem, schedule, engine, metrics) -> dict:
                     avg["w"] += w
                     avg["x"] += (w / avg["w"]) * (engine.x - avg["x"])
             row = {
-                "step": t, "lr": lr, "loss": s.loss, "bits_up": s.bits_up,
+                "step": t, "lr": lr, "loss": jsonable(s.loss), "bits_up": s.bits_up,
                 "bits_down": s.bits_down, "t_compute": s.t_compute,
                 "t_compress": s.t_compress, "t_comm": s.t_comm,
             }  # fmt: skip
             metrics.write(json.dumps(row) + "\n")
+            bar.step(row, totals)
             if not (math.isfinite(s.loss) and bool(torch.isfinite(engine.x).all())):
                 diverged = {"diverged_at": t + 1, "reason": "loss or parameters not finite"}
                 break
@@ -287,10 +266,9 @@ def _run(cfg, start, progress, out, problem, schedule, engine, metrics) -> dict:
     if diverged is not None:  # stop this run, keep what it measured; no checkpoint
         last = evaluate(diverged["diverged_at"])
         bar.update(cfg.steps, f"diverged at step {diverged['diverged_at']}")
-        print(
+        _logger("train").warning(
             f"{cfg.method}: diverged at step {diverged['diverged_at']} "
-            f"({diverged['reason']}); try a smaller --lr",
-            file=sys.stderr,
+            f"({diverged['reason']}); try a smaller --lr"
         )
         summary = {"method": cfg.method, "problem": cfg.problem, "steps": cfg.steps, **last}
         summary.update(diverged)
