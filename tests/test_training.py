@@ -107,7 +107,8 @@ def test_every_cli_flag_reaches_the_run(tmp_path):
         "l2": 0.01, "steps": 3, "schedule": "bottou", "lr": 0.05, "lam": 0.2, "shift": 3.0,
         "momentum": 0.5, "nesterov": True, "optimizer": "sgd", "weight_decay": 0.0,
         "seed": 11, "eval_every": 2, "engine": "simulated", "framing": "stream",
-        "checkpoint_every": 2, "checkpoint_seconds": 30.0, "out": str(tmp_path / "flags"),
+        "timeout": 30.0, "nonfinite": "skip", "threads": 2, "checkpoint_every": 2,
+        "checkpoint_seconds": 30.0, "out": str(tmp_path / "flags"),
     }  # fmt: skip
     assert set(values) == set(RunConfig.__dataclass_fields__)  # a new key needs a value here
     argv = ["train", "--quiet"]

@@ -1,6 +1,8 @@
 """The process group of the torch.distributed engines, as seen from one rank: messages
 (commands, statuses, tags), the processes behind it (spawned locally or started by
-torchrun), failures named by rank, and teardown. See :mod:`gradzip.engines.torchdist`.
+torchrun), failures named by rank (:mod:`.liveness`: every wait has a deadline, and a rank
+that does not answer is named from the heartbeats), and teardown. See
+:mod:`gradzip.engines.torchdist`.
 """
 
 from __future__ import annotations
@@ -17,27 +19,34 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from .faults import FAULT_ENV, Fault
+from .liveness import SLACK, Heartbeat, RankTimeout, WorkerError, deadline_wait
+
 STEP, GET_STATE, SET_STATE, STOP = 1, 2, 3, 4  # commands
-OK, FAILED, ABORT = 0, 1, 2  # statuses
+OK, FAILED, ABORT, NONFINITE = 0, 1, 2, 3  # statuses
 META = 5  # int64 reply: [status, length, a, b, c]
 # message tags (one per kind of message between two ranks, so they can never be confused)
 T_CTRL, T_META, T_DATA, T_MSG, T_LENS, T_STATE = range(6)
 
 TIMEOUT_ENV = "GRADZIP_DIST_TIMEOUT"
-FAULT_ENV = "GRADZIP_TEST_FAULT"
 IDLE = timedelta(days=7)  # how long a worker waits for the next command
 SHORT = timedelta(seconds=10)  # stopping, at the end
+STARTUP = 180.0  # seconds starting may take at least (imports, data), whatever the timeout
 _MAX_MSG = 1 << 16
 
-
-class WorkerError(RuntimeError):
-    """A worker failed or was lost; the message names the worker, the step and the cause."""
+__all__ = ["FAULT_ENV", "Fault", "RankTimeout", "WorkerError"]  # from .faults, .liveness
 
 
 # --- small helpers -------------------------------------------------------------------------
 
 
-def _timeout() -> timedelta:
+def _timeout(seconds: float | None = None) -> timedelta:
+    """The liveness timeout: ``seconds`` (the ``timeout`` config key), else
+    GRADZIP_DIST_TIMEOUT, else 180 s."""
+    if seconds is not None:
+        if not seconds > 0:
+            raise ValueError(f"the timeout must be > 0 seconds, got {seconds!r}")
+        return timedelta(seconds=seconds)
     raw = os.environ.get(TIMEOUT_ENV, "")
     try:
         s = float(raw) if raw else 180.0
@@ -46,6 +55,23 @@ def _timeout() -> timedelta:
     if not s > 0:
         raise ValueError(f"{TIMEOUT_ENV} must be > 0, got {raw!r}")
     return timedelta(seconds=s)
+
+
+def _group_timeout(timeout: timedelta) -> timedelta:
+    """gloo's own timeout: later than every deadline of ours (which name the rank), early
+    enough that a group torn down after a failure is not held for long."""
+    return timeout + timedelta(seconds=2 * SLACK)
+
+
+def name_process(rank: int) -> None:
+    """Linux: call this process ``gradzip-rank-R`` (``ps``, ``/proc/PID/comm``)."""
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            ctypes.CDLL("libc.so.6").prctl(15, f"gradzip-rank-{rank}".encode()[:15])  # NAME
+        except (OSError, AttributeError):
+            pass
 
 
 def _bits_of(*values: float) -> list[int]:
@@ -147,38 +173,12 @@ def _worker_threads(world: int):
                 os.environ[k] = v
 
 
-class _Fault:
-    """The GRADZIP_TEST_FAULT hook (see the module docstring)."""
-
-    def __init__(self, rank: int):
-        self.step, self.kind = -1, ""
-        raw = os.environ.get(FAULT_ENV, "")
-        if not raw:
-            return
-        try:
-            spec = dict(kv.split("=", 1) for kv in raw.split(","))
-            if int(spec["rank"]) == rank:
-                self.step, self.kind = int(spec["step"]), spec["kind"]
-        except (KeyError, ValueError):
-            raise ValueError(f"{FAULT_ENV}: expected rank=R,step=S,kind=corrupt|exit") from None
-
-    def maybe_exit(self, t: int) -> None:
-        if self.kind == "exit" and t == self.step:
-            os._exit(3)
-
-    def maybe_corrupt(self, t: int, data: torch.Tensor) -> torch.Tensor:
-        if self.kind == "corrupt" and t == self.step:
-            data = data.clone()
-            data[0] ^= 0xFF  # the magic: decode raises PayloadError
-        return data
-
-
 # --- the process group and the processes behind it ----------------------------------------
 
 
 class _Cluster:
     """The process group as seen from one rank, the spawned processes (rank 0 of a local
-    run), which ranks are still in their loop, and teardown."""
+    run), which ranks are still in their loop, its heartbeat, and teardown."""
 
     def __init__(
         self,
@@ -190,6 +190,7 @@ class _Cluster:
         group=None,
         procs=(),
         store=None,
+        timeout: timedelta | None = None,
     ):
         self.rank, self.world, self.sharded = rank, world, sharded
         self.own_group, self.group = own_group, group
@@ -199,17 +200,45 @@ class _Cluster:
         self.dirty = False  # inside a command: stopping politely is no longer possible
         self.closed = False
         self.t_comm = 0.0
+        self.timeout = (timeout or _timeout()).total_seconds()
+        # rank 0 decides first; a worker's deadlines leave it the time to
+        self.deadline = self.timeout + (SLACK if rank else 0.0)
+        self.step = -1
+        self.steps = 0  # steps begun: the first one may compile kernels, it waits longer
+        self.hb: Heartbeat | None = None
 
     # who is who
     def worker_of(self, r: int) -> int:
         return r if self.sharded else r - 1
 
     def name(self, r: int) -> str:
+        if r == 0 and not self.sharded:
+            return "the server (rank 0)"
         return f"worker {self.worker_of(r)} (rank {r})"
 
     @property
     def peers(self) -> list[int]:
         return list(range(1, self.world))
+
+    def beat(self, store, host: int | None = None) -> None:
+        """Start this rank's heartbeat in ``store``, served by rank ``host``'s process where
+        one does (a local run: rank 0); see :mod:`.liveness`."""
+        if store is None:
+            return
+        try:
+            store = store.clone()  # the heartbeat thread's own connection
+            store.set_timeout(timedelta(seconds=min(self.timeout, 2.0)))
+        except (AttributeError, RuntimeError):
+            pass
+        self.hb = Heartbeat(store, self.rank, self.world, self.timeout, self.name, host)
+        self.hb.start(watch_server=self.rank != 0)
+
+    def at(self, t: int, phase: str, waiting: bool = False) -> None:
+        """Where this rank is (its heartbeat says it)."""
+        self.steps += t != self.step
+        self.step = t
+        if self.hb is not None:
+            self.hb.at(t, phase, waiting)
 
     # starting
     @classmethod
@@ -221,11 +250,15 @@ class _Cluster:
                 "a default torch.distributed process group already exists in this process; "
                 "run under torchrun (RANK/WORLD_SIZE set) or destroy it first"
             )
-        timeout = _timeout()
+        timeout = _timeout(job.timeout)
+        start = max(timeout, timedelta(seconds=STARTUP))
         store = dist.TCPStore(
-            "127.0.0.1", 0, world, is_master=True, timeout=timeout, wait_for_workers=False
+            "127.0.0.1", 0, world, is_master=True, timeout=start, wait_for_workers=False
         )
-        cl = cls(0, world, sharded=job.engine != "torchdist", own_group=True, store=store)
+        cl = cls(
+            0, world, sharded=job.engine != "torchdist", own_group=True, store=store,
+            timeout=timeout,
+        )  # fmt: skip
         ctx = torch.multiprocessing.get_context("spawn")
         try:
             with _worker_threads(world):
@@ -238,8 +271,11 @@ class _Cluster:
                     )
                     p.start()
                     cl.procs.append(p)
-            cl._await_join(timeout)
-            dist.init_process_group("gloo", store=store, rank=0, world_size=world, timeout=timeout)
+            cl._await_join(start)
+            dist.init_process_group(
+                "gloo", store=store, rank=0, world_size=world, timeout=_group_timeout(start)
+            )
+            cl.beat(store, host=0)
         except BaseException:
             cl.dirty = True
             cl.close()
@@ -265,43 +301,68 @@ class _Cluster:
         """A rank started by torchrun (RANK, WORLD_SIZE and the rendezvous in the
         environment), in the caller's process group if there is one."""
         rank = int(os.environ["RANK"])
+        timeout = _timeout(job.timeout)
+        pg_timeout = _group_timeout(max(timeout, timedelta(seconds=STARTUP)))
         own = not dist.is_initialized()
         if own:
-            dist.init_process_group("gloo", timeout=_timeout())
+            dist.init_process_group("gloo", timeout=pg_timeout)
             group = None
         elif dist.get_backend() == "gloo":
             group = None
         else:  # the caller's group runs NCCL, say: a gloo group over the same ranks
-            group = dist.new_group(backend="gloo", timeout=_timeout())
+            group = dist.new_group(backend="gloo", timeout=pg_timeout)
         if dist.get_world_size(group) != world:
             raise ValueError(f"process group has {dist.get_world_size(group)} ranks, need {world}")
-        return cls(rank, world, sharded=job.engine != "torchdist", own_group=own, group=group)
+        cl = cls(
+            rank, world, sharded=job.engine != "torchdist", own_group=own, group=group,
+            timeout=timeout,
+        )  # fmt: skip
+        name_process(rank)
+        try:
+            store = dist.distributed_c10d._get_default_store()
+        except (AttributeError, RuntimeError, ValueError):
+            store = None  # no heartbeats: a silent rank is then named by its messages only
+        cl.beat(store)
+        return cl
 
-    # moving bytes (rank 0's side of a command)
+    # moving bytes, with a deadline
     @contextmanager
     def command(self):
         self.dirty = True
         yield
         self.dirty = False
 
-    def wait(self, works, what: str, timeout: timedelta | None = None) -> None:
+    def wait(self, works, what: str, timeout: timedelta | None = None, peers=None) -> None:
+        """Wait for ``works`` until this rank's deadline (``timeout`` where given);
+        ``peers[i]``: the rank work i waits on (None: a collective). A work that fails
+        or does not complete in time raises :class:`RankTimeout` naming who did not
+        answer (:meth:`Heartbeat.blame`)."""
+        secs = self.deadline if timeout is None else timeout.total_seconds()
+        if self.steps <= 1 and timeout is None:  # starting, or its first step (compiles)
+            secs = max(secs, STARTUP)
+        if self.hb is not None:
+            self.hb.at(self.step, what, True)
         t0 = time.perf_counter()
         try:
-            for w in works:
-                w.wait() if timeout is None else w.wait(timeout)
-        except RuntimeError as e:  # DistBackendError and gloo's errors
-            raise self._lost(what, e) from e
+            got = deadline_wait(works, secs)
         finally:
             self.t_comm += time.perf_counter() - t0
+            if self.hb is not None:
+                self.hb.waiting = False
+        if got is not None:
+            i, e = got
+            expired = time.perf_counter() - t0 >= secs - 0.05
+            waited = [peers[i]] if peers and peers[i] is not None else []
+            raise self._lost(what, e, expired, waited, secs) from e
 
     def exchange(self, what: str, sends=(), recvs=(), timeout=None) -> None:
         """Post every (tensor, rank, tag) send and recv, then wait for all of them."""
         g = self.group
-        works = [dist.irecv(t, r, group=g, tag=tag) for t, r, tag in recvs if t.numel()]
-        works += [
-            dist.isend(t.contiguous(), r, group=g, tag=tag) for t, r, tag in sends if t.numel()
-        ]
-        self.wait(works, what, timeout)
+        recvs = [(t, r, tag) for t, r, tag in recvs if t.numel()]
+        sends = [(t, r, tag) for t, r, tag in sends if t.numel()]
+        works = [dist.irecv(t, r, group=g, tag=tag) for t, r, tag in recvs]
+        works += [dist.isend(t.contiguous(), r, group=g, tag=tag) for t, r, tag in sends]
+        self.wait(works, what, timeout, peers=[r for _, r, _ in recvs + sends])
 
     def send_ctrl(self, cmd: int, t: int = 0, lr: float = 0.0, ranks=None, timeout=None):
         ctrl = torch.tensor([cmd, t, lr], dtype=torch.float64)
@@ -316,7 +377,7 @@ class _Cluster:
         ranks = sorted(self.live) if ranks is None else ranks
         metas = {r: torch.empty(META, dtype=torch.int64) for r in ranks}
         self.exchange(what, recvs=[(m, r, T_META) for r, m in metas.items()], timeout=timeout)
-        failed = [r for r, m in metas.items() if int(m[0]) != OK]
+        failed = [r for r, m in metas.items() if int(m[0]) == FAILED]
         texts = {}
         if failed:
             msgs = {r: torch.empty(int(metas[r][1]), dtype=torch.uint8) for r in failed}
@@ -342,45 +403,46 @@ class _Cluster:
             err.add_note(n)
         return err
 
-    def _lost(self, what: str, e: Exception) -> WorkerError:
+    def _lost(
+        self, what: str, e: Exception, expired: bool, waited: list[int], secs: float = 0.0
+    ) -> WorkerError:
         self.dirty = True
-        dead = []
-        deadline = time.monotonic() + 1.0
-        while self.procs and time.monotonic() < deadline and not dead:
-            dead = [
-                (r, p.exitcode)
-                for r, p in zip(self.peers, self.procs, strict=True)
-                if p.exitcode is not None
-            ]
-            time.sleep(0.05)
-        who = ", ".join(f"{self.name(r)} exited with code {c}" for r, c in dead)
         cause = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        return WorkerError(
-            f"lost contact with the workers while {what}: {who + '; ' if who else ''}{cause}"
-        )
+        if self.hb is None:
+            return RankTimeout(f"lost contact while {what} at step {self.step}: {cause}", waited)
+        err = self.hb.blame(what, waited, expired, cause, secs)
+        # a spawned process that exited says so (the heartbeats named it already)
+        codes = [
+            f"{self.name(r)} exited with code {p.exitcode}"
+            for r, p in zip(self.peers, self.procs, strict=False)
+            if r in err.ranks and p.exitcode is not None
+        ]
+        if codes:
+            err = RankTimeout(f"{err}; {', '.join(codes)}", err.ranks)
+        return err
 
     # worker side
     def recv_ctrl(self) -> tuple[int, int, float]:
+        """The next command, without a deadline (the server may evaluate for long; the
+        heartbeat thread watches that the server is alive)."""
         ctrl = torch.empty(3, dtype=torch.float64)
+        self.at(self.step, "waiting for a command", True)
         dist.irecv(ctrl, 0, group=self.group, tag=T_CTRL).wait(IDLE)
         c, t, lr = ctrl.tolist()
         return int(c), int(t), lr
 
-    def recv(self, t: torch.Tensor, tag: int) -> torch.Tensor:
-        if t.numel():
-            dist.recv(t, 0, group=self.group, tag=tag)
+    def recv(self, t: torch.Tensor, tag: int, what: str = "receiving from the server"):
+        self.exchange(what, recvs=[(t, 0, tag)])
         return t
 
-    def reply(self, status: int = OK, a: int = 0, floats=(), body=()) -> None:
+    def reply(self, status: int = OK, a: int = 0, floats=(), body=(), what: str = "replying"):
         meta = torch.tensor([status, a, *_bits_of(*floats), 0, 0, 0][:META], dtype=torch.int64)
-        dist.send(meta, 0, group=self.group, tag=T_META)
-        for t, tag in body:
-            if t.numel():
-                dist.send(t.contiguous(), 0, group=self.group, tag=tag)
+        self.exchange(what, [(meta, 0, T_META), *((t, 0, tag) for t, tag in body)])
 
     def await_started(self, dim: int, who: str) -> None:
         """Rank 0: every worker's start-up reply, which carries the size of its model."""
-        for r, m in self.replies("starting the workers").items():
+        start = timedelta(seconds=max(self.timeout, STARTUP))
+        for r, m in self.replies("starting the workers", timeout=start).items():
             if int(m[1]) != dim:
                 raise ValueError(
                     f"{self.name(r)} built a model of size {int(m[1])}, {who} one of size {dim}"
@@ -390,14 +452,13 @@ class _Cluster:
     def send_state(self, values: list[torch.Tensor | None]) -> None:
         """A rank > 0: its state to rank 0 (after its reply)."""
         lens, flat = state_message(values)
-        dist.send(lens, 0, group=self.group, tag=T_LENS)
-        if flat.numel():
-            dist.send(flat, 0, group=self.group, tag=T_STATE)
+        self.exchange("sending its state", [(lens, 0, T_LENS), (flat, 0, T_STATE)])
 
     def recv_state(self, count: int) -> list[torch.Tensor | None]:
         """A rank > 0: the state rank 0 sends it."""
-        lens = self.recv(torch.empty(count, dtype=torch.int64), T_LENS)
-        return state_values(lens, self.recv(torch.empty(_state_size(lens)), T_STATE))
+        lens = self.recv(torch.empty(count, dtype=torch.int64), T_LENS, "receiving its state")
+        flat = self.recv(torch.empty(_state_size(lens)), T_STATE, "receiving its state")
+        return state_values(lens, flat)
 
     def gather_states(self, what: str, count: int) -> dict[int, list[torch.Tensor | None]]:
         """Rank 0: every peer's state (``count`` values each)."""
@@ -446,6 +507,8 @@ class _Cluster:
                 except Exception:
                     pass
         finally:
+            if self.hb is not None:
+                self.hb.stop()
             self._reap(graceful=not self.live)
             if self.own_group and dist.is_initialized():
                 try:
@@ -465,6 +528,10 @@ class _Cluster:
             for p in procs:
                 if p.is_alive():
                     p.terminate()
+                    try:  # a stopped process (SIGSTOP) gets the SIGTERM once continued
+                        os.kill(p.pid, signal.SIGCONT)
+                    except OSError:
+                        pass
             for p in procs:
                 p.join(5)
                 if p.is_alive():

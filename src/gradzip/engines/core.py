@@ -26,6 +26,7 @@ from .. import feedback
 from ..compressors import decode
 from ..methods import Method
 from ..wire import Payload, PayloadError
+from .policy import check_policy
 
 SERVER = (1 << 32) - 1  # the worker id the server's downlink seeds from
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -109,6 +110,7 @@ class Algorithm:
         optimizer: str = "sgd",
         weight_decay: float = 0.0,
         device: torch.device | str | None = None,
+        nonfinite: str = "error",
     ):
         if not 0 <= momentum < 1:
             raise ValueError(f"momentum must be in [0, 1), got {momentum}")
@@ -130,6 +132,7 @@ class Algorithm:
         self.optimizer = optimizer
         self.weight_decay = weight_decay
         self.device = None if device is None else torch.device(device)  # where decodes land
+        self.nonfinite = check_policy(nonfinite)  # error | skip (engines/policy.py)
         self.up = method.uplink_compressor()
         self.down = method.downlink_compressor()
         self.up_rule = method.up_rule
@@ -141,7 +144,8 @@ class Algorithm:
     def options(self) -> dict:
         """The server optimizer's settings (an Algorithm for a shard takes the same)."""
         return {"momentum": self.momentum, "nesterov": self.nesterov,
-                "optimizer": self.optimizer, "weight_decay": self.weight_decay}  # fmt: skip
+                "optimizer": self.optimizer, "weight_decay": self.weight_decay,
+                "nonfinite": self.nonfinite}  # fmt: skip
 
     # --- worker side ------------------------------------------------------------------
     def gradient_point(self, x: torch.Tensor, lr: float, state: WorkerState) -> torch.Tensor:

@@ -33,9 +33,12 @@ import time
 import torch
 
 from .. import rng
+from ..compressors.base import NonFiniteError
 from ..feedback import FeedbackState
 from .core import Algorithm, ServerState, WorkerState, state_from_tensors, state_tensors
-from .simulated import StepStats
+from .faults import faults
+from .policy import OK, PARAMETERS, UPDATE, describe, finding, worker_half
+from .simulated import StepStats, nonfinite
 
 
 def shard_sizes(d: int, n: int) -> list[int]:
@@ -194,30 +197,49 @@ class ShardedSimulatedEngine:
         self.x = problem.initial_point()
         self.workers = [WorkerState() for _ in range(workers)]
         self.servers = [ServerState() for _ in range(workers)]
+        self.faults = faults(workers)  # the GRADZIP_TEST_FAULT hook
 
     def step(self, t: int, lr: float) -> StepStats:
+        """The sharded step; non-finite values as in every engine (engines/policy.py)."""
+        n, lay, policy = self.n, self.layout, self.algo.nonfinite
         tc = tz = 0.0
-        ups, losses = [], []
-        for i in range(self.n):
-            loss, data, self.workers[i], a, b = self.layout.uplink(
-                self.problem, self.seed, t, i, self.x, lr, self.workers[i]
-            )
-            ups.append(data)
-            losses.append(loss)
+        ups, losses, workers, bad = [], [], [], []
+        for i in range(n):
+            loss, f, data, st, a, b = worker_half(
+                self.algo, lay.encode_uplink, self.problem, self.seed, t, i, self.x, lr,
+                self.workers[i], self.faults[i],
+            )  # fmt: skip
             tc, tz = tc + a, tz + b
+            if f[0] != OK:
+                bad.append(describe(f, f"worker {i}", self.problem))
+            ups.append(data or [torch.empty(0, dtype=torch.uint8)] * n)
+            losses.append(loss)
+            workers.append(st)
+        lens = [[u.numel() for u in row] for row in ups]
+        if bad:
+            return nonfinite(t, bad, policy, *ShardLayout.bits(lens, [0] * n), tc, tz)
         t0 = time.perf_counter()
-        downs = []
-        for j in range(self.n):
-            down, self.servers[j] = self.layout.aggregate(
-                j, t, [u[j] for u in ups], lr, self.servers[j]
-            )
+        downs, servers = [], []
+        for j in range(n):
+            try:
+                down, sj = lay.aggregate(j, t, [u[j] for u in ups], lr, self.servers[j])
+            except NonFiniteError:
+                bad.append(describe([UPDATE, 0, 0, -1], f"shard {j}"))
+                down, sj = torch.empty(0, dtype=torch.uint8), None
             downs.append(down)
-        self.x = self.layout.apply(self.x, downs, lr, t)
+            servers.append(sj)
+        dlens = [d.numel() for d in downs]
+        if bad:
+            tz += time.perf_counter() - t0
+            return nonfinite(t, bad, policy, *ShardLayout.bits(lens, dlens), tc, tz)
+        x = lay.apply(self.x, downs, lr, t)
         tz += time.perf_counter() - t0
-        up, down = ShardLayout.bits(
-            [[u.numel() for u in row] for row in ups], [d.numel() for d in downs]
-        )
-        return StepStats(sum(losses) / self.n, up, down, tc, tz, 0.0)
+        f = finding(x, PARAMETERS)
+        if f[0] != OK:  # every replica would find the same
+            bad = [describe(f, "every replica", self.problem)]
+            return nonfinite(t, bad, policy, *ShardLayout.bits(lens, dlens), tc, tz)
+        self.x, self.workers, self.servers = x, workers, servers
+        return StepStats(sum(losses) / n, *ShardLayout.bits(lens, dlens), tc, tz, 0.0)
 
     def state_dict(self) -> dict:
         return {

@@ -78,13 +78,20 @@ set ``GLOO_SOCKET_IFNAME`` where the default interface is not the one to use.
 Failures. Every command is answered with a status; a worker's exception (say a
 ``PayloadError``) travels to rank 0 as utf-8 bytes and is raised there as
 :class:`WorkerError` naming the worker, the step and the cause (the remote traceback is
-attached as a note); the other workers are told to stop. A worker that dies is seen at
-once (gloo reports the closed connection); one that hangs, after the process group's
-timeout (``GRADZIP_DIST_TIMEOUT`` seconds, default 180). Workers wait for commands
-without that timeout, so long evaluations on the server are fine.
-``GRADZIP_TEST_FAULT="rank=R,step=S,kind=corrupt|exit"`` makes rank R corrupt the
-downlink it received at step S (a ``PayloadError`` when it decodes) or exit abruptly
-before sending its uplink: a test hook for those paths.
+attached as a note); the other workers are told to stop. Liveness
+(:mod:`gradzip.engines.liveness`): every wait of a step has a deadline, ``Job.timeout``
+seconds (the ``timeout`` config key; else ``GRADZIP_DIST_TIMEOUT``, else 180; starting
+waits at least 180 s), and every rank beats in the store; a rank that dies or does not
+answer in time is named by rank 0 from the heartbeats, with the step and the phase of both
+(:class:`RankTimeout`), and at once where its connection closes. Workers wait for
+commands without a deadline, so long evaluations on the server are fine; they watch the
+server's heartbeat instead, and name it and exit when it stops for ``timeout`` seconds.
+Spawned ranks are called ``gradzip-rank-R`` (``ps``). Non-finite values follow
+``Algorithm.nonfinite`` (:mod:`gradzip.engines.policy`): every rank errs, or skips the
+step, together. Every process pins torch's thread count to ``Job.threads``.
+``GRADZIP_TEST_FAULT`` (:mod:`gradzip.engines.faults`) makes a rank corrupt a downlink,
+exit, stop itself or put a NaN in its gradient at a given step: a test hook for those
+paths.
 """
 
 from __future__ import annotations
@@ -94,31 +101,38 @@ import signal
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch.distributed as dist
 
 from .cluster import (
     FAULT_ENV,
     OK,
+    STARTUP,
     TIMEOUT_ENV,
+    RankTimeout,
     WorkerError,
     _Cluster,
     _describe,
     _die_with_parent,
+    _group_timeout,
     _timeout,
     exit_now,
     launched_by_torchrun,
+    name_process,
     worker_rank,
 )
 from .core import Algorithm
 from .links import check_framing
+from .policy import NonFiniteStep
 from .ps import TorchDistEngine, _ps_worker
 from .sharded import ShardedSimulatedEngine, ShardLayout
 from .sharded_dist import ShardedTorchDistEngine, _sharded_worker
 
 __all__ = [
-    "ALL", "ENGINES", "FAULT_ENV", "TIMEOUT_ENV", "Job", "ShardedSimulatedEngine",
-    "ShardedTorchDistEngine", "TorchDistEngine", "WorkerError", "launched_by_torchrun",
+    "ALL", "ENGINES", "FAULT_ENV", "TIMEOUT_ENV", "Job", "NonFiniteStep", "RankTimeout",
+    "ShardedSimulatedEngine", "ShardedTorchDistEngine", "TorchDistEngine", "WorkerError",
+    "launched_by_torchrun",
     "exit_now", "make_engine", "serve", "worker_rank", "world_size",
 ]  # fmt: skip
 
@@ -140,6 +154,8 @@ class Job:
     config: str = ""  # handed to build
     build: Callable[[str], tuple] | None = None
     framing: str = "stream"  # stream | payload (see the module docstring)
+    timeout: float | None = None  # liveness, seconds (None: GRADZIP_DIST_TIMEOUT or 180)
+    threads: int = 1  # torch's thread count in every process (0: as the environment says)
 
 
 def world_size(job: Job) -> int:
@@ -172,8 +188,9 @@ def _check_world(job: Job) -> int:
 # --- entry points -----------------------------------------------------------------------------
 
 
-def _worker_main(job: Job, cl: _Cluster) -> tuple[int, int]:
-    """A rank > 0: build the problem, say ready (or why not), run the loop."""
+def _worker_main(job: Job, cl: _Cluster) -> tuple[int, int | str]:
+    """A rank > 0: build the problem, say ready (or why not), run the loop. Returns (exit
+    code, steps done), or (1, the message) after a non-finite step under ``error``."""
     try:
         problem, algo = job.build(job.config)
     except Exception as e:
@@ -185,38 +202,61 @@ def _worker_main(job: Job, cl: _Cluster) -> tuple[int, int]:
         return loop(job.seed, cl, problem, algo, job.framing)
     except RuntimeError as e:  # the server went away (it reports the run's own error)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"gradzip worker (rank {cl.rank}): lost the server: {first}", file=sys.stderr)
+        if not isinstance(e, RankTimeout):
+            first = f"lost the server: {first}"
+        print(f"gradzip worker (rank {cl.rank}): {first}", file=sys.stderr)
         return 1, 0
+    finally:
+        if cl.hb is not None:
+            cl.hb.stop()
+
+
+def _pin_threads(job: Job) -> None:
+    """A worker process: torch's thread count, as every process of the run has it."""
+    if job.threads:
+        import torch
+
+        torch.set_num_threads(job.threads)
 
 
 def _spawned_main(rank: int, world: int, port: int, job: Job, parent: int) -> None:
     """Entry point of a spawned worker process."""
     _die_with_parent(parent)
+    name_process(rank)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the server's to handle
-    timeout = _timeout()
-    store = dist.TCPStore("127.0.0.1", port, world, is_master=False, timeout=timeout)
+    _pin_threads(job)
+    timeout = _timeout(job.timeout)
+    start = max(timeout, timedelta(seconds=STARTUP))
+    store = dist.TCPStore("127.0.0.1", port, world, is_master=False, timeout=start)
     store.set(f"gradzip/joined/{rank}", "1")
-    dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timeout)
-    cl = _Cluster(rank, world, sharded=job.engine != "torchdist", own_group=True)
+    dist.init_process_group(
+        "gloo", store=store, rank=rank, world_size=world, timeout=_group_timeout(start)
+    )
+    cl = _Cluster(rank, world, sharded=job.engine != "torchdist", own_group=True, timeout=timeout)
+    cl.beat(store, host=0)
     code = 1
     try:
         code, _ = _worker_main(job, cl)
     finally:
-        try:
-            dist.destroy_process_group()
-        except Exception:
-            pass
+        if not cl.dirty:  # after a failure, gloo may hold a dead peer's collective
+            try:
+                dist.destroy_process_group()
+            except Exception:
+                pass
         exit_now(code)  # nothing else to clean up; skipping teardown saves 1-4 s per worker
 
 
 def serve(job: Job) -> dict:
     """A torchrun rank > 0: the worker loop until the server says stop."""
+    _pin_threads(job)
     cl = _Cluster.from_env(job, _check_world(job))
     try:
         code, steps = _worker_main(job, cl)
     finally:
-        if cl.own_group and dist.is_initialized():
+        if cl.own_group and dist.is_initialized() and not cl.dirty:
             dist.destroy_process_group()
+    if isinstance(steps, str):  # every rank raises the same non-finite error
+        raise NonFiniteStep(steps, -1)
     if code:
         raise SystemExit(code)  # the server reports the cause
     return {"role": "worker", "rank": cl.rank, "engine": job.engine, "steps": steps}
@@ -228,6 +268,7 @@ def make_engine(job: Job, problem, algorithm: Algorithm):
     The caller must ``close()`` it (``train`` does, in a ``finally``)."""
     if job.engine == "simulated-sharded":
         return ShardedSimulatedEngine(problem, algorithm, job.workers, seed=job.seed)
+    _timeout(job.timeout)  # a clear error before any process starts
     world = _check_world(job)
     check_framing(job.framing)
     if job.engine == "torchdist-sharded":

@@ -43,6 +43,9 @@ class RunConfig:
     eval_every: int = 25
     engine: str = "simulated"  # simulated | torchdist
     framing: str = "stream"  # torch.distributed engines: stream | payload
+    timeout: float = 180.0  # torch.distributed engines: seconds a rank may stay silent
+    nonfinite: str = "error"  # NaN or inf in a step: error | skip
+    threads: int = 1  # torch's thread count in every process of the run (0 = as set)
     checkpoint_every: int = 0  # steps between checkpoints (0 = by time only)
     checkpoint_seconds: float = 60.0  # seconds between checkpoints (0 = by steps only)
     out: str = "results/run"
@@ -66,6 +69,9 @@ class RunConfig:
             "dq_range": math.isfinite(self.dq_range) and self.dq_range >= 0,
             "dq_decay": math.isfinite(self.dq_decay) and self.dq_decay >= 0,
             "framing": self.framing in ("stream", "payload"),
+            "timeout": math.isfinite(self.timeout) and self.timeout > 0,
+            "nonfinite": self.nonfinite in ("error", "skip"),
+            "threads": self.threads >= 0,
         }
         for key, ok in bad.items():
             if not ok:
@@ -108,6 +114,14 @@ HELP = {
     "framing": "payload framing of the torch.distributed engines: stream (a channel sends "
     "its static header once, then 8 bytes a message) | payload (every message a standalone "
     "payload, as the simulated engines count)",
+    "timeout": "torch.distributed engines: seconds a step may wait for a rank before the "
+    "run stops and names the rank that did not answer (from the heartbeats), the step and "
+    "the phase",
+    "nonfinite": "NaN or inf in a gradient, a loss or an update: error (stop, naming the "
+    "step, the worker and the first parameter; summary written, exit 1) | skip (every rank "
+    "drops the step's update and counts it in skipped_steps, as AMP's GradScaler does)",
+    "threads": "torch's intra-op thread count, pinned in every process of the run (results "
+    "depend on it: the engines all use this one); 0 = leave torch's setting",
     "checkpoint_every": "steps between checkpoints (0 = by time only); one is always written "
     "at the end and on SIGINT/SIGTERM",
     "checkpoint_seconds": "seconds of running between checkpoints (0 = by steps only)",

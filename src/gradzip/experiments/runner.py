@@ -31,6 +31,7 @@ from .. import checkpoint, methods
 from .._log import get as _logger
 from ..compressors.base import NonFiniteError
 from ..engines import Algorithm, SimulatedEngine, torchdist
+from ..engines.policy import pinned_threads
 from ..problems import build
 from . import runfolder
 from .config import RunConfig, as_dict
@@ -51,7 +52,7 @@ def make_algorithm(cfg: RunConfig, dim: int) -> Algorithm:
     """The step of the run: its method and the server's optimizer."""
     return Algorithm(
         make_method(cfg), dim, seed=cfg.seed, momentum=cfg.momentum, nesterov=cfg.nesterov,
-        optimizer=cfg.optimizer, weight_decay=cfg.weight_decay,
+        optimizer=cfg.optimizer, weight_decay=cfg.weight_decay, nonfinite=cfg.nonfinite,
     )  # fmt: skip
 
 
@@ -75,8 +76,9 @@ def make_job(cfg: RunConfig) -> torchdist.Job:
     """What every rank of a torch.distributed run needs."""
     text = json.dumps(as_dict(cfg))
     return torchdist.Job(
-        cfg.engine, cfg.workers, cfg.seed, text, build_from_config, framing=cfg.framing
-    )
+        cfg.engine, cfg.workers, cfg.seed, text, build_from_config, framing=cfg.framing,
+        timeout=cfg.timeout, threads=cfg.threads,
+    )  # fmt: skip
 
 
 def make_schedule(cfg: RunConfig, problem) -> Schedule:
@@ -162,7 +164,8 @@ def train(
         resolved = runfolder.resolved_config(cfg, method, problem.dim)
         metrics = runfolder.begin(out, resolved, start, overwrite)
         try:
-            return _run(cfg, start, progress, out, problem, schedule, engine, metrics)
+            with pinned_threads(cfg.threads):  # as in every process of the run
+                return _run(cfg, start, progress, out, problem, schedule, engine, metrics)
         finally:
             metrics.close()
     finally:  # stop the workers: at the end, on an error, on Ctrl-C
@@ -238,6 +241,8 @@ def _run(cfg, start, progress, out, problem, schedule, engine, metrics) -> dict:
             totals["cum_bits_up"] += s.bits_up
             totals["cum_bits_down"] += s.bits_down
             totals["cum_time"] += s.t_compute + s.t_compress + s.t_comm
+            if s.skipped:  # nonfinite="skip": every rank dropped this step's update
+                totals["skipped_steps"] = totals.get("skipped_steps", 0) + 1
             w = schedule.averaging_weight(t)
             if w is not None:  # weighted iterate averaging (Mem-SGD)
                 if avg is None:
@@ -249,10 +254,13 @@ def _run(cfg, start, progress, out, problem, schedule, engine, metrics) -> dict:
                 "step": t, "lr": lr, "loss": jsonable(s.loss), "bits_up": s.bits_up,
                 "bits_down": s.bits_down, "t_compute": s.t_compute,
                 "t_compress": s.t_compress, "t_comm": s.t_comm,
+                **({"skipped": s.skipped} if s.skipped else {}),
             }  # fmt: skip
             metrics.write(json.dumps(row) + "\n")
             bar.step(row, totals)
-            if not (math.isfinite(s.loss) and bool(torch.isfinite(engine.x).all())):
+            if not s.skipped and not (
+                math.isfinite(s.loss) and bool(torch.isfinite(engine.x).all())
+            ):
                 diverged = {"diverged_at": t + 1, "reason": "loss or parameters not finite"}
                 break
             if (cfg.eval_every and (t + 1) % cfg.eval_every == 0) or t + 1 == cfg.steps:
