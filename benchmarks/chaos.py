@@ -2,6 +2,7 @@
 
     python benchmarks/chaos.py                      # 4 runs x 5 kills during writes, ...
     python benchmarks/chaos.py --runs 2 --kills 3 --random-kills 0 --sigterms 1   # quicker
+    python benchmarks/chaos.py --elastic torchdist torchdist-sharded ddp-example  # + restarts
 
 Every scenario runs real ``python -m gradzip train`` processes checkpointing every step
 (``--checkpoint-every 1``) on a small problem and compares with an uninterrupted run made
@@ -18,6 +19,12 @@ in this process, which records its state at every step:
   number of steps the metrics hold; resumed as above.
 - ``truncated checkpoint.pt``: the resume is refused with one line naming the file.
 - ``metrics line cut short``: the resume drops it with a note and ends bit-identical.
+- ``--elastic torchdist torchdist-sharded ddp-example``: a ``torchrun --max-restarts 3``
+  job (``gradzip train`` with the parameter server, with the sharded server, or the DDP
+  example with ``--save``), a random rank SIGKILLed at a random step; the restarted
+  attempt resumes from the latest checkpoint by itself; the end is compared with an
+  uninterrupted run (the simulated engine of the same layout with one thread, or the
+  example's own uninterrupted job). Time: from the kill to the job's end.
 
 Time: from the kill to the resumed process's first new checkpoint (process start, reading
 the checkpoint and the metrics, one step), or to the error. Prints the table and writes it
@@ -46,8 +53,9 @@ import torch
 FLAGS = [
     "--problem", "softmax-digits", "--method", "sgd", "--uplink", "fp16", "--uplink-rule",
     "ef", "--downlink", "fp16", "--downlink-rule", "ef", "--momentum", "0.9", "--workers",
-    "2", "--eval-every", "10", "--quiet", "--checkpoint-every", "1",
+    "2", "--eval-every", "10", "--quiet",
 ]  # fmt: skip
+EVERY_STEP = ["--checkpoint-every", "1"]
 TIMES = ("t_compute", "t_compress", "t_comm", "cum_time")
 
 
@@ -246,6 +254,104 @@ def cut_metrics(run: Path, ref: Path, states: dict, flags: list[str], steps: int
     return {"scenario": "metrics line cut short", "ok": ok, "detect_s": time.monotonic() - t0}
 
 
+def _rank_pid(marker: str, rank: int) -> int | None:
+    """The process of the first attempt torchrun started as ``rank`` (each rank has a
+    session of its own: found by ``marker`` in its environment)."""
+    want = {marker.encode(), f"RANK={rank}".encode(), b"TORCHELASTIC_RESTART_COUNT=0"}
+    for d in Path("/proc").iterdir():
+        try:
+            if d.name.isdigit() and want <= set((d / "environ").read_bytes().split(b"\0")):
+                return int(d.name)
+        except OSError:
+            continue
+    return None
+
+
+def elastic(kind: str, run: Path, steps: int, rng: random.Random) -> dict:
+    """``torchrun --max-restarts 3``: a random rank SIGKILLed at a random step of the
+    job ``kind`` (a ``gradzip train`` engine, or ``ddp-example``); the same command's
+    restarted attempt resumes by itself; the end is compared with an uninterrupted run
+    (the simulated engine of the same layout, in this process, or the example's own
+    uninterrupted job)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    env.update(OMP_NUM_THREADS="1", GRADZIP_THREADS="1", GRADZIP_DIST_TIMEOUT="60")
+    marker = f"GRADZIP_CHAOS_JOB={run}"
+    env["GRADZIP_CHAOS_JOB"] = str(run)
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--max-restarts",
+        "3",
+    ]
+    if kind == "ddp-example":
+        nproc, ck = 2, run / "ck.pt"
+        example = Path(__file__).resolve().parents[1] / "examples" / "ddp_fashion_mnist.py"
+        args = ["--backend", "gloo", "--compress", "fp16", "--uplink-rule", "ef", "--width", "64",
+                "--eval-every", "0", "--eval-size", "200", "--threads", "1",
+                "--steps", str(steps), "--save-every", "10"]  # fmt: skip
+        cmd = [*torchrun, "--nproc-per-node", "2", str(example), *args]
+
+        def progress() -> int:
+            sd = load(ck)
+            return 0 if sd is None else sd["step"]
+    else:
+        nproc = 3 if kind == "torchdist" else 2
+        flags = [*FLAGS, "--checkpoint-every", "10", "--framing", "payload", "--steps", str(steps)]
+        cmd = [*torchrun, "--nproc-per-node", str(nproc), "-m", "gradzip", "train",
+               "--engine", kind, *flags, "--out", str(run)]  # fmt: skip
+
+        def progress() -> int:
+            try:
+                return (run / "metrics.jsonl").read_text().count("\n")
+            except FileNotFoundError:
+                return 0
+
+    run.mkdir(parents=True, exist_ok=True)
+    at, victim_rank = rng.randint(steps // 10, steps * 7 // 10), rng.randrange(nproc)
+    extra = ["--save", str(ck)] if kind == "ddp-example" else []
+    p = subprocess.Popen([*cmd, *extra], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                         text=True, env=env)  # fmt: skip
+    while p.poll() is None and progress() < at:
+        time.sleep(0.05)
+    killed = p.poll() is None and (pid := _rank_pid(marker, victim_rank)) is not None
+    if killed:
+        os.kill(pid, signal.SIGKILL)
+    t_kill = time.monotonic()
+    err = p.communicate(timeout=1800)[1]
+    done_s = time.monotonic() - t_kill
+    ok = killed and p.returncode == 0
+    if ok and kind == "ddp-example":
+        ref = run / "uninterrupted.pt"
+        r = subprocess.run([*cmd, "--save", str(ref)], capture_output=True, text=True, env=env)
+        a, b = load(ref), load(ck)
+        ok = (
+            r.returncode == 0
+            and equal(a["model"], b["model"])
+            and equal(a["gradzip"], b["gradzip"])
+        )
+    elif ok:
+        from gradzip.cli import main as gz
+
+        ref = run.with_name(run.name + "-uninterrupted")
+        sim = "simulated" if kind == "torchdist" else "simulated-sharded"
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # as the ranks ran
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):
+                rc = gz(["train", *flags, "--engine", sim, "--out", str(ref), "--overwrite"])
+        finally:
+            torch.set_num_threads(threads)
+        same = equal(
+            comparable(load(ref / "checkpoint.pt")), comparable(load(run / "checkpoint.pt"))
+        )
+        ok = rc == 0 and same and rows(ref) == rows(run)
+    return {"scenario": f"torchrun --max-restarts 3, a rank SIGKILLed ({kind})", "ok": ok,
+            "detect_s": done_s, "killed": {"rank": victim_rank, "at_step": at},
+            "stderr": "" if ok else err[-2000:]}  # fmt: skip
+
+
 def table(results: list[dict]) -> str:
     out = ["| scenario | trials | outcome | time to detect/resume (s) |", "|---|---|---|---|"]
     by: dict[str, list[dict]] = {}
@@ -265,8 +371,9 @@ def table(results: list[dict]) -> str:
             out.append(f"| {name} | {len(kills)} | {outcome} | {tm} |")
         else:
             ok = sum(r["ok"] for r in rs)
-            what = "refused with one line naming the file" if "checkpoint" in name else (
-                "dropped with a note, resumed bit-identical")  # fmt: skip
+            what = "refused with one line naming the file" if "checkpoint." in name else (
+                "dropped with a note, resumed bit-identical" if "metrics" in name else
+                "job completed, bit-identical to an uninterrupted run")  # fmt: skip
             tm = ", ".join(f"{r['detect_s']:.1f}" for r in rs)
             out.append(f"| {name} | {len(rs)} | {ok}/{len(rs)} {what} | {tm} |")
     return "\n".join(out)
@@ -282,9 +389,13 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--engine", default="simulated", help="e.g. torchdist, torchdist-sharded")
     p.add_argument("--out", default="benchmarks/results/chaos.json")
+    p.add_argument("--elastic", nargs="*", default=[], metavar="JOB",
+                   help="torchrun --max-restarts jobs, a rank killed in each: torchdist, "
+                   "torchdist-sharded, ddp-example")  # fmt: skip
+    p.add_argument("--elastic-steps", type=int, default=300)
     args = p.parse_args()
     rng = random.Random(args.seed)
-    flags = [*FLAGS, "--engine", args.engine]
+    flags = [*FLAGS, *EVERY_STEP, "--engine", args.engine]
     work = Path(tempfile.mkdtemp(prefix="gradzip-chaos-"))
     ref = work / "ref"
     t0 = time.monotonic()
@@ -300,6 +411,9 @@ def main() -> int:
     if args.sigterms:
         results.append(chain("SIGTERM (final checkpoint, exit 143)", work / "t", ref, states,
                              flags, args.sigterms, args.steps, rng, "term"))  # fmt: skip
+    for i, kind in enumerate(args.elastic):
+        results.append(elastic(kind, work / f"elastic-{i}-{kind}", args.elastic_steps, rng))
+        print(f"elastic {kind}: {'ok' if results[-1]['ok'] else 'FAILED'}", file=sys.stderr)
     results.append(truncated(work / "c", ref, flags))
     results.append(cut_metrics(work / "m", ref, states, flags, args.steps))
     text = table(results)

@@ -92,7 +92,8 @@ def parse_args(argv=None):
                    help="checkpoint file (rank 0; written atomically) at the end and every "
                    "--save-every steps")  # fmt: skip
     p.add_argument("--save-every", type=int, default=0, help="steps between saves (0: at the end)")
-    p.add_argument("--resume", default="", help="checkpoint to start from (e.g. --save's file)")
+    p.add_argument("--resume", default="", help="checkpoint to start from (e.g. --save's; a "
+                   "torchrun --max-restarts restart starts from --save's by itself)")  # fmt: skip
     p.add_argument("--json", default="", help="rank 0 writes its measurements here")
     args = p.parse_args(argv)
     if args.lr is None:
@@ -216,11 +217,14 @@ def train(rank: int, world: int, args) -> dict:
     state = attach_hook(model, args)
     if state is not None and args.optimizer.startswith("gradzip-"):
         state.precondition_with(opt)  # compress g / sqrt(v): Adam's own scale (gradzip.optim)
-    start = 0
-    if args.resume:
+    start, resume = 0, args.resume
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0
+    if not resume and restarted and args.save and os.path.exists(args.save):
+        resume = args.save  # torchrun --max-restarts: a later attempt goes on from --save
+    if resume:
         import gradzip.checkpoint  # a damaged file: one line naming it
 
-        ck = gradzip.checkpoint.load(args.resume, keys=("model", "optimizer", "step"))
+        ck = gradzip.checkpoint.load(resume, keys=("model", "optimizer", "step"))
         model.module.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         if state is not None:
@@ -301,7 +305,11 @@ def _run(rank: int, world: int, args, port: int | None = None) -> None:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     _threads(args, world)
     backend = args.backend or ("nccl" if torch.cuda.is_available() else "gloo")
-    dist.init_process_group(backend, rank=rank, world_size=world)
+    kw = {}
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    if attempt:  # torchrun keeps one store for all attempts: this one's keys, not the dead one's
+        kw["store"] = dist.PrefixStore(f"attempt{attempt}", next(dist.rendezvous("env://"))[0])
+    dist.init_process_group(backend, rank=rank, world_size=world, **kw)
     try:
         train(rank, world, args)
     except BaseException:

@@ -10,6 +10,7 @@ folder), and every refusal a one-line error that changes no file.
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 import signal
@@ -318,3 +319,76 @@ def test_ddp_example_save_resume(tmp_path):
     assert b["step"] == 6
     assert _equal(a["model"], b["model"]), "the resumed example differs from the whole run"
     assert _equal(a["gradzip"], b["gradzip"])
+
+
+# --- torchrun --max-restarts ------------------------------------------------------------------
+
+
+def _rank_pid(marker: str, rank: int, attempt: int) -> int | None:
+    """The pid of the process whose environment holds ``marker`` that torchrun started as
+    ``rank`` in its attempt ``attempt`` (torchrun gives each rank a session of its own)."""
+    want = {marker.encode(), f"RANK={rank}".encode(),
+            f"TORCHELASTIC_RESTART_COUNT={attempt}".encode()}  # fmt: skip
+    for d in Path("/proc").iterdir():
+        try:
+            if d.name.isdigit() and want <= set((d / "environ").read_bytes().split(b"\0")):
+                return int(d.name)
+        except OSError:
+            continue
+    return None
+
+
+def test_a_restarted_attempt_resumes_only_its_own_run(tmp_path, monkeypatch):
+    """Under torchrun, attempt > 0 of the same command resumes from the checkpoint; a
+    first attempt, another rank, or another configuration does not."""
+    from gradzip.experiments.config import RunConfig
+    from gradzip.experiments.runfolder import elastic_restart
+
+    run = tmp_path / "r"
+    assert _train("--steps", 4, "--out", run) == 0
+    cfg = RunConfig().replace(**json.loads((run / "config.json").read_text())["config"])
+    assert not elastic_restart(cfg)  # not under a restart
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    assert elastic_restart(cfg)
+    assert not elastic_restart(cfg.replace(lr=0.5))
+    assert not elastic_restart(cfg.replace(out=str(tmp_path / "elsewhere")))
+    monkeypatch.setenv("RANK", "1")
+    assert not elastic_restart(cfg)
+
+
+@pytest.mark.slow
+def test_torchrun_restart_resumes_from_the_checkpoint(tmp_path):
+    """``torchrun --max-restarts 2`` with a worker SIGKILLed mid-run: the restarted
+    attempt (the same command) resumes from the latest checkpoint by itself and the job
+    ends bit-identical to an uninterrupted run."""
+    run, ref = tmp_path / "run", tmp_path / "ref"
+    flags = ["--steps", "40", "--checkpoint-every", "4", "--framing", "payload"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    env.update(OMP_NUM_THREADS="1", GRADZIP_THREADS="1", GRADZIP_DIST_TIMEOUT="60")
+    env["GRADZIP_TEST_JOB"] = str(run)  # finds the job's processes
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+           "3", "--max-restarts", "2", "-m", "gradzip", "train", "--engine", "torchdist",
+           *FLAGS, *flags, "--out", str(run)]  # fmt: skip
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=env, start_new_session=True)  # fmt: skip
+    try:
+        _wait(p, lambda: _step(run) >= 8, "a checkpoint at step 8")
+        victim = _rank_pid(f"GRADZIP_TEST_JOB={run}", 2, 0)
+        assert victim is not None, "no rank 2 found"
+        os.kill(victim, signal.SIGKILL)
+        killed_at = _step(run)
+        _, err = p.communicate(timeout=600)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+    assert p.returncode == 0, err[-3000:]
+    assert "torchrun restart: resuming" in err, err[-3000:]
+    assert killed_at < 40
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the ranks ran
+    try:
+        assert _train(*flags, "--out", ref) == 0  # the simulated engine, uninterrupted
+    finally:
+        torch.set_num_threads(threads)
+    assert_same_run(ref, run)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -137,21 +138,28 @@ def _resume_config(args):
 
 
 def cmd_train(args) -> int:
-    from .experiments.runfolder import RESUME_OR_OVERWRITE
+    from .experiments.runfolder import RESUME_OR_OVERWRITE, elastic_restart, restart_group
     from .experiments.runner import train
 
     if args.resume and args.overwrite:
         raise ValueError(RESUME_OR_OVERWRITE)
     cfg, note = _resume_config(args) if args.resume else (_config_from(args), None)
+    resume, overwrite = args.resume, args.overwrite
+    if not resume and elastic_restart(cfg):  # torchrun --max-restarts: a later attempt
+        resume, overwrite = True, False
+        note = f"gradzip train: torchrun restart: resuming {cfg.out} from its checkpoint"
+    from .engines import torchdist
+
+    if cfg.engine in torchdist.ENGINES and torchdist.launched_by_torchrun():
+        seconds = getattr(cfg, "timeout", 0) or os.environ.get(torchdist.TIMEOUT_ENV, 180)
+        restart_group(float(seconds))  # a restarted attempt's group: keys of its own
     from .experiments.tracking import tensorboard
 
     _created.watch(cfg.out)
     if args.tensorboard is not None:
         _created.watch(args.tensorboard)
     with tensorboard(args.tensorboard):
-        summary = train(
-            cfg, resume=args.resume, progress=not args.quiet, overwrite=args.overwrite, note=note
-        )
+        summary = train(cfg, resume=resume, progress=not args.quiet, overwrite=overwrite, note=note)
     print(json.dumps(summary, indent=2))
     failed = int("diverged_at" in summary)  # the runner said why, in one line on stderr
     from .engines import torchdist

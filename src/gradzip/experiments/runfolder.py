@@ -124,6 +124,47 @@ def prepare(cfg: RunConfig, resume: bool, overwrite: bool) -> Resume | None:
     return Resume(step, sd, rows, last_eval, notes)
 
 
+def elastic_restart(cfg: RunConfig) -> bool:
+    """Whether this process is a later attempt of a ``torchrun --max-restarts`` job
+    (``TORCHELASTIC_RESTART_COUNT`` > 0) on rank 0 whose folder holds a checkpoint of this
+    very configuration (``out`` aside, ``steps`` included): then the same command resumes
+    from it instead of starting over. (A checkpoint of an identical configuration is a
+    point of the same trajectory, whichever attempt wrote it.)"""
+    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) < 1:
+        return False
+    if int(os.environ.get("RANK", "0") or 0) != 0:  # the workers follow rank 0
+        return False
+    ckpt = Path(cfg.out) / CHECKPOINT
+    try:
+        sd = checkpoint.load(ckpt, keys=CHECKPOINT_KEYS)
+    except checkpoint.CheckpointError:
+        return False
+    mine = {k: v for k, v in as_dict(cfg).items() if k != "out"}
+    return {k: v for k, v in sd["config"].items() if k != "out"} == mine
+
+
+def restart_group(timeout_s: float) -> None:
+    """A restarted attempt's process group, with store keys of its own.
+
+    torchrun keeps one store for every attempt of a job (the agent's), and the default
+    group publishes each rank's address under the same keys every time, so a rank of a
+    restarted attempt can read the address of a rank of the dead one (gloo:
+    ``connectFullMesh failed ... Connection refused``) when it gets there first. Called
+    on every rank before the engine starts, on a restart (``TORCHELASTIC_RESTART_COUNT`` >
+    0) only; the engine then uses this group."""
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    import torch.distributed as dist
+
+    if attempt < 1 or dist.is_initialized():
+        return
+    from datetime import timedelta
+
+    timeout = timedelta(seconds=timeout_s)
+    store, rank, world = next(dist.rendezvous("env://", timeout=timeout))
+    store = dist.PrefixStore(f"gradzip/attempt{attempt}", store)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timeout)
+
+
 def _row(line: bytes):
     row = json.loads(line)
     if not isinstance(row, dict) or not isinstance(row.get("step"), int):
