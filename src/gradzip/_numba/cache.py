@@ -167,8 +167,9 @@ _compiled: list[str] = []  # kernels numba compiled in this process (cache misse
 
 
 def compiled() -> list[str]:
-    """The kernels (``module.function``) numba compiled in this process so far, one entry a
-    signature: cache misses only (a kernel loaded from the on-disk cache is not counted)."""
+    """The kernels numba compiled in this process so far, ``module.function(argument
+    types)``, one entry a signature: cache misses only (a kernel loaded from the on-disk
+    cache is not counted)."""
     return list(_compiled)
 
 
@@ -197,7 +198,8 @@ def _watch_compiles(usable: bool) -> None:
             module = getattr(func, "__module__", "") or ""
             if not module.startswith(__name__.rpartition(".")[0] + "."):
                 return
-            _compiled.append(f"{module}.{func.__name__}")
+            args = ", ".join(map(str, (ev.data or {}).get("args") or ()))
+            _compiled.append(f"{module}.{func.__name__}({args})")
             if not Watch.said:
                 Watch.said = True
                 notice(get("kernels"), _compile_message(usable, cache_dir()))
@@ -231,7 +233,8 @@ def refresh(here: Path = HERE, also: tuple[Path, ...] = ALSO) -> int:
     if cache is None:
         print(f"numba has nowhere to cache the kernels of {here}: nothing to refresh")
         return 0
-    dropped = drop_stale_cache(here, also, cache)
+    had = cache.is_dir() and bool(_cached(cache))
+    dropped = drop_stale_cache(here, also, cache) and had  # an empty one is only stamped
     if _stamp(cache) != _digest(here, also):
         print(f"{cache}: could not refresh the kernel cache (not writable?)", file=sys.stderr)
         return 1
