@@ -50,8 +50,8 @@ def _num(v, spec: str) -> str:
 def time_label(engine: str) -> str:
     """What ``cum_time`` (the sum of t_compute + t_compress + t_comm) measures on ``engine``."""
     if engine.startswith("simulated"):
-        return "compute + compression time (s), workers summed, no communication (simulated)"
-    return "step wall time (s): compute + compression + communication"
+        return "compute + compression time (s)\nworkers summed; simulated: no communication"
+    return "step wall time (s)\ncompute + compression + communication"
 
 
 def table(cfg: RunConfig, results: list[dict]) -> str:
