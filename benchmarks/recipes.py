@@ -67,8 +67,21 @@ def run_one(method: str, recipe: str, seed: int, args, log_dir: Path) -> dict:
     return {
         "method": method, "recipe": recipe, "seed": seed, "ok": ok, "acc": acc or 0.0,
         "median_step_s": res.get("median_step_s"), "wall_s": wall,
+        "wire_bits_per_coord": wire_bits(res) if ok else None,
         "error": tail[0] if tail else "", "cmd": " ".join(cmd[1:]),
     }  # fmt: skip
+
+
+def wire_bits(res: dict) -> float | None:
+    """Bits per coordinate on the wire: the bytes rank 0 sent (payloads, framing and dense
+    allreduces, headers included) per step and parameter, divided by the ring's 2 (n-1)/n,
+    so that DDP's fp32 allreduce is 32 and a codec of b bits a coordinate both ways is b."""
+    t = res.get("traffic")
+    if not t or not res.get("steps") or res.get("world", 1) < 2:
+        return None
+    n = res["world"]
+    sent = t["sent"] + t.get("framing_sent", 0) + t.get("dense_sent", 0)
+    return 8 * sent / (res["steps"] * res["params"] * 2 * (n - 1) / n)
 
 
 def summarize(rows: list[dict], recipes, methods) -> str:
@@ -78,9 +91,10 @@ def summarize(rows: list[dict], recipes, methods) -> str:
         b = statistics.median(base) if base else None
         lines.append(f"\n## {recipe}: {' '.join(RECIPES[recipe])}")
         lines.append(
-            "| method | median acc | min - max | gap to none (points) | failed | step ms |"
+            "| method | median acc | min - max | gap to none (points) | failed | step ms "
+            "| bits/coord |"
         )
-        lines.append("|---|---|---|---|---|---|")
+        lines.append("|---|---|---|---|---|---|---|")
         for m in methods:
             rs = [r for r in rows if r["recipe"] == recipe and r["method"] == m]
             if not rs:
@@ -91,9 +105,11 @@ def summarize(rows: list[dict], recipes, methods) -> str:
             steps = [r["median_step_s"] for r in rs if r["median_step_s"]]
             ms = f"{1e3 * statistics.median(steps):.0f}" if steps else "-"
             failed = sum(not r["ok"] for r in rs)
+            wb = [r["wire_bits_per_coord"] for r in rs if r.get("wire_bits_per_coord")]
+            bits = f"{statistics.median(wb):.4g}" if wb else ("32" if m == "none" else "-")
             lines.append(
                 f"| {m} | {100 * med:.2f}% | {100 * min(accs):.2f} - {100 * max(accs):.2f} | "
-                f"{gap} | {failed}/{len(rs)} | {ms} |"
+                f"{gap} | {failed}/{len(rs)} | {ms} | {bits} |"
             )
     return "\n".join(lines)
 

@@ -14,6 +14,10 @@ from .compressors import Compressor, compressor
 from .compressors.onebit import PAPER_FOSGD
 
 CAPPED_FOSGD = "fosgd:rescale=capped"  # gradzip's fosgd whose scale keeps it a contraction
+# k a count, not a fraction: every shard sends its 5400 largest coordinates, so a small
+# bucket's shards (the DDP example's convolutions: 1200 each) go whole and its large ones
+# sparse (0.67% of the 808k of each classifier shard); 0.097 bit/coord there (docs/ddp.md)
+SUBBIT = "topk_compact:k=5400,values=fp4"
 
 
 @dataclass(frozen=True)
@@ -88,6 +92,7 @@ PRESETS: dict[str, tuple[str, str, str, str]] = {
     ),
     "drive": ("drive", "none", "drive", "none"),
     "dqgd": ("uniform(bits=2.0,flatten=true)", "dq", "identity", "none"),
+    "subbit": (SUBBIT, "ef", SUBBIT, "ef"),
 }
 
 DESCRIPTIONS = {
@@ -108,6 +113,8 @@ DESCRIPTIONS = {
     "topk-natural-ef": "top-1% + natural dithering with error feedback (Beznosikov et al.)",
     "drive": "DRIVE rotated sign both directions (Vargaftik et al.)",
     "dqgd": "DQ-GD: 2 bits/dim flattened uniform quantizer, shrinking range (Lin et al.)",
+    "subbit": "below 0.1 bit/coord: the 5400 largest of each vector (all of a shorter one) "
+    "with Elias-Fano indices and 4-bit values, error feedback both ways (docs/ddp.md)",
 }
 
 

@@ -26,11 +26,11 @@ from dataclasses import dataclass
 import torch
 
 from ..wire import MAX_NUMEL, Payload, PayloadError
-from . import casts, compose, onebit, quantize, rounding, scaled, signs, sparse, uniform
+from . import casts, compact, compose, onebit, quantize, rounding, scaled, signs, sparse, uniform
 from .base import Compressor
 from .codecs import CODECS, install_parser, register_codec
 
-_MODULES = (casts, onebit, signs, sparse, quantize, rounding, scaled, uniform, compose)
+_MODULES = (casts, onebit, signs, sparse, compact, quantize, rounding, scaled, uniform, compose)
 
 
 @dataclass(frozen=True)
