@@ -81,6 +81,12 @@ def parse_args(argv=None):
     p.add_argument("--layout", default="sharded", help="gradzip: sharded | allgather")
     p.add_argument("--no-overlap", action="store_true",
                    help="gradzip: run the hook's work on the backward's thread")  # fmt: skip
+    p.add_argument("--nonfinite", default="error", choices=("error", "skip"),
+                   help="gradzip: NaN/inf in a step: error (every rank raises, naming step, "
+                   "rank and parameter) or skip (every rank skips the step)")  # fmt: skip
+    p.add_argument("--timeout", type=float, default=180.0,
+                   help="gradzip: seconds a collective of the hook may wait before naming the "
+                   "rank that did not answer (0: the process group's timeout)")  # fmt: skip
     p.add_argument("--uplink-rule", default=None, help="gradzip: none | ef | auto (override)")
     p.add_argument("--downlink-rule", default=None, help="gradzip: none | ef | auto (override)")
     p.add_argument("--powersgd-rank", type=int, default=2)
@@ -163,6 +169,7 @@ def attach_hook(model, args):
         model, args.compress, start_step=args.start_step, min_numel=args.min_numel,
         layout=args.layout, seed=args.seed, uplink_rule=args.uplink_rule,
         downlink_rule=args.downlink_rule, overlap=not args.no_overlap,
+        nonfinite=args.nonfinite, timeout=args.timeout or None,
     )  # fmt: skip
     state.warmup()  # numba's kernels compiled (or loaded) before the clock starts
     return state
@@ -244,7 +251,10 @@ def train(rank: int, world: int, args) -> dict:
         opt.zero_grad(set_to_none=True)
         loss = F.cross_entropy(model(xb), yb)
         loss.backward()
-        opt.step()
+        if state is not None:
+            state.optimizer_step(opt)  # not after a step the hook skipped (--nonfinite skip)
+        else:
+            opt.step()
         if use_cuda:
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
@@ -280,6 +290,7 @@ def train(rank: int, world: int, args) -> dict:
         "target_acc": args.target_acc or None,
         "reached": reached,
         "traffic": state.traffic() if state is not None else None,
+        "skipped_steps": state.skipped_steps if state is not None else 0,
     }
     if args.save:
         save_checkpoint(args.save, model, opt, state, start + steps_run, rank)

@@ -1,5 +1,6 @@
 """What the DDP hook sends: a method preset or compressor spec resolved into the uplink and
-downlink compressors and their feedback rules (:func:`resolve`), checked for the hook."""
+downlink compressors and their feedback rules (:func:`resolve`), checked for the hook; the
+models it refuses (:func:`refuse_fsdp`)."""
 
 from __future__ import annotations
 
@@ -61,3 +62,14 @@ def resolve(spec, uplink_rule, downlink, downlink_rule, layout) -> Config:
 
 
 _auto = feedback.auto  # the engines' Method resolves ``auto`` the same way
+
+
+def refuse_fsdp(model) -> None:
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+
+    if isinstance(model, FullyShardedDataParallel | FSDPModule):
+        raise TypeError(
+            f"gradzip.ddp's hook is for DistributedDataParallel, not {type(model).__name__} "
+            "(FSDP calls comm hooks with other arguments); for FSDP2 (fully_shard) use "
+            "gradzip.fsdp.register; FSDP1 is not supported"
+        )

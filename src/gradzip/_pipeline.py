@@ -10,6 +10,11 @@ ranks on gloo when there are several buckets).
 
 After a failure the thread fails every later job with the same error: the ranks'
 collectives are then out of step, and a job that went on would hang or mix buckets.
+
+The hook runs a step's last bucket with :meth:`Pipeline.run_here`, on its own thread once
+the others are done: DDP reads no bucket's result before the backward ends, so a step
+found non-finite at its last bucket can still zero the earlier ones, and a failure is
+raised from the backward as itself (DDP reports a failed future as "Unable to cast ...").
 """
 
 from __future__ import annotations
@@ -70,6 +75,18 @@ class Pipeline:
                 with self._idle:
                     self._pending -= 1
                     self._idle.notify_all()
+
+    def run_here(self, job: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """Run ``job`` on the calling thread after every submitted job; an earlier job's
+        failure is raised instead, and this one's becomes the thread's."""
+        self.drain()
+        if self.failure is not None:
+            raise self.failure
+        try:
+            return job()
+        except BaseException as e:
+            self.failure = e
+            raise
 
     def drain(self) -> None:
         """Wait until every submitted job has run."""

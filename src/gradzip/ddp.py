@@ -51,33 +51,37 @@ The options, checkpoints and traffic are described in docs/ddp.md.
 """
 
 # no `from __future__ import annotations`: DDP checks the hook's annotations at runtime
-import math
-import time
 import warnings
 from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
 
-from . import _memory, feedback, rng
-from ._ddpconfig import LAYOUTS, resolve
+from . import _guard, _memory, feedback, rng
+from ._ddpconfig import LAYOUTS, refuse_fsdp, resolve
 from ._exchange import BucketLinks
 from ._memory import FORMAT
 from ._memory import Memory as _Memory
 from ._pipeline import Pipeline
 from .compressors import compressor
+from .compressors.base import NonFiniteError
 from .engines.cluster import exit_now
-from .engines.core import Algorithm, ServerState, WorkerState
+from .engines.core import Algorithm, ServerState
 from .engines.links import check_framing
+from .engines.liveness import RankTimeout
+from .engines.policy import OK, UPDATE, NonFiniteStep
 from .engines.sharded import ShardLayout
 from .feedback import FeedbackState
 from .methods import Method
 
 __all__ = ["GradzipState", "hook", "register", "shutdown", "LAYOUTS", "FORMAT"]
+__all__ += ["NonFiniteStep", "RankTimeout"]  # what a failed step raises
 
 #: The phases of a compressed bucket's work, as :meth:`GradzipState.timings` reports them.
 PHASES = ("encode", "uplink", "serve", "downlink", "decode")
 _MASK = (1 << 64) - 1
+_TRAFFIC = ("sent", "received", "framing_sent", "framing_received", "dense_sent")
+_TRAFFIC += ("dense_received", "compressed_buckets", "dense_buckets")
 
 
 class GradzipState:
@@ -108,6 +112,12 @@ class GradzipState:
             buckets run on the hook's thread, whose kernels are queued asynchronously).
         framing: ``stream`` (each channel's static header once, then 8 bytes a message)
             or ``payload`` (standalone payloads); the same results either way.
+        nonfinite: ``error`` (default: every rank raises :class:`NonFiniteStep` at the
+            same bucket, naming step, rank and parameter) or ``skip`` (every rank zeroes
+            the step's gradient and drops its memory updates; see :meth:`optimizer_step`).
+        timeout: seconds a collective of the hook may wait (None, the default: the
+            process group's own timeout); on expiry :class:`RankTimeout` names the rank
+            that did not answer, the step and the phase (:mod:`gradzip._guard`).
     """
 
     def __init__(
@@ -126,6 +136,8 @@ class GradzipState:
         process_group=None,
         overlap: bool = True,
         framing: str = "stream",
+        nonfinite: str = "error",
+        timeout: float | None = None,
     ):
         self.config = resolve(spec, uplink_rule, downlink, downlink_rule, layout)
         if start_step < 0 or min_numel < 0:
@@ -134,7 +146,9 @@ class GradzipState:
             spec=spec, uplink_rule=uplink_rule, downlink=downlink, downlink_rule=downlink_rule,
             layout=layout, start_step=start_step, min_numel=min_numel,
             allreduce_identity=allreduce_identity, seed=seed, overlap=overlap, framing=framing,
+            nonfinite=nonfinite, timeout=timeout,
         )  # fmt: skip
+        self._guard = _guard.Guard(nonfinite, timeout)
         self.framing = check_framing(framing)
         self.spec = spec
         self.up = compressor(self.config.uplink)
@@ -169,12 +183,7 @@ class GradzipState:
         self.worker_error = _Memory()  # this rank's uplink memory
         self.server_error = _Memory()  # per parameter, zero outside the coordinates served
         self._owner: dict[str, object] = {}  # name -> bucket signature that placed it
-        self._traffic = dict.fromkeys(
-            ("sent", "received", "framing_sent", "framing_received", "dense_sent"), 0
-        )
-        self._traffic["dense_received"] = 0
-        self._traffic["compressed_buckets"] = 0
-        self._traffic["dense_buckets"] = 0
+        self._traffic = dict.fromkeys(_TRAFFIC, 0)
         self._precond = None  # the optimizer, see precondition_with
         self._pending_names: set[str] = set()  # loaded memories of a naming not yet seen
         self.overlap = bool(overlap)
@@ -187,7 +196,7 @@ class GradzipState:
         (those that require a gradient). Before the first step only."""
         if self.names and not self._by_model:
             raise RuntimeError("bind(model) after the first step: the parameters are named")
-        _refuse_fsdp(model)
+        refuse_fsdp(model)
         module = model.module if hasattr(model, "module") else model
         self.names, self._index = [], {}
         for name, p in module.named_parameters():
@@ -209,6 +218,22 @@ class GradzipState:
         self.n = dist.get_world_size(self.group)
         self.rank = dist.get_rank(self.group)
         self.backend = dist.get_backend(self.group)
+        self._guard.start(self.group, self.rank, self.n)
+
+    # --- non-finite steps ---------------------------------------------------------------
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped by the ``skip`` policy (every rank counts the same)."""
+        return self._guard.skipped_steps
+
+    def optimizer_step(self, optimizer) -> bool:
+        """``optimizer.step()`` unless the hook skipped the step that just ended (its
+        gradient is zero, but momentum or weight decay would still move the parameters),
+        as AMP's ``GradScaler.step`` does; returns whether it stepped."""
+        if self._guard.skipped_at == self.step - 1 >= 0:
+            return False
+        optimizer.step()
+        return True
 
     def __getstate__(self) -> dict:
         return {"options": self._options}
@@ -270,11 +295,14 @@ class GradzipState:
     def _bucket_seed(self, names: list[str]) -> int:
         return rng.fold(self.seed, self._pos[names[0]] + 1, rng.BUCKET_MIX)
 
-    def _a2a(self, sends: list[torch.Tensor], sizes: list[int], dev) -> list[torch.Tensor]:
-        """Exact-size all-to-all: sends[j] goes to rank j, sizes[i] bytes come from rank i."""
+    def _a2a(self, sends, sizes: list[int], dev, phase: str, t: int) -> list[torch.Tensor]:
+        """Exact-size all-to-all: sends[j] goes to rank j, sizes[i] bytes come from rank i
+        (within the timeout, if any)."""
         out = torch.empty(sum(sizes), dtype=torch.uint8, device=dev)
         inp = torch.cat([s.to(dev) for s in sends])
-        dist.all_to_all_single(out, inp, sizes, [s.numel() for s in sends], group=self.group)
+        lens, timed = [s.numel() for s in sends], self._guard.timeout is not None
+        w = dist.all_to_all_single(out, inp, sizes, lens, group=self.group, async_op=timed)
+        self._guard.wait(w, phase, t)
         self._traffic["sent"] += inp.numel()
         self._traffic["received"] += out.numel()
         return list(out.split(sizes))
@@ -336,7 +364,8 @@ class GradzipState:
         _memory.migrate(self, names, sizes, sig, lo, hi, dev)
 
     def reduce(self, bucket) -> torch.Tensor:
-        """The averaged (compressed) gradient of one bucket, written into its buffer."""
+        """The averaged (compressed) gradient of one bucket, written into its buffer
+        (zeros in a step skipped for non-finite values)."""
         return self._plan(bucket)()
 
     def _plan(self, bucket) -> Callable[[], torch.Tensor]:
@@ -363,33 +392,24 @@ class GradzipState:
         scale = self._precond_flat(names, sizes, buf.device)
         t = self.step
 
-        def run() -> torch.Tensor:
+        def run() -> str | None:
             if reordered:
                 g = torch.cat([v.reshape(-1) for v in views]).to(torch.float32)
             else:
                 g = buf.detach().to(torch.float32)  # no copy for a float32 bucket
             if scale is not None:  # compress g / s, decode, multiply back: noise scaled like v
                 g.div_(scale)  # g is a copy or the bucket's memory, which the result replaces
-            self._reduce_flat(names, sizes, g, t)
+            bad = self._reduce_flat(names, sizes, g, t)
             if scale is not None:
                 g.mul_(scale)
             if g is not buf:
                 for v, part in zip(views, g.split(sizes), strict=True):
                     v.copy_(part)
-            return buf
+            return bad
 
-        return run
+        return self._guard.job(t, bucket.is_last(), buf, run)
 
-    def _dense(self, buf: torch.Tensor) -> torch.Tensor:
-        """A plain allreduce of the bucket (averaged), counted by the ring's bytes."""
-        n = self.n
-        ring = math.ceil(2 * (n - 1) * buf.numel() * buf.element_size() / n)
-        self._traffic["dense_sent"] += ring
-        self._traffic["dense_received"] += ring
-        self._traffic["dense_buckets"] += 1
-        return buf.div_(n)
-
-    def _layout(self, names: list[str], d: int, dev) -> tuple[ShardLayout, BucketLinks]:
+    def _layout(self, names: list[str], d: int, dev, t: int) -> tuple[ShardLayout, BucketLinks]:
         """The bucket's step: the engines' :class:`ShardLayout` (one shard per rank, or one
         shard for ``allgather``), seeded from the bucket, and this rank's channels for it;
         cached per bucket and device."""
@@ -402,83 +422,96 @@ class GradzipState:
             c = self.config
             links = BucketLinks(lay, self.rank, self.n, self.framing, (c.uplink, c.downlink))
             hit = self._layouts[key] = (lay, links)
+            self._guard.fresh(t)  # its kernels compile in this step: a longer deadline
         return hit
 
-    def _reduce_flat(self, names: list[str], sizes: list[int], g: torch.Tensor, t: int) -> None:
+    def _reduce_flat(self, names, sizes, g: torch.Tensor, t: int) -> str | None:
         """Replace g (the bucket in canonical order, float32) by the decoded average: the
         step t of :class:`gradzip.engines.sharded.ShardLayout` in gradient units (lr = 1),
-        with this rank as worker r and as the server of shard r."""
+        with this rank as worker r and as the server of shard r. Returns the message of a
+        non-finite finding (:mod:`gradzip._guard`), the same on every rank, or None."""
         d = g.numel()
         dev, cdev = g.device, self._comm_device(g.device)
-        n, r = self.n, self.rank
-        lay, bl = self._layout(names, d, dev)
-        clock = _Clock(self._timings)
-        none = torch.empty(0, dtype=torch.uint8)
+        n, r, gd = self.n, self.rank, self._guard
+        lay, bl = self._layout(names, d, dev, t)
+        clock = gd.clock(self._timings, t)
+        none, where = torch.empty(0, dtype=torch.uint8), _guard.Where(names, sizes)
 
-        # 1. the uplink payloads, one per shard
+        # 1. the uplink payloads, one per shard (of zeros where g is not finite)
         e = self.worker_error.get_flat(names, sizes, dev)
-        ups, ws = lay.encode_uplink(t, r, g, 1.0, WorkerState(FeedbackState(e)))
-        ups = [u.reshape(-1) for u in ups]
-        if ws.feedback.error is not e:
-            self.worker_error.put_flat(names, sizes, ws.feedback.error)
+        ups, ws, mine = _guard.encode_up(self, lay, t, g, e)
+        if ws is not None and ws.feedback.error is not e:
+            new = ws.feedback.error  # committed at the end of a finite step
+            gd.commit(lambda: self.worker_error.put_flat(names, sizes, new))
+        mine = [*mine, r]
         self._traffic["compressed_buckets"] += 1
 
         if self.config.layout == "allgather":  # rank i's one payload to every rank
-            msg = bl.pack_up(0, ups[0]).to(cdev)
+            msg = bl.pack_up(0, ups[0], mine[:4]).to(cdev)
             clock("encode")
             got = self._a2a(
                 [msg if j != r else none for j in range(n)],
                 [bl.size("up", 0) if i != r else 0 for i in range(n)],
-                cdev,
-            )
+                cdev, "uplink", t,
+            )  # fmt: skip
             clock("uplink")
+            got = [(ups[0], mine) if i == r else bl.unpack_up(i, 0, got[i], t) for i in range(n)]
             acc = torch.zeros(d, device=dev)
-            for i in range(n):
-                data = ups[0] if i == r else bl.unpack_up(i, 0, got[i], t)
+            for i, (data, _) in enumerate(got):
                 acc += lay.algos[0].decode_uplink(data, f"rank {i}", t, i)
             g.copy_(acc.div_(n))
             bl.opened = True
             clock("decode")
-            return
+            return gd.verdict(t, where, [f for _, f in got], g)
 
         # 2. shard j to rank j
-        sends = [bl.pack_up(j, u) if j != r else none for j, u in enumerate(ups)]
+        sends = [bl.pack_up(j, u, mine[:4]) if j != r else none for j, u in enumerate(ups)]
         clock("encode")
-        got = self._a2a(sends, [bl.size("up", r) if i != r else 0 for i in range(n)], cdev)
-        mine = [ups[r] if i == r else bl.unpack_up(i, r, got[i], t) for i in range(n)]
+        sz = [bl.size("up", r) if i != r else 0 for i in range(n)]
+        got = self._a2a(sends, sz, cdev, "uplink", t)
+        got = [(ups[r], mine) if i == r else bl.unpack_up(i, r, got[i], t) for i in range(n)]
         clock("uplink")
 
-        # 3. serve shard r: average, server rule, compress
+        # 3. serve shard r: average, server rule, compress (zeros if that is refused)
         lo, hi = lay.bounds[r], lay.bounds[r + 1]
         sig = tuple(names)
         if any(nm in self.server_error and self._owner.get(nm) != sig for nm in names):
             self._migrate(names, sizes, sig, lo, hi, dev)
         es_full = self.server_error.get_flat(names, sizes, dev)
         es = None if es_full is None else es_full[lo:hi]
-        down, ss = lay.aggregate(r, t, mine, 1.0, ServerState(FeedbackState(es)))
-        down = down.reshape(-1)
-        msg = bl.pack_down(r, down)
-        if ss.feedback.error is not es:
-            if es_full is None:
-                es_full = torch.zeros(d, device=dev)
-                self.server_error.put_flat(names, sizes, es_full)
-            es_full[lo:hi] = ss.feedback.error
-            for nm in names:
-                self._owner[nm] = sig
+        found = _guard.first_bad([f for _, f in got])
+        try:
+            down, ss = lay.aggregate(r, t, [x for x, _ in got], 1.0, ServerState(FeedbackState(es)))
+        except NonFiniteError:  # the average overflowed: zeros, and say so
+            down, ss, found = _guard.zero_down(lay, r, t, dev), None, found or [UPDATE, 0, 0, -1, r]
+        found, down = found or [OK, 0, 0, -1, r], down.reshape(-1)
+        msg = bl.pack_down(r, down, found)
+        if ss is not None and ss.feedback.error is not es:
+            gd.commit(lambda: self._commit_server(names, sizes, sig, lo, hi, ss.feedback.error))
         clock("serve")
 
         # 4. every shard to every rank; all decode the same bytes
         got = self._a2a(
             [msg if j != r else none for j in range(n)],
             [bl.size("down", i) if i != r else 0 for i in range(n)],
-            cdev,
-        )
-        downs = [down if j == r else bl.unpack_down(j, got[j], t) for j in range(n)]
+            cdev, "downlink", t,
+        )  # fmt: skip
+        downs = [(down, found) if j == r else bl.unpack_down(j, got[j], t) for j in range(n)]
         bl.opened = True
         clock("downlink")
-        for j, x in enumerate(downs):  # every payload is decoded (and g read) before this
+        for j, (x, _) in enumerate(downs):  # every payload is decoded (and g read) before
             g[lay.bounds[j] : lay.bounds[j + 1]] = lay.algos[j].decode_downlink(x, f"rank {j}", t)
         clock("decode")
+        return gd.verdict(t, where, [f for _, f in downs], g)
+
+    def _commit_server(self, names, sizes, sig, lo: int, hi: int, err: torch.Tensor) -> None:
+        es_full = self.server_error.get_flat(names, sizes, err.device)
+        if es_full is None:
+            es_full = torch.zeros(sum(sizes), device=err.device)
+            self.server_error.put_flat(names, sizes, es_full)
+        es_full[lo:hi] = err
+        for nm in names:
+            self._owner[nm] = sig
 
     def _after(self, bucket) -> None:
         if bucket.is_last():
@@ -502,62 +535,25 @@ def hook(state: GradzipState, bucket: dist.GradBucket) -> torch.futures.Future[t
     """The DDP communication hook: ``model.register_comm_hook(state, hook)``."""
     state._bind_group()
     buf = bucket.buffer()
-    dense = state._use_dense(buf.numel())
-    if state.overlap and buf.device.type == "cpu":
-        try:  # the bucket's work on the communication thread; the backward goes on
-            if dense:
-                state._dense(buf)
-                job = lambda: _allreduced(buf, state.group)  # noqa: E731
-            else:
-                job = state._plan(bucket)
-        finally:
-            state._after(bucket)
-        return state._pipeline.submit(job)
-    if dense:
-        state._after(bucket)
-        fut = dist.all_reduce(state._dense(buf), group=state.group, async_op=True).get_future()
-        return fut.then(lambda f: f.value()[0])
+    last = bucket.is_last()
     try:
-        out = state.reduce(bucket)
+        if state._use_dense(buf.numel()):
+            where, t = _guard.names_of(state, bucket), state.step
+            job = state._guard.job(t, last, buf, lambda: _guard.dense(state, buf, where, t))
+        else:
+            job = state._plan(bucket)
     finally:
         state._after(bucket)
-    fut = torch.futures.Future()
-    fut.set_result(out)
+    if state.overlap and buf.device.type == "cpu" and not last:
+        return state._pipeline.submit(job)  # on the communication thread
+    fut = torch.futures.Future()  # the last bucket here, after the others (_pipeline)
+    fut.set_result(state._pipeline.run_here(job))
     return fut
-
-
-def _allreduced(buf: torch.Tensor, group) -> torch.Tensor:
-    dist.all_reduce(buf, group=group)
-    return buf
-
-
-class _Clock:
-    """Adds the time since the last mark to ``totals[phase]``."""
-
-    def __init__(self, totals: dict):
-        self.totals = totals
-        self.last = time.perf_counter()
-
-    def __call__(self, phase: str) -> None:
-        now = time.perf_counter()
-        self.totals[phase] += now - self.last
-        self.last = now
-
-
-def _refuse_fsdp(model) -> None:
-    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
-
-    if isinstance(model, FullyShardedDataParallel | FSDPModule):
-        raise TypeError(
-            f"gradzip.ddp's hook is for DistributedDataParallel, not {type(model).__name__} "
-            "(FSDP calls comm hooks with other arguments); for FSDP2 (fully_shard) use "
-            "gradzip.fsdp.register; FSDP1 is not supported"
-        )
 
 
 def register(model, spec: str = "fosgd", **options) -> GradzipState:
     """Register the hook on a DDP model in one line; returns its state."""
-    _refuse_fsdp(model)
+    refuse_fsdp(model)
     state = GradzipState(model, spec, **options)
     model.register_comm_hook(state, hook)
     return state
@@ -576,6 +572,7 @@ def shutdown(state: GradzipState | None = None, *, exit_code: int | None = 0) ->
         dist.barrier()
     if state is not None:
         state._pipeline.close()
+        state._guard.stop()
         state._layouts.clear()
         state._precond = None
         state._precond_flat_cache = {}

@@ -46,9 +46,10 @@ _REFUSED = ("ddp_comm_hook", "ddp_comm_state", "ddp_comm_wrapper", "model_averag
 
 
 def _state_options() -> set[str]:
-    """GradzipState's keyword options; ``process_group`` is the strategy's (the world)."""
+    """GradzipState's keyword options; ``process_group`` is the strategy's (the world), and
+    so is ``timeout`` (the process group's; the hook's is ``gradzip_timeout``)."""
     params = inspect.signature(ddp.GradzipState).parameters.values()
-    return {p.name for p in params if p.kind is p.KEYWORD_ONLY} - {"process_group"}
+    return {p.name for p in params if p.kind is p.KEYWORD_ONLY} - {"process_group", "timeout"}
 
 
 class GradzipDDPStrategy(DDPStrategy):
@@ -57,7 +58,8 @@ class GradzipDDPStrategy(DDPStrategy):
     Args:
         spec: a method preset (``gradzip methods``) or a compressor spec, as for
             :func:`gradzip.ddp.register`.
-        **kwargs: GradzipState's options (to the hook) and DDPStrategy's (the rest).
+        **kwargs: GradzipState's options (to the hook) and DDPStrategy's (the rest;
+            ``timeout`` is DDPStrategy's, the hook's is ``gradzip_timeout``, in seconds).
 
     After ``trainer.fit``, :attr:`gradzip_state` is the hook's state (``traffic()``...).
     """
@@ -73,6 +75,8 @@ class GradzipDDPStrategy(DDPStrategy):
         names = _state_options()
         self.gradzip_spec = spec
         self.gradzip_options = {k: kwargs.pop(k) for k in list(kwargs) if k in names}
+        if "gradzip_timeout" in kwargs:
+            self.gradzip_options["timeout"] = kwargs.pop("gradzip_timeout")
         self.gradzip_state: ddp.GradzipState | None = None
         self._gradzip_restore: dict | None = None
         super().__init__(**kwargs)
