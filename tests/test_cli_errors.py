@@ -74,6 +74,12 @@ def _toml(tmp_path, text):
          ["missing data", "libsvm/a9a", "libsvm/w8a", "csie.ntu.edu.tw"]),
         (lambda t: ["reproduce", "fosgd", "--quick", "--data", str(t / "empty")],
          ["missing data", "libsvm/w8a"]),
+        # argparse's own errors: one line too (no usage block)
+        (lambda t: ["train", "--steps", "abc"], ["gradzip train: error:", "--steps", "'abc'"]),
+        (lambda t: ["train", "--bogus", "1"], ["unrecognized arguments: --bogus 1", "--help"]),
+        (lambda t: ["reproduce", "nope"], ["gradzip reproduce: error:", "invalid choice"]),
+        (lambda t: ["classes", "--samples", "0"], ["gradzip classes: error: --samples"]),
+        (lambda t: ["scales", "--samples", "1"], ["gradzip scales: error: --samples"]),
     ],
 )  # fmt: skip
 def test_bad_input_is_one_line_and_creates_nothing(make_argv, fragments, tmp_path, capsys):

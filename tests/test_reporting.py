@@ -110,6 +110,105 @@ def test_compile_notice_without_logging_configured(monkeypatch, capsys):
     assert capsys.readouterr().err == "gradzip: compiling kernels (test)...\n"
 
 
+def test_engines_print_nothing():
+    """The engines' diagnostics (a worker's last words, notes while stopping) are logging
+    records of gradzip.engines: no print() call in src/gradzip/engines."""
+    import ast
+    from pathlib import Path
+
+    import gradzip.engines
+
+    found = []
+    for path in sorted(Path(gradzip.engines.__file__).parent.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "print":
+                found.append(f"{path.name}:{node.lineno}")
+    assert found == []
+
+
+def test_a_workers_last_words_are_a_logging_record(monkeypatch, caplog):
+    """The watchdog of a worker whose server went silent: one ERROR record, then exit."""
+    import logging
+
+    from gradzip.engines import liveness
+
+    hb = object.__new__(liveness.Heartbeat)
+    hb._stop, hb.rank, hb.step, hb.phase = __import__("threading").Event(), 2, 7, "computing"
+    monkeypatch.setattr(hb, "name", lambda r: "the server (rank 0)", raising=False)
+    monkeypatch.setattr(liveness.os, "_exit", lambda code: (_ for _ in ()).throw(SystemExit(code)))
+    with caplog.at_level(logging.ERROR, logger="gradzip"), pytest.raises(SystemExit):
+        hb._exit("its heartbeat stopped 9 s ago")
+    (rec,) = [r for r in caplog.records if r.name == "gradzip.engines"]
+    assert rec.levelno == logging.ERROR and rec.getMessage().startswith(
+        "gradzip worker (rank 2): the server (rank 0) did not answer at step 7"
+    )
+
+
+# --- progress bars ------------------------------------------------------------------------
+
+
+class _Terminal(__import__("io").StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def _terminal(monkeypatch) -> _Terminal:
+    """stderr as a terminal (where the bars are drawn), its text kept; called in the test
+    itself (pytest's capture sets sys.stderr again when the test's call starts)."""
+    pytest.importorskip("tqdm")
+    term = _Terminal()
+    monkeypatch.setattr(sys, "stderr", term)
+    return term
+
+
+def test_a_resumed_runs_bar_starts_at_its_checkpoint(tmp_path, monkeypatch):
+    terminal = _terminal(monkeypatch)
+    out = str(tmp_path / "run")
+    argv = ["train", "--problem", "lsq-synthetic", "--eval-every", "0", "--out", out]
+    assert main([*argv, "--steps", "3", "--quiet"]) == 0
+    terminal.seek(0), terminal.truncate()
+    assert main([*argv, "--steps", "6", "--resume"]) == 0
+    bar = terminal.getvalue()
+    assert "3/6" in bar and "6/6" in bar, bar
+    assert " 0/6" not in bar and "1/6" not in bar, bar  # tqdm counts from the checkpoint
+
+
+def test_classes_scales_and_reproduce_runs_draw_a_bar_on_a_terminal(capsys, monkeypatch):
+    import torch
+
+    from gradzip.experiments import classes, scales
+    from gradzip.problems import build
+    from gradzip.reproduce import common
+
+    terminal = _terminal(monkeypatch)
+    xs = [torch.randn(64, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    rows = classes.class_table(["sign", "topk:k=0.5"], sources={"v": xs}, samples=4)
+    assert len(rows) == 2 and "classes" in terminal.getvalue()
+    lines = capsys.readouterr().out.splitlines()  # the progress lines stay whole on stdout
+    assert lines[0] == "source v: 2 vectors of d=64 (0.0 s)"
+    assert [ln.split(" (")[0] for ln in lines[1:]] == ["  sign", "  topk:k=0.5"]
+
+    terminal.seek(0), terminal.truncate()
+    rows = scales.study(quick=True, samples=2, only=["gaussian"], progress=print)
+    assert rows and "scales" in terminal.getvalue()
+    assert capsys.readouterr().out.startswith("  gaussian: 3 vectors")
+
+    terminal.seek(0), terminal.truncate()
+    prob = build("lsq-synthetic", workers=2, batch_size=8, seed=0)
+    common.train(prob, "sgd-run", "sgd", 5, 0.01, 2, 5)
+    bar = terminal.getvalue()
+    assert "sgd-run" in bar and bar.endswith("\r"), repr(bar)  # erased when it ends
+
+
+def test_no_bar_where_stderr_is_not_a_terminal(capsys):
+    import torch
+
+    from gradzip.experiments import classes
+
+    classes.class_table(["sign"], sources={"v": [torch.ones(8)]}, samples=2, progress=None)
+    assert capsys.readouterr().err == ""
+
+
 # --- figures ------------------------------------------------------------------------------
 
 

@@ -1,6 +1,8 @@
 """What every ``gradzip`` command shares around its work: the optional packages it needs
 (a missing one is a one-line ``pip install 'gradzip[...]'``, before anything runs), and
-the output folders it creates (a command that fails leaves none of them behind empty).
+the output folders it creates (a command that fails leaves none of them behind empty),
+and its argument parser (:class:`Parser`: a usage error is one line, like every other bad
+input).
 
 The core install (``pip install gradzip``) holds what the codecs and the DDP hook need:
 torch, numpy, numba, zlib-ng. Plotting, the data sets' readers and the reference solvers
@@ -10,6 +12,7 @@ are the ``experiments`` extra (matplotlib, scipy, scikit-learn, tqdm); TensorBoa
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import shutil
 from pathlib import Path
@@ -74,3 +77,13 @@ class CreatedFolders:
             if top.is_dir() and not any(x.is_symlink() or not x.is_dir() for x in top.rglob("*")):
                 shutil.rmtree(top, ignore_errors=True)
         self.tops.clear()
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose usage errors (an unknown flag, a value of the wrong type, a missing
+    argument) are one line on stderr, ``PROG: error: MESSAGE (PROG --help: the options)``,
+    exit status 2, instead of the usage block and the message. Sub-commands' parsers made
+    through ``add_subparsers`` are of this class too."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} ({self.prog} --help: the options)\n")

@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from ._clisupport import NEEDS, CreatedFolders, missing_extra, require
+from ._clisupport import NEEDS, CreatedFolders, Parser, missing_extra, require
 
 _created = CreatedFolders()  # output folders of the running command (removed empty on failure)
 
@@ -247,9 +247,7 @@ def cmd_kernels(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="gradzip", description="Communication-compressed distributed SGD for PyTorch."
-    )
+    p = Parser(prog="gradzip", description="Communication-compressed distributed SGD for PyTorch.")
     from . import __version__
 
     p.add_argument("--version", action="version", version=f"gradzip {__version__}")

@@ -19,6 +19,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from .._log import get as _logger
 from .faults import FAULT_ENV, Fault
 from .liveness import SLACK, Heartbeat, RankTimeout, WorkerError, deadline_wait
 
@@ -517,7 +518,7 @@ class _Cluster:
                     pass
             self.store = None
         for n in notes:
-            print(f"gradzip: while stopping the workers: {n}", file=sys.stderr)
+            _logger("engines").warning(f"gradzip: while stopping the workers: {n}")
 
     def _reap(self, graceful: bool) -> None:
         procs, self.procs = self.procs, []

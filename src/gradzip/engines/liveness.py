@@ -40,6 +40,8 @@ import threading
 import time
 from datetime import timedelta
 
+from .._log import get as _logger
+
 KEY = "gradzip/hb/"
 SLACK = 8.0  # seconds a worker's deadline adds to the timeout (rank 0 decides first)
 
@@ -155,12 +157,11 @@ class Heartbeat:
         """A worker whose server stopped answering: say so and end the process."""
         if self._stop.is_set():
             return
-        print(
+        _logger("engines").error(
             f"gradzip worker (rank {self.rank}): {self.name(0)} did not answer at step "
-            f"{self.step} while this rank was {self.phase}: {why}",
-            file=sys.stderr,
-            flush=True,
-        )
+            f"{self.step} while this rank was {self.phase}: {why}"
+        )  # a process with no handler configured: logging's last resort, on stderr
+        sys.stderr.flush()  # os._exit skips the interpreter's flush
         os._exit(1)
 
     # --- the others -----------------------------------------------------------------------

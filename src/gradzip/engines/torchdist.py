@@ -98,13 +98,13 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 
 import torch.distributed as dist
 
+from .._log import get as _logger
 from .cluster import (
     FAULT_ENV,
     OK,
@@ -204,7 +204,7 @@ def _worker_main(job: Job, cl: _Cluster) -> tuple[int, int | str]:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if not isinstance(e, RankTimeout):
             first = f"lost the server: {first}"
-        print(f"gradzip worker (rank {cl.rank}): {first}", file=sys.stderr)
+        _logger("engines").error(f"gradzip worker (rank {cl.rank}): {first}")
         return 1, 0
     finally:
         if cl.hb is not None:

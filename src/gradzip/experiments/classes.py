@@ -23,7 +23,6 @@ gradients are from the worst case.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import math
 import sys
@@ -34,10 +33,11 @@ from pathlib import Path
 
 import torch
 
+from .._clisupport import Parser
 from ..compressors import compressor as make_compressor
 from ..compressors import names
 from ..problems import datasets
-from . import gradients
+from . import gradients, tracking
 
 #: specs added to the registered names (default parameters) when they can be built
 EXTRA_SPECS = (
@@ -287,21 +287,29 @@ def class_table(
     ``data``), or names a subset of the defaults. ``samples`` is S per vector (16 quick,
     200 full).
     """
-    say = progress or (lambda _msg: None)
     skipped: list[str] = []
     if specs is None:
         specs, skipped = default_specs()
     built, more = _build(specs)
     skipped += more
+    srcs = _resolve_sources(sources, quick, data)
+    pb = tracking.bar(len(srcs) + len(built), "classes", leave=False)  # on a terminal
+
+    def say(msg: str) -> None:
+        if progress is not None:
+            with pb.outside():
+                progress(msg)
+
     for n in skipped:
         say(f"note: {n}")
     if notes is not None:
         notes += skipped
     S = samples or (QUICK_SAMPLES if quick else FULL_SAMPLES)
     rows = []
-    with gradients.single_thread():
+    with gradients.single_thread(), pb:
         loaded = {}
-        for name, src in _resolve_sources(sources, quick, data).items():
+        for name, src in srcs.items():
+            pb.update(len(loaded), f"loading {name}")
             t0 = time.perf_counter()
             xs = list(src() if callable(src) else src)
             xs = [x.detach().reshape(-1).float() for x in xs]
@@ -311,7 +319,8 @@ def class_table(
             loaded[name] = xs
             secs = time.perf_counter() - t0
             say(f"source {name}: {len(xs)} vectors of d={dims.pop()} ({secs:.1f} s)")
-        for spec, c in built:
+        for i, (spec, c) in enumerate(built):
+            pb.update(len(loaded) + i, spec)
             t0 = time.perf_counter()
             for name, xs in loaded.items():
                 d = xs[0].numel()
@@ -411,7 +420,7 @@ def _no_libsvm(path) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
+    ap = Parser(
         prog="gradzip classes",
         description="Estimate the B1/B2/B3 constants of compressors (Beznosikov et al.) by "
         "Monte Carlo on synthetic vectors and on real gradients.",

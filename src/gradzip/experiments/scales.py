@@ -24,7 +24,6 @@ contractive, error feedback would diverge). It writes ``scales.csv`` and ``scale
 
 from __future__ import annotations
 
-import argparse
 import csv
 import math
 import sys
@@ -35,9 +34,10 @@ from pathlib import Path
 
 import torch
 
+from .._clisupport import Parser
 from ..compressors import compressor
 from ..problems import datasets
-from . import gradients
+from . import gradients, tracking
 from .classes import moments
 
 RESCALES = ("none", "mse", "unbiased")
@@ -108,15 +108,19 @@ def study(
     if only:
         srcs = {k: v for k, v in srcs.items() if k in only}
     confs = specs(quick)
-    for name, load in srcs.items():
-        t0 = time.perf_counter()
-        xs = [x for x in load() if bool(x.any())]
-        if not xs:
-            continue
-        for rule, c, rs, spec in confs:
-            rows.append(measure(rule, c, rs, spec, xs, samples) | {"source": name})
-        progress(f"  {name}: {len(xs)} vectors, d = {xs[0].numel()}, "
-                 f"{time.perf_counter() - t0:.1f} s")  # fmt: skip
+    with tracking.bar(len(srcs) * (1 + len(confs)), "scales", leave=False) as pb:
+        for i, (name, load) in enumerate(srcs.items()):
+            t0 = time.perf_counter()
+            pb.update(i * (1 + len(confs)), f"{name}: loading")
+            xs = [x for x in load() if bool(x.any())]
+            if not xs:
+                continue
+            for j, (rule, c, rs, spec) in enumerate(confs):
+                pb.update(i * (1 + len(confs)) + 1 + j, f"{name}: {spec}")
+                rows.append(measure(rule, c, rs, spec, xs, samples) | {"source": name})
+            with pb.outside():
+                progress(f"  {name}: {len(xs)} vectors, d = {xs[0].numel()}, "
+                         f"{time.perf_counter() - t0:.1f} s")  # fmt: skip
     return rows
 
 
@@ -223,7 +227,7 @@ def _shown(key: str, v: float) -> float:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
+    ap = Parser(
         prog="gradzip scales",
         description="FO-SGD's scale rules as a bias-variance trade-off: vNMSE, shrinkage and "
         "the B3 constant against the dither scale, on synthetic vectors and real gradients.",

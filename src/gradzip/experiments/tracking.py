@@ -2,7 +2,11 @@
 stay JSON (a diverged run's NaN becomes ``null``).
 
 - :class:`Progress`: tqdm on a terminal where tqdm is installed (``gradzip[experiments]``),
-  else a one-line bar; plain lines every 10 % when stderr is not a terminal (logs).
+  else a one-line bar; plain lines every 10 % when stderr is not a terminal (logs). A
+  resumed run's bar starts at its checkpoint's step (``initial``).
+- :func:`bar`: a bar for the long loops of ``classes``, ``scales`` and ``reproduce``, on a
+  terminal only (their lines already say what was done, in logs too); messages printed
+  through :meth:`Progress.outside` do not tear it.
 - :class:`TensorBoard`: ``gradzip train --tensorboard DIR`` (``gradzip[tensorboard]``), or
   ``with tracking.tensorboard(DIR): runner.train(cfg)``: per step ``train/loss``,
   ``train/lr``, ``bits/up``, ``bits/down``, ``bits/total_up``, ``bits/total_down``,
@@ -48,13 +52,18 @@ def jsonable(value):
 
 
 class Progress:
-    """A progress bar on stderr; nothing when not ``enabled``."""
+    """A progress bar on stderr; nothing when not ``enabled``. ``initial``: the count it
+    starts from (a resumed run's step: tqdm's rate and time left count from there);
+    ``leave=False``: the bar is erased when it closes (a run inside a longer job)."""
 
-    def __init__(self, total: int, label: str, enabled: bool = True):
-        self.total, self.label, self.enabled = total, label, enabled
+    def __init__(
+        self, total: int, label: str, enabled: bool = True, initial: int = 0, leave: bool = True
+    ):
+        self.total, self.label, self.enabled, self.leave = total, label, enabled, leave
         self.tty = sys.stderr.isatty()
         self.t0 = time.perf_counter()
-        self.last = -1
+        self.last, self.drawn = -1, 0.0
+        self.line = ""  # the one-line bar as last drawn ("": not on the terminal now)
         self.bar = None
         if enabled and self.tty:
             try:
@@ -62,32 +71,82 @@ class Progress:
             except ImportError:
                 pass
             else:
-                self.bar = tqdm(total=total, desc=label, file=sys.stderr, leave=True)
+                self.bar = tqdm(
+                    total=total, desc=label, file=sys.stderr, leave=leave, initial=initial
+                )
 
     def update(self, done: int, info: str = "") -> None:
         if not self.enabled:
             return
         if self.bar is not None:
-            self.bar.n = done
-            self.bar.set_postfix_str(info, refresh=False)
-            self.bar.refresh()
+            if info:
+                self.bar.set_postfix_str(info, refresh=False)
+            self.bar.update(done - self.bar.n)  # redrawn at most every 0.1 s
             if done >= self.total:
-                self.bar.close()
+                self.close()
             return
         pct = int(100 * done / max(self.total, 1))
-        if not self.tty and pct // 10 == self.last // 10 and done != self.total:
+        now = time.perf_counter()
+        if done < self.total and (
+            (not self.tty and pct // 10 == self.last // 10) or (self.tty and now < self.drawn + 0.1)
+        ):
             return
-        self.last = pct
+        self.last, self.drawn = pct, now
         bar = "#" * (pct // 5) + "." * (20 - pct // 5)
-        el = time.perf_counter() - self.t0
-        line = f"{self.label} [{bar}] {done}/{self.total} {el:6.1f}s {info}"
-        print(("\r" + line) if self.tty else line, end="" if self.tty else "\n", file=sys.stderr)
-        if self.tty and done == self.total:
-            print(file=sys.stderr)
+        line = f"{self.label} [{bar}] {done}/{self.total} {now - self.t0:6.1f}s {info}"
+        if not self.tty:
+            print(line, file=sys.stderr)
+            return
+        print("\r" + line, end="", file=sys.stderr, flush=True)
+        self.line = line
+        if done >= self.total:
+            self.close()
+
+    @contextlib.contextmanager
+    def outside(self):
+        """Within the block, lines printed (stdout or stderr) go above the bar, which is
+        drawn again afterwards."""
+        if self.bar is not None:
+            from tqdm import tqdm
+
+            with tqdm.external_write_mode(file=sys.stdout):
+                yield
+        elif self.line:  # the one-line bar: erase it, draw it again below the lines
+            sys.stderr.write("\r\033[K")
+            sys.stderr.flush()
+            try:
+                yield
+            finally:
+                sys.stdout.flush()
+                sys.stderr.write("\r" + self.line)
+                sys.stderr.flush()
+        else:
+            yield
 
     def close(self) -> None:
+        """Ends the bar (kept on its line, or erased where ``leave`` is false); idempotent."""
         if self.bar is not None:
             self.bar.close()
+            self.bar = None
+            self.enabled = False
+        elif self.line:
+            sys.stderr.write("\n" if self.leave else "\r\033[K")
+            sys.stderr.flush()
+            self.line = ""
+            self.enabled = False
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def bar(total: int, label: str, leave: bool = True) -> Progress:
+    """A bar over ``total`` units of a long loop, on a terminal only (``classes``,
+    ``scales``, the runs of ``reproduce``); ``update(done, info)``, ``outside()`` around
+    lines printed meanwhile, ``close()`` (also as a context manager)."""
+    return Progress(total, label, enabled=sys.stderr.isatty(), leave=leave)
 
 
 STEP_SCALARS = {
@@ -150,7 +209,7 @@ class Reporter:
     ``first`` is the step the run starts from (a resumed run's)."""
 
     def __init__(self, total: int, label: str, enabled: bool = True, first: int = 0):
-        self.bar = Progress(total, label, enabled)
+        self.bar = Progress(total, label, enabled, initial=first)
         self.tb = TensorBoard(_TENSORBOARD.get(), start=first)
         self.total, self.flushed = total, time.monotonic()
 

@@ -16,6 +16,7 @@ import torch
 
 from .. import methods as presets
 from ..engines import Algorithm, SimulatedEngine
+from ..experiments import tracking
 from ..experiments.schedules import Schedule
 
 
@@ -63,8 +64,9 @@ def train(
         tr.rows.append(row)
 
     evaluate(0)
-    with torch.inference_mode(False):
+    with torch.inference_mode(False), tracking.bar(steps, label, leave=False) as pb:
         for t in range(steps):
+            pb.update(t)
             try:
                 s = eng.step(t, sched(t))
             except ValueError as e:  # a compressor refuses a non-finite gradient: diverged

@@ -34,6 +34,7 @@ import torch
 
 from .. import feedback
 from ..compressors import compressor
+from ..experiments import tracking
 from ..experiments.schedules import Schedule
 from ..problems import datasets, logistic
 from ..stream import StreamSender
@@ -167,6 +168,7 @@ def run_one(
         return prob.row_gradient(x, int(rows[t]))
 
     def after_step(t, x, xbar, p):
+        pb.update(t + 1)
         bits[0] += 8 * uplink.pack(p).numel()
         bits[1] += p.nbits - 8 * p.header.size
         bits[2] += p.nbits
@@ -179,7 +181,7 @@ def run_one(
             run.standalone_bits.append(float(bits[2]))
 
     t0 = time.perf_counter()
-    with torch.inference_mode():
+    with torch.inference_mode(), tracking.bar(steps, f"memsgd {label}", leave=False) as pb:
         descend(
             grad, prob.d, compressor(spec), steps, schedule, "ef" if memory else "none",
             average, cfg.seed, after_step=after_step,
