@@ -3,6 +3,7 @@
     python benchmarks/chaos.py                      # 4 runs x 5 kills during writes, ...
     python benchmarks/chaos.py --runs 2 --kills 3 --random-kills 0 --sigterms 1   # quicker
     python benchmarks/chaos.py --elastic torchdist torchdist-sharded ddp-example  # + restarts
+    python benchmarks/chaos.py --faults             # + benchmarks/chaos_faults.py's scenarios
 
 Every scenario runs real ``python -m gradzip train`` processes checkpointing every step
 (``--checkpoint-every 1``) on a small problem and compares with an uninterrupted run made
@@ -25,6 +26,11 @@ in this process, which records its state at every step:
   attempt resumes from the latest checkpoint by itself; the end is compared with an
   uninterrupted run (the simulated engine of the same layout with one thread, or the
   example's own uninterrupted job). Time: from the kill to the job's end.
+
+``--faults`` adds the scenarios of ``benchmarks/chaos_faults.py`` (which also runs on its
+own): SIGSTOP of each rank role with ``--timeout``, decode bombs and stale, misrouted,
+foreign or truncated payloads under a memory limit, NaN at step k under both
+``--nonfinite`` policies in every engine (and the DDP hook's with ``--ddp-hook``).
 
 Time: from the kill to the resumed process's first new checkpoint (process start, reading
 the checkpoint and the metrics, one step), or to the error. Prints the table and writes it
@@ -352,6 +358,17 @@ def elastic(kind: str, run: Path, steps: int, rng: random.Random) -> dict:
             "stderr": "" if ok else err[-2000:]}  # fmt: skip
 
 
+def trial_times(rs: list[dict]) -> str:
+    """The trials' times (s): each, or the median and the max of many; '-' for none."""
+    ts = [r["detect_s"] for r in rs if r.get("detect_s") is not None]
+    if not ts:
+        return "-"
+    f = lambda t: f"{t:.1f}" if t >= 0.1 else f"{t:.2g}"  # noqa: E731 - decodes take ms
+    if len(ts) > 4:
+        return f"median {f(statistics.median(ts))}, max {f(max(ts))}"
+    return ", ".join(f(t) for t in ts)
+
+
 def table(results: list[dict]) -> str:
     out = ["| scenario | trials | outcome | time to detect/resume (s) |", "|---|---|---|---|"]
     by: dict[str, list[dict]] = {}
@@ -371,11 +388,11 @@ def table(results: list[dict]) -> str:
             out.append(f"| {name} | {len(kills)} | {outcome} | {tm} |")
         else:
             ok = sum(r["ok"] for r in rs)
-            what = "refused with one line naming the file" if "checkpoint." in name else (
+            what = rs[0].get("what") or (  # chaos_faults.py's rows say theirs
+                "refused with one line naming the file" if "checkpoint." in name else
                 "dropped with a note, resumed bit-identical" if "metrics" in name else
                 "job completed, bit-identical to an uninterrupted run")  # fmt: skip
-            tm = ", ".join(f"{r['detect_s']:.1f}" for r in rs)
-            out.append(f"| {name} | {len(rs)} | {ok}/{len(rs)} {what} | {tm} |")
+            out.append(f"| {name} | {len(rs)} | {ok}/{len(rs)} {what} | {trial_times(rs)} |")
     return "\n".join(out)
 
 
@@ -393,6 +410,12 @@ def main() -> int:
                    help="torchrun --max-restarts jobs, a rank killed in each: torchdist, "
                    "torchdist-sharded, ddp-example")  # fmt: skip
     p.add_argument("--elastic-steps", type=int, default=300)
+    p.add_argument("--faults", action="store_true",
+                   help="also chaos_faults.py's scenarios (a stopped rank, decode bombs and "
+                   "stale payloads, NaN at step k), whose options follow")  # fmt: skip
+    import chaos_faults  # noqa: PLC0415 - it imports this module
+
+    chaos_faults.add_options(p.add_argument_group("with --faults"))
     args = p.parse_args()
     rng = random.Random(args.seed)
     flags = [*FLAGS, *EVERY_STEP, "--engine", args.engine]
@@ -416,13 +439,20 @@ def main() -> int:
         print(f"elastic {kind}: {'ok' if results[-1]['ok'] else 'FAILED'}", file=sys.stderr)
     results.append(truncated(work / "c", ref, flags))
     results.append(cut_metrics(work / "m", ref, states, flags, args.steps))
+    if args.faults:
+        log = lambda s: print(s, file=sys.stderr)  # noqa: E731
+        results += chaos_faults.run_faults(args, work / "faults", log=log)
+        chaos_faults.describe(results)
     text = table(results)
     print(text)
     print(
         f"(engine {args.engine}, {args.steps} steps; {time.monotonic() - t0:.0f} s; runs in {work})"
     )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"table": text, "results": results}, indent=1))
+    command = " ".join(["python", "benchmarks/chaos.py", *sys.argv[1:]])
+    Path(args.out).write_text(
+        json.dumps({"command": command, "table": text, "results": results}, indent=1)
+    )
     return 0 if all(r.get("final_identical", r.get("ok")) for r in results) else 1
 
 
