@@ -160,3 +160,61 @@ def test_a_stopped_server_is_named_by_the_workers(tmp_path):
             time.sleep(0.1)
     finally:
         run.kill()
+
+
+_STALL_CHILD = """
+import sys, time
+from datetime import timedelta
+import torch.distributed as dist
+from gradzip.engines.liveness import Heartbeat
+port = int(sys.argv[1])
+store = dist.TCPStore("127.0.0.1", port, 2, False, timeout=timedelta(seconds=30))
+hb = Heartbeat(store, 0, 2, timeout=2.0).start()
+hb.at(7, "uplink", True)
+print("ready", flush=True)
+time.sleep(float(sys.argv[2]))  # SIGSTOPped meanwhile, or not
+err = hb.blame("waiting for the uplink", [1], expired=True)
+print("RANKS", err.ranks, flush=True)
+print("MSG", err, flush=True)
+"""
+
+
+@pytest.mark.parametrize("stop", [True, False])
+def test_a_rank_that_stood_still_names_itself(stop, tmp_path):
+    """A stopped process wakes to a record in which every other rank is silent (its own
+    heartbeat thread stood still too): it must name itself, not the healthy peers; and a
+    rank that did not stand still names the silent peer as before."""
+    import torch.distributed as dist
+
+    from gradzip.engines.liveness import Heartbeat
+
+    store = dist.TCPStore("127.0.0.1", 0, 2, True, wait_for_workers=False)
+    peer = Heartbeat(store, 1, 2, timeout=2.0).start()  # rank 1, beating in this process
+    script = tmp_path / "child.py"
+    script.write_text(_STALL_CHILD)
+    child = subprocess.Popen(
+        [sys.executable, str(script), str(store.port), "4.5"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stdout.readline().strip() == "ready"
+        time.sleep(0.5)
+        if stop:
+            os.kill(child.pid, signal.SIGSTOP)
+            time.sleep(3.0)  # > 0.75 * timeout: the child's pulse stands still
+            os.kill(child.pid, signal.SIGCONT)
+        else:
+            peer.stop()  # the peer goes silent instead
+        out, _ = child.communicate(timeout=60)
+    finally:
+        child.kill()
+        peer.stop()
+    ranks = re.search(r"RANKS \[(.*)\]", out).group(1)
+    msg = out.split("MSG ", 1)[1]
+    if stop:
+        assert ranks == "0", out
+        assert "rank 0 itself stood still for 3 s at step 7" in msg, msg
+    else:
+        assert ranks == "1", out
+        assert msg.startswith("rank 1 did not answer within 2 s at step 7"), msg

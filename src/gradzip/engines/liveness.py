@@ -11,6 +11,9 @@ on a message (1) or working (0).
 Each wait of a step has a deadline, ``timeout`` seconds (the ``timeout`` config key;
 workers ``timeout + SLACK``, so that rank 0 decides first). The rank that noticed names
 
+- first, itself, if it stood still for ``0.75 timeout`` seconds lately (a pulse thread that
+  only sleeps ticked that late: the process was stopped, paused or starved; woken, it
+  would find every other rank silent, since its own record stood still too);
 - when its deadline passed: the ranks whose heartbeat had not moved for ``0.75 timeout``
   seconds before (the record, not a new look: gloo closes connections when a wait times
   out, and peers that go down *after* that are not the cause);
@@ -91,6 +94,8 @@ class Heartbeat:
         self.store_ok = time.monotonic()  # the last answer of the store
         self._lock = threading.Lock()  # guards seen
         self._stop = threading.Event()
+        self._pulse = time.monotonic()  # the pulse thread's last tick
+        self._paused = (0.0, 0.0)  # (seconds, when it ended): this process's last stall
         self._beat = 0
         self._threads: list[threading.Thread] = []
         self._write()
@@ -109,7 +114,11 @@ class Heartbeat:
         """Start beating; with ``watch_server`` (a worker), also watch rank 0's beat."""
         now = time.monotonic()
         self.seen = {r: (None, now) for r in self.others}
-        self._threads = [threading.Thread(target=self._run, name="gradzip-heartbeat", daemon=True)]
+        self._pulse = now
+        self._threads = [
+            threading.Thread(target=self._run, name="gradzip-heartbeat", daemon=True),
+            threading.Thread(target=self._tick, name="gradzip-pulse", daemon=True),
+        ]
         if watch_server and self.rank != 0:
             self._threads.append(
                 threading.Thread(target=self._watch, name="gradzip-watchdog", daemon=True)
@@ -140,6 +149,24 @@ class Heartbeat:
                     old, since = self.seen.get(r, (None, now))
                     moved = old is None or old.beat != b.beat
                     self.seen[r] = (b, now if moved else since)
+
+    def _tick(self) -> None:
+        """Notice this process's own stalls (SIGSTOP, a debugger, a starved host): a
+        thread that only sleeps, so its ticks are late only when the process is."""
+        while not self._stop.wait(self.period):
+            now = time.monotonic()
+            if now - self._pulse > self.period + self.silent:
+                self._paused = (now - self._pulse - self.period, now)
+            self._pulse = now
+
+    def stalled(self) -> float:
+        """Seconds this process stood still lately (0 if not): the pulse is late now, or
+        it was, within the last ``timeout + settle`` seconds."""
+        now = time.monotonic()
+        late = now - self._pulse - self.period if self._threads else 0.0
+        secs, when = self._paused
+        recent = secs if now - when < self.timeout + self.settle else 0.0
+        return max(late if late > self.silent else 0.0, recent)
 
     def _watch(self) -> None:
         """A worker's watchdog: the server's heartbeat, and the store, from the record."""
@@ -204,6 +231,15 @@ class Heartbeat:
         at ``self.step`` and waited for ``waited``: ``expired``, its deadline passed (the
         ranks silent since before, from the record); else a connection broke, ``cause``
         (the ranks whose heartbeat does not move now)."""
+        where = f"at step {self.step}" if self.step >= 0 else "while starting"
+        stalled = self.stalled()
+        if stalled:  # its own record of the others stood still too: they are not to blame
+            msg = (
+                f"{self.name(self.rank)} itself stood still for {stalled:.0f} s {where} (it "
+                f"was {what}; stopped (SIGSTOP), paused in a debugger or starved of CPU), "
+                "longer than the timeout: the others gave up on it"
+            )
+            return RankTimeout(msg + (f" [{cause}]" if cause else ""), [self.rank])
         if not self._threads:
             beats, stopped = {}, []
         else:
@@ -234,7 +270,6 @@ class Heartbeat:
             if expired
             else f"lost contact with {who}"
         )
-        where = f"at step {self.step}" if self.step >= 0 else "while starting"
         msg = f"{head} {where} ({self.name(self.rank)} was {what}): {'; '.join(why)}"
         if cause:
             msg += f" [{cause}]"
