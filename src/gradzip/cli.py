@@ -348,6 +348,7 @@ def _main(argv: list[str]) -> int:
 
         return (classes if argv[0] == "classes" else scales).main(argv[1:])
     args = build_parser().parse_args(argv)
+    from .engines.liveness import WorkerError
     from .experiments.runner import RunInterrupted
 
     try:
@@ -355,6 +356,9 @@ def _main(argv: list[str]) -> int:
     except RunInterrupted as e:  # SIGINT/SIGTERM: checkpointed; one line, 128 + signal
         print(f"gradzip {args.command}: {e}", file=sys.stderr)
         return e.code
+    except WorkerError as e:  # a rank failed, stood still or was lost: the message names it
+        print(f"gradzip {args.command}: error: {e}", file=sys.stderr)
+        return 1
     except BrokenPipeError:  # e.g. `gradzip methods | head` (an OSError: caught first)
         sys.stderr.close()
         return 0
