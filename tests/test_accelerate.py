@@ -1,7 +1,7 @@
 """gradzip.integrations.accelerate: a real Accelerator, 2 CPU ranks over gloo.
 
-The ranks are spawned with the environment torchrun gives them (RANK, LOCAL_RANK,
-WORLD_SIZE, MASTER_ADDR, MASTER_PORT). Each trains with ``fosgd`` and ``topk:k=0.01``
+The test runs this file under torchrun (``accelerate launch`` is torchrun underneath), 2
+ranks. Each trains with ``fosgd`` and ``topk:k=0.01``
 (error feedback both ways): an uninterrupted run, and the same run cut in the middle by
 ``accelerator.save_state`` and resumed in a fresh Accelerator with ``load_state``.
 """
@@ -9,11 +9,11 @@ WORLD_SIZE, MASTER_ADDR, MASTER_PORT). Each trains with ``fosgd`` and ``topk:k=0
 from __future__ import annotations
 
 import os
-import socket
+import subprocess
+import sys
 import time
 
 import torch
-import torch.multiprocessing as mp
 
 SPECS = ("fosgd", "topk:k=0.01")
 STEPS = 4
@@ -50,11 +50,9 @@ def _run(spec: str, steps: range, save: str | None = None, load: str | None = No
     return params, state
 
 
-def _worker(rank: int, port: int, out: str) -> None:
-    os.environ.update(
-        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-    )  # fmt: skip
+def _worker(out: str) -> None:
+    """One rank, started by torchrun (RANK, WORLD_SIZE, MASTER_ADDR... set by it)."""
+    rank = int(os.environ["RANK"])
     torch.set_num_threads(1)
     from gradzip import ddp
 
@@ -74,20 +72,18 @@ def _worker(rank: int, port: int, out: str) -> None:
     ddp.shutdown()  # barrier (both ranks wrote), then exit without finalization
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_accelerate_two_ranks(tmp_path, monkeypatch):
+def test_accelerate_two_ranks(tmp_path):
     import accelerate  # noqa: F401  (gradzip[accelerate] is part of the test extra)
 
-    for var in ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "GRADZIP_THREADS"):
-        monkeypatch.setenv(var, "1")
+    env = dict(os.environ, NUMBA_NUM_THREADS="1", OMP_NUM_THREADS="1", GRADZIP_THREADS="1")
+    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
     t0 = time.perf_counter()
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=2)
-    print(f"accelerate job: {time.perf_counter() - t0:.1f} s")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+           "2", __file__, str(tmp_path)]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    print(f"accelerate job (torchrun): {time.perf_counter() - t0:.1f} s")
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     for spec in SPECS:
         r0, r1 = ranks[0][spec], ranks[1][spec]
@@ -116,3 +112,7 @@ def test_single_process_registers_nothing():
             assert gza.register(accelerator, model, "fosgd") is None
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)  # a process-wide singleton
+
+
+if __name__ == "__main__":  # a rank under torchrun
+    _worker(sys.argv[1])
