@@ -97,6 +97,10 @@ def _nonfinite(rank: int) -> None:
             assert err is None and st.skipped_steps == 1 and st.step == STEPS, what
             assert "step skipped on every rank" in st._guard.last_message
             _same_text(st._guard.last_message)
+            sd = st.state_dict()  # the count is checkpointed with the memories
+            st._guard.skipped_steps = 0
+            st.load_state_dict(sd)
+            assert sd["skipped_steps"] == 1 and st.skipped_steps == 1, what
             p = _params(m)
             assert torch.isfinite(p).all(), what
             _same_everywhere(p, what)

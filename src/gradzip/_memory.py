@@ -102,6 +102,7 @@ def gather(state) -> dict:
         "format": FORMAT,
         "world": n,
         "step": state.step,
+        "skipped_steps": state._guard.skipped_steps,
         "seed": state.seed,
         "config": state.config.as_dict(),
         "worker_error": {
@@ -138,6 +139,7 @@ def restore(state, sd: dict) -> None:
         if m.shape[0] != state.n:
             raise ValueError(f"worker memory of {nm!r} has {m.shape[0]} ranks")
     state.step = int(sd["step"])
+    state._guard.skipped_steps = int(sd.get("skipped_steps", 0))  # absent before 2026-12
     state.seed = int(sd["seed"])
     state.worker_error = Memory(
         {nm: m[state.rank].clone().float() for nm, m in sd["worker_error"].items()}
