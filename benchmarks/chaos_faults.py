@@ -4,7 +4,7 @@
     python benchmarks/chaos_faults.py --only sigstop nan    # some of them
     python benchmarks/chaos_faults.py --stop-trials 3 --timeout 5
     python benchmarks/chaos_faults.py --ddp-hook            # + the DDP hook's, see below
-    python benchmarks/chaos_faults.py --only ddp --out benchmarks/results/chaos-faults-ddp.json
+    python benchmarks/chaos_faults.py --only ddp --out /tmp/ddp.json   # the hook's alone
     python benchmarks/chaos.py --faults                     # after chaos.py's own rows
 
 Every scenario runs real processes (``python -m gradzip train``, or ``torchrun`` where
