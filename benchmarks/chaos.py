@@ -260,10 +260,12 @@ def cut_metrics(run: Path, ref: Path, states: dict, flags: list[str], steps: int
     return {"scenario": "metrics line cut short", "ok": ok, "detect_s": time.monotonic() - t0}
 
 
-def _rank_pid(marker: str, rank: int) -> int | None:
-    """The process of the first attempt torchrun started as ``rank`` (each rank has a
-    session of its own: found by ``marker`` in its environment)."""
-    want = {marker.encode(), f"RANK={rank}".encode(), b"TORCHELASTIC_RESTART_COUNT=0"}
+def rank_pid(marker: str, rank: int, attempt: int = 0) -> int | None:
+    """The pid of the process whose environment holds ``marker`` that torchrun started as
+    ``rank`` in its attempt ``attempt`` (torchrun gives each rank a session of its own;
+    tests/test_checkpoints.py uses it too)."""
+    want = {marker.encode(), f"RANK={rank}".encode(),
+            f"TORCHELASTIC_RESTART_COUNT={attempt}".encode()}  # fmt: skip
     for d in Path("/proc").iterdir():
         try:
             if d.name.isdigit() and want <= set((d / "environ").read_bytes().split(b"\0")):
@@ -321,7 +323,7 @@ def elastic(kind: str, run: Path, steps: int, rng: random.Random) -> dict:
                          text=True, env=env)  # fmt: skip
     while p.poll() is None and progress() < at:
         time.sleep(0.05)
-    killed = p.poll() is None and (pid := _rank_pid(marker, victim_rank)) is not None
+    killed = p.poll() is None and (pid := rank_pid(marker, victim_rank)) is not None
     if killed:
         os.kill(pid, signal.SIGKILL)
     t_kill = time.monotonic()

@@ -25,6 +25,9 @@ import torch
 import gradzip.checkpoint as ck
 from gradzip.cli import main
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from chaos import rank_pid  # noqa: E402  (the chaos script's, which it uses too)
+
 #: a run whose state has every kind of memory: workers' and server's error feedback
 #: (fp16 leaves a residual) and the server's momentum; fp16 needs no numba kernel, so a
 #: subprocess starts without compiling any
@@ -324,20 +327,6 @@ def test_ddp_example_save_resume(tmp_path):
 # --- torchrun --max-restarts ------------------------------------------------------------------
 
 
-def _rank_pid(marker: str, rank: int, attempt: int) -> int | None:
-    """The pid of the process whose environment holds ``marker`` that torchrun started as
-    ``rank`` in its attempt ``attempt`` (torchrun gives each rank a session of its own)."""
-    want = {marker.encode(), f"RANK={rank}".encode(),
-            f"TORCHELASTIC_RESTART_COUNT={attempt}".encode()}  # fmt: skip
-    for d in Path("/proc").iterdir():
-        try:
-            if d.name.isdigit() and want <= set((d / "environ").read_bytes().split(b"\0")):
-                return int(d.name)
-        except OSError:
-            continue
-    return None
-
-
 def test_a_restarted_attempt_resumes_only_its_own_run(tmp_path, monkeypatch):
     """Under torchrun, attempt > 0 of the same command resumes from the checkpoint; a
     first attempt, another rank, or another configuration does not."""
@@ -373,7 +362,7 @@ def test_torchrun_restart_resumes_from_the_checkpoint(tmp_path):
                          env=env, start_new_session=True)  # fmt: skip
     try:
         _wait(p, lambda: _step(run) >= 8, "a checkpoint at step 8")
-        victim = _rank_pid(f"GRADZIP_TEST_JOB={run}", 2, 0)
+        victim = rank_pid(f"GRADZIP_TEST_JOB={run}", 2, 0)
         assert victim is not None, "no rank 2 found"
         os.kill(victim, signal.SIGKILL)
         killed_at = _step(run)
