@@ -87,6 +87,8 @@ def parse_args(argv=None):
     p.add_argument("--timeout", type=float, default=180.0,
                    help="gradzip: seconds a collective of the hook may wait before naming the "
                    "rank that did not answer (0: the process group's timeout)")  # fmt: skip
+    p.add_argument("--downlink", default=None,
+                   help="gradzip: the downlink's compressor spec (override)")  # fmt: skip
     p.add_argument("--uplink-rule", default=None, help="gradzip: none | ef | auto (override)")
     p.add_argument("--downlink-rule", default=None, help="gradzip: none | ef | auto (override)")
     p.add_argument("--powersgd-rank", type=int, default=2)
@@ -168,7 +170,7 @@ def attach_hook(model, args):
     state = gradzip.ddp.register(  # <- the line
         model, args.compress, start_step=args.start_step, min_numel=args.min_numel,
         layout=args.layout, seed=args.seed, uplink_rule=args.uplink_rule,
-        downlink_rule=args.downlink_rule, overlap=not args.no_overlap,
+        downlink=args.downlink, downlink_rule=args.downlink_rule, overlap=not args.no_overlap,
         nonfinite=args.nonfinite, timeout=args.timeout or None,
     )  # fmt: skip
     state.warmup()  # numba's kernels compiled (or loaded) before the clock starts

@@ -111,11 +111,13 @@ def _compressed(rank: int) -> None:
         if spec == "fosgd":  # ~1 bit/coordinate both ways, but headers weigh on tiny buckets
             assert tr["sent"] < dense / 2, (spec, tr)
         assert tr["received"] > 0 and tr["framing_sent"] == 0  # sizes fixed: no lengths sent
-    m = _model(0.001)  # no server: every rank decodes every rank's payload
-    st = ddp.register(m, "memsgd-topk", min_numel=0, layout="allgather")
-    _train(m, torch.optim.SGD(m.parameters(), lr=0.05), rank, 3)
-    _same_everywhere(_params(m), "allgather")
-    assert st.worker_error and not st.server_error
+    for spec in ("memsgd-topk", "fosgd:rotation=shared"):  # the latter: one inverse rotation
+        m = _model(0.001)  # no server: every rank decodes every rank's payload
+        st = ddp.register(m, spec, min_numel=0, layout="allgather")
+        _train(m, torch.optim.SGD(m.parameters(), lr=0.05), rank, 3)
+        _same_everywhere(_params(m), f"allgather {spec}")
+        assert not torch.equal(_params(m), _params(_model(0.001))), spec
+        assert bool(st.worker_error) == (spec == "memsgd-topk") and not st.server_error
     m = _model()
     st = ddp.register(m, "fosgd", start_step=2, min_numel=0)
     _train(m, torch.optim.SGD(m.parameters(), lr=0.05), rank, 3)
@@ -283,10 +285,12 @@ def _preconditioned(rank: int) -> None:
 
 
 # the hook against the engines' sharded step: a preset with worker EF, the default 1-bit
-# method, and a compressor spec that takes EF on both sides (the server's memory too)
+# method, its shared rotation (the server in the rotated domain), and a compressor spec that
+# takes EF on both sides (the server's memory too)
 VERSUS = {
     "memsgd-topk": gradzip.methods.method("memsgd-topk"),
     "fosgd": gradzip.methods.method("fosgd"),
+    "fosgd:rotation=shared": gradzip.methods.Method(*["fosgd:rotation=shared", "none"] * 2),
     "topk:k=0.1": gradzip.methods.Method("topk:k=0.1", "auto", "topk:k=0.1", "auto"),
 }
 VERSUS_LR, VERSUS_STEPS = 0.5, 4  # a power of two: EF in update units scales exactly

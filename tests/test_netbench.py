@@ -33,6 +33,7 @@ def test_method_lists():
     assert nb.compress_args("torch-powersgd@4") == ["--compress", "torch-powersgd",
                                                     "--powersgd-rank", "4"]  # fmt: skip
     assert nb.compress_args("qsgd(levels=16)") == ["--compress", "qsgd(levels=16)"]
+    assert nb.compress_args("fosgd/sync") == ["--compress", "fosgd", "--no-overlap"]
     kinds = [nb.is_gradzip(m) for m in ("none", "torch-fp16", "torch-powersgd@1", "fosgd")]
     assert kinds == [False, False, False, True]
     for bad in ("torch-powersgd:", "torch-powersgd:0", "torch-powersgd:a,b"):

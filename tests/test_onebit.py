@@ -10,9 +10,10 @@ import gradzip as gz
 from gradzip import bits as bits_mod
 from gradzip import hadamard, rng
 from gradzip.compressors import onebit as ob
-from gradzip.compressors.base import read_f32
+from gradzip.compressors.base import NonFiniteError, read_f32
 from gradzip.experiments.bench import vnmse
 from gradzip.experiments.variance import sparse_vector
+from gradzip.wire import PayloadError
 
 
 def samples(c, x, n_seeds):
@@ -436,3 +437,105 @@ def test_mse_rescale_declares_the_worst_case_delta_and_rotation_reaches_far_bett
     assert gz.compressor("fosgd:scale=rms,c=2000,rescale=mse").delta(1 << 20) == 2000.0**2
     x = torch.randn(1 << 14, generator=torch.Generator().manual_seed(6))
     assert vnmse(c, x, range(8)) == pytest.approx(1 - 2 / math.pi, abs=0.01)
+
+
+# --- a shared rotation: the server adds and re-quantizes in the rotated domain ------------
+
+
+@pytest.mark.parametrize("d", [1, 7, 64, 4097, 100_003])
+def test_mean_signs_kernel_matches_reference(d):
+    g = torch.Generator().manual_seed(d)
+    m = 1 + d % 4
+    datas = [
+        torch.randint(0, 256, ((d + 7) // 8,), dtype=torch.uint8, generator=g) for _ in range(m)
+    ]
+    lams = [float(np.float32(v)) for v in torch.rand(m, generator=g) * 3]
+    fast = ob.mean_signs_(datas, lams, torch.full((d,), float("nan")))
+    ref = ob.mean_signs_reference(datas, lams, torch.empty(d))
+    assert torch.equal(fast, ref)
+    signs = [bits_mod.unpack_signs(x, d) for x in datas]  # and it is the mean of the scaled signs
+    assert torch.allclose(
+        ref, sum(s * lam for s, lam in zip(signs, lams, strict=True)) / m, atol=1e-6
+    )
+
+
+@pytest.mark.parametrize("d", [1000, 1 << 16, 100_003])
+def test_shared_rotation_sums_in_the_rotated_domain(d):
+    c = gz.compressor("fosgd:rotation=shared")
+    assert c.adds_rotated and c.rotation_key(3, 5, 0) == c.rotation_key(3, 5, 9)
+    assert gz.compressor("fosgd").rotation_key(3, 5, 0) != gz.compressor("fosgd").rotation_key(
+        3, 5, 9
+    )
+    g = torch.Generator().manual_seed(d)
+    x = torch.randn(d, generator=g)
+    ps = [c.encode(x + torch.randn(d, generator=g), seed=3, step=5, worker=i) for i in range(4)]
+    mean = sum(c.decode(p) for p in ps) / 4
+    y = c.mean_rotated(ps, torch.empty(d))
+    back = hadamard.unrotate(y.clone(), c.rotation_key(3, 5, 0))
+    assert torch.allclose(back, mean, atol=1e-5 * float(mean.abs().max()))
+    # the downlink straight from Phi x: the payload encode(x) makes, up to Phi Phi^T's rounding
+    sent, made = (
+        c.encode_rotated(hadamard.rotate(x, c.rotation_key(3, 5, 0)), 3, 5, 7),
+        c.encode(x, 3, 5, 7),
+    )
+    flips = int(
+        (
+            bits_mod.unpack_signs(sent.section(1), d) != bits_mod.unpack_signs(made.section(1), d)
+        ).sum()
+    )
+    assert flips <= max(2, d // 10_000), flips
+    assert torch.allclose(
+        c.decode(sent), c.decode(made), rtol=1e-3, atol=1e-3 * float(x.abs().max())
+    )
+
+
+def test_shared_rotation_travels_in_the_header_and_refuses_what_it_cannot_add():
+    c = gz.compressor("fosgd:rotation=shared")
+    p = c.encode(torch.randn(300), seed=1, step=2, worker=0)
+    assert gz.decode(p.to_bytes()).shape == (300,)  # the header alone names the rotation
+    assert (
+        type(c).from_params(c.to_params()) == c
+        and c.to_params() != gz.compressor("fosgd").to_params()
+    )
+    with pytest.raises(ValueError, match="needs flatten=true"):
+        gz.compressor("onebit:rotation=shared")
+    with pytest.raises(ValueError, match="rotation must be one of"):
+        gz.compressor("fosgd:rotation=mine")
+    other = gz.compressor("fosgd").encode(torch.randn(300), seed=1, step=2, worker=1)
+    with pytest.raises(PayloadError, match="other parameters"):
+        c.mean_rotated([p, other], torch.empty(300))
+    with pytest.raises(PayloadError, match="300 coordinates, expected 299"):
+        c.mean_rotated([p], torch.empty(299))
+    with pytest.raises(ValueError, match="rotation=shared"):
+        gz.compressor("fosgd").encode_rotated(torch.randn(300))
+    with pytest.raises(NonFiniteError):
+        c.encode_rotated(torch.full((300,), float("nan")))
+
+
+def test_the_server_of_a_shared_rotation_quantizes_the_rotated_mean():
+    from gradzip.engines.core import SERVER, Algorithm, ServerState, WorkerState
+    from gradzip.feedback import FeedbackState
+    from gradzip.methods import Method
+
+    spec, d, n, t = "fosgd:rotation=shared", 5000, 3, 4
+    algo = Algorithm(Method(spec, "none", spec, "none"), d, seed=11)
+    assert algo.rotated_server(t)
+    assert not Algorithm(
+        Method(spec, "none", spec, "none"), d, seed=11, momentum=0.9
+    ).rotated_server(t)
+    capped = spec + ",rescale=capped"  # a contraction: the server's memory may take it
+    assert not Algorithm(Method(spec, "none", capped, "ef"), d, seed=11).rotated_server(t)
+    sender = "fosgd:rotation=sender"
+    assert not Algorithm(Method(sender, "none", sender, "none"), d, seed=11).rotated_server(t)
+    g = torch.Generator().manual_seed(0)
+    fresh = WorkerState(FeedbackState(None))
+    ups = [algo.encode_uplink(t, i, torch.randn(d, generator=g), 1.0, fresh)[0] for i in range(n)]
+    down, _ = algo.aggregate(t, ups, 1.0, ServerState(FeedbackState(None)))
+    # the plain server: decode each payload, average, encode (rotating back and forth)
+    mean = sum(algo.decode_uplink(u, "worker", t, i) for i, u in enumerate(ups)) / n
+    assert torch.allclose(algo.mean_uplink(t, ups), mean, atol=1e-5 * float(mean.abs().max()))
+    plain = algo.down.decode(algo.down.encode(mean, seed=11, step=t, worker=SERVER))
+    got = algo.decode_downlink(down, "server", t)
+    assert float((got - plain).norm() / plain.norm()) < 0.02  # a few sign flips at most
+    with pytest.raises(gz.PayloadError, match="worker 1 sent a payload of step 3"):
+        algo.aggregate(t, [ups[0], algo.encode_uplink(3, 1, mean, 1.0, fresh)[0]], 1.0, None)

@@ -58,6 +58,8 @@ SUB_ONE_BIT = "subbit"
 #: commas: ``compose(topk(k=0.01),natural)``, ``torch-powersgd:1,2,4``)
 METHODS = ("none", "torch-fp16", "torch-powersgd:1,2,4", "fosgd", "fosgd-ef", SUB_ONE_BIT)
 POWERSGD = "torch-powersgd"
+#: a gradzip entry's suffix for the synchronous hook (``fosgd/sync``: overlap off)
+SYNC = "/sync"
 POWERSGD_DEFAULT_RANK = 2  # the example's --powersgd-rank default
 TORCH = ("none", "torch-fp16")
 #: the plan's prior cost of a step: (CPU seconds, MB sent per step and rank). Measured on
@@ -211,10 +213,17 @@ def is_gradzip(entry: str) -> bool:
 
 
 def compress_args(entry: str) -> list[str]:
-    """The example's flags for one entry."""
+    """The example's flags for one entry (a gradzip entry ending in ``/sync`` runs the hook
+    without its communication thread: ``--no-overlap``)."""
     if is_powersgd(entry):
         return ["--compress", POWERSGD, "--powersgd-rank", str(powersgd_rank(entry))]
-    return ["--compress", entry]
+    spec, sync = gradzip_spec(entry)
+    return ["--compress", spec, *(["--no-overlap"] if sync else [])]
+
+
+def gradzip_spec(entry: str) -> tuple[str, bool]:
+    """(the spec, whether ``/sync`` asked for the synchronous hook) of a gradzip entry."""
+    return (entry[: -len(SYNC)], True) if entry.endswith(SYNC) else (entry, False)
 
 
 def label(entry: str) -> str:
@@ -230,7 +239,7 @@ def label(entry: str) -> str:
 def unknown_gradzip_methods(entries: list[str]) -> dict[str, str]:
     """{entry: why} for the gradzip entries that gradzip cannot build (asked in a
     subprocess, as the ranks would); {} when gradzip itself cannot be imported here."""
-    specs = [e for e in entries if is_gradzip(e)]
+    specs = [gradzip_spec(e)[0] for e in entries if is_gradzip(e)]
     if not specs:
         return {}
     code = (

@@ -456,10 +456,7 @@ class GradzipState:
             )  # fmt: skip
             clock("uplink")
             got = [(ups[0], mine) if i == r else bl.unpack_up(i, 0, got[i], t) for i in range(n)]
-            acc = torch.zeros(d, device=dev)
-            for i, (data, _) in enumerate(got):
-                acc += lay.algos[0].decode_uplink(data, f"rank {i}", t, i)
-            g.copy_(acc.div_(n))
+            g.copy_(lay.algos[0].mean_uplink(t, [data for data, _ in got], "rank"))
             bl.opened = True
             clock("decode")
             return gd.verdict(t, where, [f for _, f in got], g)

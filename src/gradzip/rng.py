@@ -47,6 +47,9 @@ STREAM_ROTATION = 1
 STREAM_DITHER = 2
 STREAM_INDICES = 3
 STREAM_ROUNDING = 4
+#: a rotation shared by every sender of a step (``fosgd:rotation=shared``), keyed by seed and
+#: step only (worker 0), so that a server can add the payloads without rotating them back
+STREAM_SHARED_ROTATION = 5
 
 # Sub-seeds (fold): a seed per shard of a vector, and per gradient bucket of the DDP hook
 SHARD_MIX = GAMMA

@@ -163,6 +163,25 @@ def _unpack_subtract_dither(data, lam, key, out, start, stop):
             os[i] += lam * (np.float32(1.0) - np.float32(2.0) * np.float32(bit))
 
 
+@numba.njit(nogil=True, cache=CACHE)
+def _mean_signs(data, lam, out, start, stop):
+    m = data.shape[0]
+    two = np.float32(2.0) * lam
+    n = np.float32(m)
+    for base in range(start, stop, CHUNK):
+        os = out[base : min(stop, base + CHUNK)]
+        b0 = base // 8
+        for i in range(os.size):
+            os[i] = np.float32(0.0)
+        for j in range(m):  # in sender order, as the reference adds them
+            ds = data[j, b0 : (base + os.size + 7) // 8]
+            lj, tj = lam[j], two[j]
+            for i in range(os.size):
+                os[i] += lj - tj * np.float32((ds[i >> 3] >> (i & 7)) & 1)
+        for i in range(os.size):
+            os[i] /= n
+
+
 def dither_sign_pack(y, lam, key, out) -> None:
     """out packs the bits ``y[e] + lam * u[e] < 0`` (standard dither); float32 ``y``."""
     y = np.ascontiguousarray(y)  # the vector kernel reads y[e : e + 32] as 4 vectors
@@ -179,6 +198,12 @@ def dither_sign_pack_sum(y, lam, key, out) -> float:
 def sign_pack(y, out) -> None:
     """out packs the bits ``y[e] < 0`` (no dither)."""
     run(_sign_pack, y.size, y, out, align=CHUNK)
+
+
+def mean_signs(data, lam, out) -> None:
+    """out = (1/m) sum_j lam[j] * (+1 or -1 by bit e of data[j]), added in order j = 0, 1,
+    ... (data: m rows of packed bits; lam: m float32 scales)."""
+    run(_mean_signs, out.size, data, lam, out, align=CHUNK)
 
 
 def unpack_subtract_dither(data, lam, key, out) -> None:

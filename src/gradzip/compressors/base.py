@@ -167,6 +167,13 @@ class Compressor:
         """Decompress a payload (a :class:`Payload`, bytes, or a uint8 tensor)."""
         p = payload if isinstance(payload, Payload) else Payload.from_bytes(payload)
         h = p.header
+        out = self.codec_of(p)._decode(p, torch.device(device) if device is not None else None)
+        return out.reshape(h.shape).to(h.dtype)
+
+    def codec_of(self, p: Payload) -> Compressor:
+        """The compressor that made ``p`` (this one, or this codec with the parameters of
+        ``p``'s header), once the header's codec, parameters and sections are checked."""
+        h = p.header
         if h.codec != self.codec_id:
             raise PayloadError(
                 f"{self.name} (codec {self.codec_id}) cannot decode a payload of codec {h.codec}"
@@ -178,8 +185,7 @@ class Compressor:
                 f"{self.name}: sections of {list(h.section_lengths)} bytes do not match the "
                 f"{expected} that {h.numel} elements need"
             )
-        out = codec._decode(p, torch.device(device) if device is not None else None)
-        return out.reshape(h.shape).to(h.dtype)
+        return codec
 
     def _encode(self, ctx: EncodeContext) -> Payload:
         raise NotImplementedError

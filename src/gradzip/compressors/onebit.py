@@ -57,6 +57,9 @@ from .base import Compressor, EncodeContext, NonFiniteError, read_f32
 SCALES = ("max", "norm", "fixed", "rms", "l1")
 DITHERS = ("standard", "subtractive")
 RESCALES = ("none", "mse", "unbiased", "capped")
+#: whose rotation a flattened payload uses: its sender's own, or the one every sender of the
+#: step shares (on the wire: the flatten byte is 1 or 2)
+ROTATIONS = ("sender", "shared")
 #: ``capped``: the unbiased scale, at most CAP times the least-squares one (a contraction)
 CAP = 1.9
 _PARAMS = struct.Struct("<BBBBff")  # scale rule, dither, flatten, rescale, c, lam
@@ -120,6 +123,30 @@ def quantize_sum_(y: torch.Tensor, lam: float, key: int | None, out: torch.Tenso
     return signed_sum_reference(y, out)
 
 
+def add_signs_reference(data: torch.Tensor, lam: float, acc: torch.Tensor) -> None:
+    """``acc += lam * b`` for the signs b packed in data (+1 where a bit is 0, -1 where 1)."""
+    acc += bits.unpack_signs(data.to(acc.device), acc.numel(), scale=lam)
+
+
+def mean_signs_reference(datas: list, lams: list[float], out: torch.Tensor) -> torch.Tensor:
+    """``out = (sum_j lams[j] * b_j) / m``, the terms added in order (b_j packed in datas[j])."""
+    out.zero_()
+    for data, lam in zip(datas, lams, strict=True):
+        add_signs_reference(data, lam, out)
+    return out.div_(len(datas))
+
+
+def mean_signs_(datas: list, lams: list[float], out: torch.Tensor) -> torch.Tensor:
+    """:func:`mean_signs_reference`, in one pass over ``out`` on the CPU fast path."""
+    if out.device.type == "cpu" and out.dtype == torch.float32 and out.is_contiguous() and datas:
+        from .._numba.onebit import mean_signs
+
+        rows = torch.stack([d.reshape(-1) for d in datas]).numpy()
+        mean_signs(rows, np.asarray(lams, np.float32), out.numpy())
+        return out
+    return mean_signs_reference(datas, lams, out)
+
+
 def dequantize_reference(data, n, lam, key, device=None) -> torch.Tensor:
     """``lam * b`` from packed bits, minus ``lam * u`` when ``key`` is given (subtractive)."""
     on_cpu = device is None or torch.device(device).type == "cpu"
@@ -167,6 +194,12 @@ class OneBit(Compressor):
             error by ||y||^2 - (2 CAP - CAP^2) <b, y>^2 / d: a contraction, so error
             feedback is safe with it (``delta``), where ``unbiased``'s error can exceed the
             input (an x that rotates to one spike: error (d - 1) ||x||^2).
+        rotation: with ``flatten``, ``sender`` (a rotation per sender and step: the errors
+            of different senders are independent) or ``shared`` (one rotation per step for
+            every sender, the server's downlink included: a server adds the payloads in the
+            rotated domain, :meth:`add_rotated_`, and re-quantizes the sum there,
+            :meth:`encode_rotated`, without a transform; the price is that the senders'
+            errors are correlated where their gradients agree).
     """
 
     scale: str = "max"
@@ -175,6 +208,7 @@ class OneBit(Compressor):
     c: float = 1.0
     lam: float = 0.0
     rescale: str = "none"
+    rotation: str = "sender"
 
     name: ClassVar[str] = "onebit"
     codec_id: ClassVar[int] = 10
@@ -187,6 +221,10 @@ class OneBit(Compressor):
             raise ValueError(f"onebit: dither must be one of {DITHERS}, got {self.dither!r}")
         if self.rescale not in RESCALES:
             raise ValueError(f"onebit: rescale must be one of {RESCALES}, got {self.rescale!r}")
+        if self.rotation not in ROTATIONS:
+            raise ValueError(f"onebit: rotation must be one of {ROTATIONS}, got {self.rotation!r}")
+        if self.rotation == "shared" and not self.flatten:
+            raise ValueError("onebit: rotation=shared needs flatten=true (no rotation without it)")
         zero_ok = self.scale in ("rms", "l1") and self.rescale != "none"  # c = 0: undithered signs
         if not (math.isfinite(self.c) and (self.c > 0 or (zero_ok and self.c == 0))):
             raise ValueError(
@@ -251,7 +289,7 @@ class OneBit(Compressor):
 
     def to_params(self) -> bytes:
         return _PARAMS.pack(
-            SCALES.index(self.scale), DITHERS.index(self.dither), int(self.flatten),
+            SCALES.index(self.scale), DITHERS.index(self.dither), self._flatten_byte(),
             RESCALES.index(self.rescale), self.c, self.lam,
         )  # fmt: skip
 
@@ -260,17 +298,26 @@ class OneBit(Compressor):
         if len(raw) != _PARAMS.size:
             raise PayloadError(f"onebit: expected {_PARAMS.size} parameter bytes, got {len(raw)}")
         s, dth, fl, rs, c, lam = _PARAMS.unpack(raw)
-        if s >= len(SCALES) or dth >= len(DITHERS) or fl > 1 or rs >= len(RESCALES):
+        if s >= len(SCALES) or dth >= len(DITHERS) or fl > 2 or rs >= len(RESCALES):
             raise PayloadError(
                 f"onebit: invalid parameters scale={s} dither={dth} flatten={fl} rescale={rs}"
             )
         try:
             return cls(
                 scale=SCALES[s], dither=DITHERS[dth], flatten=bool(fl), c=c, lam=lam,
-                rescale=RESCALES[rs],
+                rescale=RESCALES[rs], rotation=ROTATIONS[max(fl - 1, 0)],
             )  # fmt: skip
         except ValueError as e:
             raise PayloadError(str(e)) from None
+
+    def _flatten_byte(self) -> int:
+        return 0 if not self.flatten else 1 + ROTATIONS.index(self.rotation)
+
+    def rotation_key(self, seed: int, step: int, worker: int) -> int:
+        """The key of the rotation of a payload of (seed, step, sender)."""
+        if self.rotation == "shared":
+            return rng.derive_key(seed, step, 0, rng.STREAM_SHARED_ROTATION)
+        return rng.derive_key(seed, step, worker, rng.STREAM_ROTATION)
 
     def norm_scale(self, norm: float, d: int) -> float:
         """lambda of the ``norm`` or ``rms`` rule for a vector of 2-norm ``norm``, length d."""
@@ -301,19 +348,21 @@ class OneBit(Compressor):
             return self._encode(ctx)
         return self._encode_fused(ctx, v)
 
-    def _encode(self, ctx: EncodeContext) -> Payload:
+    def _encode(self, ctx: EncodeContext, rotated: bool = False) -> Payload:
+        """``rotated``: the input is already ``Phi x`` (:meth:`encode_rotated`)."""
         v = ctx.f32()
-        if self.flatten and self.scale in ("norm", "rms") and hadamard.can_rotate_quantize(v):
+        rotate = self.flatten and ctx.d and not rotated
+        if rotate and self.scale in ("norm", "rms") and hadamard.can_rotate_quantize(v):
             return self._encode_fused(ctx, v)
         sq, mx, _ = ctx.stats()
         y = v
-        if self.flatten and ctx.d:
+        if rotate:
             out = _alloc.scratch(ctx.d) if v.device.type == "cpu" else None  # quantized below
-            y = hadamard.rotate(v, ctx.key(rng.STREAM_ROTATION), out=out)
+            y = hadamard.rotate(v, self.rotation_key(ctx.seed, ctx.step, ctx.worker), out=out)
         if self.scale == "max":
-            lam = float(y.abs().max()) if self.flatten and ctx.d else mx
+            lam = float(y.abs().max()) if rotate else mx
         elif self.scale == "l1":
-            l1 = _stats(y)[2] if self.flatten and ctx.d else ctx.stats()[2]
+            l1 = _stats(y)[2] if rotate else ctx.stats()[2]
             lam = self.c * l1 / max(ctx.d, 1)
         elif self.scale in ("norm", "rms"):
             lam = self.norm_scale(math.sqrt(sq), ctx.d)
@@ -329,6 +378,50 @@ class OneBit(Compressor):
         if self.scale != "fixed":
             w.put_f32(0, lam)
         return w.finish()
+
+    # --- a shared rotation: the server adds and re-quantizes in the rotated domain ---------
+    @property
+    def adds_rotated(self) -> bool:
+        """Whether payloads of this codec add up in the rotated domain: a shared rotation
+        and the standard dither (the receiver forms s b, nothing is subtracted)."""
+        return self.flatten and self.rotation == "shared" and self.dither == "standard"
+
+    def mean_rotated(self, payloads: list[Payload], out: torch.Tensor) -> torch.Tensor:
+        """``out = (1/m) sum_j s_j b_j``: the mean of the payloads' vectors before the
+        inverse rotation (each decodes to ``Phi^T(s_j b_j)``), for a codec that
+        :attr:`adds_rotated`, in one pass. Payloads of one seed and step share ``Phi``, so
+        ``Phi^T out`` is the mean of their decodes, and :meth:`encode_rotated` quantizes
+        ``out`` for the downlink without a transform. Each payload is checked as by
+        :meth:`decode`, and must have this codec's parameters."""
+        if not self.adds_rotated:
+            raise ValueError(f"{self.spec}: payloads add in the rotated domain only with "
+                             "flatten=true, rotation=shared and dither=standard")  # fmt: skip
+        lams, datas = [], []
+        for p in payloads:
+            name, n = self.name, p.header.numel
+            if self.codec_of(p) is not self:  # another rotation or scale: not summable here
+                raise PayloadError(f"{name}: a payload of other parameters than {self.spec} "
+                                   "cannot be added in its rotated domain")  # fmt: skip
+            if n != out.numel():
+                raise PayloadError(f"{name}: a payload of {n} coordinates, expected {out.numel()}")
+            lams.append(read_f32(p.section(0), 1, "onebit scale")[0])
+            datas.append(p.section(1))
+        return mean_signs_(datas, lams, out.view(-1))
+
+    def encode_rotated(
+        self, y: torch.Tensor, seed: int = 0, step: int = 0, worker: int = 0
+    ) -> Payload:
+        """The payload of ``x = Phi^T y`` made from ``y = Phi x`` itself (no transform), for
+        a codec that :attr:`adds_rotated`; it decodes like any other payload. ``y``: a
+        finite float32 vector. Equal to ``encode(x)`` up to the rounding of ``Phi Phi^T``."""
+        if not self.adds_rotated:
+            raise ValueError(f"{self.spec}: encode_rotated needs rotation=shared, flatten=true "
+                             "and dither=standard")  # fmt: skip
+        if not isinstance(y, torch.Tensor) or y.dtype != torch.float32 or y.dim() != 1:
+            raise TypeError("encode_rotated: expected a 1-D float32 tensor")
+        ctx = EncodeContext(self, y, seed, step, worker)
+        ctx.stats()  # finiteness first, as encode
+        return self._encode(ctx, rotated=True)
 
     def _fitted(self, ip: float, sq: float, d: int) -> float:
         """The decode scale from ``ip = <b, y>`` and ``sq = ||y||^2`` (float32 value)."""
@@ -368,7 +461,8 @@ class OneBit(Compressor):
             norm2.append(sq)
             return scale_of(sq, finite)
 
-        rot, dth = ctx.key(rng.STREAM_ROTATION), ctx.key(rng.STREAM_DITHER)
+        rot = self.rotation_key(ctx.seed, ctx.step, ctx.worker)
+        dth = ctx.key(rng.STREAM_DITHER)
         if self.rescale == "none":
             lam = hadamard.rotate_quantize_(v, rot, scale_of, dth, w.arrays[-1])
         else:  # <b, y> taken in pass 2 as each chunk is quantized
@@ -387,33 +481,38 @@ class OneBit(Compressor):
         on_cpu = device is None or torch.device(device).type == "cpu"
         if self.flatten and self.dither == "standard" and on_cpu and hadamard.can_unrotate_signs(d):
             # fused: the inverse rotation reads the bits, the signs are never unpacked
-            key = rng.derive_key(h.seed, h.step, h.worker, rng.STREAM_ROTATION)
+            key = self.rotation_key(h.seed, h.step, h.worker)
             return hadamard.unrotate_signs(data, d, lam, key)
         key = rng.derive_key(h.seed, h.step, h.worker, rng.STREAM_DITHER)
         z = dequantize(data, d, lam, key if self.dither == "subtractive" else None, device)
         if self.flatten and d:
-            key = rng.derive_key(h.seed, h.step, h.worker, rng.STREAM_ROTATION)
-            z = hadamard.unrotate(z, key, out=z)  # in place
+            z = hadamard.unrotate(z, self.rotation_key(h.seed, h.step, h.worker), out=z)
         return z
 
 
-def onebit(scale="max", dither="standard", flatten=False, c=1.0, lam=0.0, rescale="none") -> OneBit:
+def onebit(
+    scale="max", dither="standard", flatten=False, c=1.0, lam=0.0, rescale="none", rotation="sender"
+) -> OneBit:
     """Dithered one-bit quantizer without flattening (by default)."""
-    return OneBit(scale=scale, dither=dither, flatten=flatten, c=c, lam=lam, rescale=rescale)
+    return OneBit(scale=scale, dither=dither, flatten=flatten, c=c, lam=lam, rescale=rescale,
+                  rotation=rotation)  # fmt: skip
 
 
 #: the paper's FO-SGD compressor (``norm`` rule, decode scale lambda), as a spec
 PAPER_FOSGD = "fosgd:scale=norm,c=1,rescale=none"
 
 
-def fosgd(scale="rms", dither="standard", c=0.5, lam=0.0, rescale="unbiased") -> OneBit:
+def fosgd(
+    scale="rms", dither="standard", c=0.5, lam=0.0, rescale="unbiased", rotation="sender"
+) -> OneBit:
     """FO-SGD's compressor: Hadamard flattening, then dithered one-bit.
 
     gradzip's default (chosen by ``gradzip scales`` and the training benchmarks, see
     docs/fosgd.md): dither scale lambda = 0.5 rms(Phi g), decode scale fitted by the sender
     so that <C(g), g> = ||g||^2 (vNMSE about 0.7). The paper's setting is
     :data:`PAPER_FOSGD` (``scale=norm,c=1,rescale=none``: vNMSE about 2 ln(2d))."""
-    return OneBit(scale=scale, dither=dither, flatten=True, c=c, lam=lam, rescale=rescale)
+    return OneBit(scale=scale, dither=dither, flatten=True, c=c, lam=lam, rescale=rescale,
+                  rotation=rotation)  # fmt: skip
 
 
 ENTRIES = [

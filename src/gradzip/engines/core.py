@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, fields, is_dataclass
 
 import torch
 
-from .. import feedback
+from .. import feedback, hadamard
 from ..compressors import decode
 from ..methods import Method
 from ..wire import Payload, PayloadError
@@ -171,6 +171,11 @@ class Algorithm:
         allocated unless it holds this step's dimension (a header claiming more is refused
         while parsing) and, where given, the expected codec, step and sender, under this
         algorithm's seed: a stale, duplicated or misrouted payload is named, never used."""
+        p = self._checked(data, who, codec=codec, step=step, worker=worker)
+        return decode(p, device=self.device).float()
+
+    def _checked(self, data, who: str, *, codec=None, step=None, worker=None) -> Payload:
+        """The payload of :meth:`_decode_checked`, checked, not decoded."""
         p = data if isinstance(data, Payload) else Payload.from_bytes(data, max_numel=self.dim)
         h, problems = p.header, []
         if h.shape != (self.dim,):
@@ -186,17 +191,54 @@ class Algorithm:
             problems.append(f"seed {h.seed}, expected {self.seed}")
         if problems:
             raise PayloadError(f"{who} sent a payload of {', '.join(problems)}")
-        return decode(p, device=self.device).float()
+        return p
+
+    def mean_uplink(
+        self, t: int, uplinks: list, who: str = "worker", *, rotated: bool = False
+    ) -> torch.Tensor:
+        """The mean of the decoded uplink payloads of step t (``uplinks[i]`` from sender
+        i, checked as :meth:`decode_uplink`). With a codec whose payloads add in the
+        rotated domain (``fosgd:rotation=shared``) the scaled signs are summed and rotated
+        back once, not once per payload; ``rotated=True`` then returns the mean still
+        rotated (``Phi`` of it), for :meth:`aggregate`."""
+        up = self.up_rule.compressor_at(self.up, t, self.method)
+        if not getattr(up, "adds_rotated", False):
+            acc = torch.zeros(self.dim, device=self.device)
+            for i, data in enumerate(uplinks):
+                acc += self._decode_checked(data, f"{who} {i}", codec=up, step=t, worker=i)
+            return acc.div_(len(uplinks))
+        ps = [
+            self._checked(x, f"{who} {i}", codec=up, step=t, worker=i)
+            for i, x in enumerate(uplinks)
+        ]
+        acc = up.mean_rotated(ps, torch.empty(self.dim, device=self.device))
+        if not rotated and self.dim:
+            acc = hadamard.unrotate(acc, up.rotation_key(self.seed, t, 0), out=acc)
+        return acc
+
+    def rotated_server(self, t: int) -> bool:
+        """Whether the server's step t stays in the rotated domain: both codecs add in it
+        with a shared rotation (the downlink's is the uplink's: the same seed and step),
+        and the server sends its mean as it is (plain SGD, no rule of its own). It then
+        quantizes ``Phi g_hat`` directly: no transform at the server."""
+        up = self.up_rule.compressor_at(self.up, t, self.method)
+        return (
+            getattr(up, "adds_rotated", False)
+            and getattr(self.down, "adds_rotated", False)
+            and self.optimizer == "sgd"
+            and not self.momentum
+            and self.down_rule.name == "none"
+        )
 
     def aggregate(
         self, t: int, uplinks: list[torch.Tensor], lr: float, state: ServerState
     ) -> tuple[torch.Tensor, ServerState]:
         """Step 3: average the uplink payloads and return the downlink bytes."""
-        g_hat = torch.zeros(self.dim, device=self.device)
-        up = self.up_rule.compressor_at(self.up, t, self.method)
-        for i, data in enumerate(uplinks):
-            g_hat += self._decode_checked(data, f"worker {i}", codec=up, step=t, worker=i)
-        g_hat /= len(uplinks)
+        if self.rotated_server(t):  # Phi g_hat, quantized as it is
+            y = self.mean_uplink(t, uplinks, rotated=True)
+            p = self.down.encode_rotated(y, seed=self.seed, step=t, worker=SERVER)
+            return p.data, state
+        g_hat = self.mean_uplink(t, uplinks)
         m, sq = state.momentum, state.second
         if self.optimizer != "sgd":  # Adam on the gradient-unit mean, w in update units
             w, m, sq = self._adam(t, g_hat / lr if self.up_units else g_hat, lr, m, sq)
