@@ -539,3 +539,22 @@ def test_the_server_of_a_shared_rotation_quantizes_the_rotated_mean():
     assert float((got - plain).norm() / plain.norm()) < 0.02  # a few sign flips at most
     with pytest.raises(gz.PayloadError, match="worker 1 sent a payload of step 3"):
         algo.aggregate(t, [ups[0], algo.encode_uplink(3, 1, mean, 1.0, fresh)[0]], 1.0, None)
+
+
+def test_warmups_compile_the_shared_rotations_server_path():
+    import subprocess
+    import sys
+
+    code = (
+        "import gradzip.ddp\n"
+        "from gradzip import _warmup\n"
+        "from gradzip._numba import onebit as k\n"
+        "assert not k._mean_signs.signatures\n"
+        "gradzip.ddp.GradzipState(spec='fosgd').warmup()\n"
+        "assert not k._mean_signs.signatures, 'per-sender rotation: no server path'\n"
+        "gradzip.ddp.GradzipState(spec='fosgd:rotation=shared').warmup()\n"
+        "assert k._mean_signs.signatures\n"
+        "assert 'fosgd:rotation=shared' in _warmup.specs()\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]

@@ -24,6 +24,7 @@ VARIANTS = (
     "onebit:dither=subtractive",
     "onebit:scale=norm,flatten=true",
     "fosgd:scale=max,rescale=none",
+    "fosgd:rotation=shared",
     "topk:values=fp16",
     "topk:values=bf16",
     "randk:unbiased=true",
@@ -47,6 +48,13 @@ def _shaped(d: int, gen: torch.Generator) -> list[torch.Tensor]:
     few = torch.zeros(d)
     few[:: max(1, d // 8)] = 1.0  # a handful of non-zeros
     return [peaked, few]
+
+
+def rotated(c, p, x: torch.Tensor) -> None:
+    """A shared rotation's server path (``OneBit.mean_rotated``, ``encode_rotated``) on the
+    payload ``p`` of ``x``, where the codec has one and ``x`` is a float32 vector."""
+    if getattr(c, "adds_rotated", False) and x.dtype == torch.float32 and x.dim() == 1:
+        c.encode_rotated(c.mean_rotated([p, p], torch.empty(x.numel())), seed=1)
 
 
 def specs() -> list[str]:
@@ -84,6 +92,7 @@ def warmup(only: list[str] | None = None, progress: Callable[[str], None] | None
             except (ValueError, TypeError):  # a dtype the codec refuses: no kernel to compile
                 continue
             c.decode(p)
+            rotated(c, p, x)
         say(f"  {spec} ({time.perf_counter() - t1:.1f} s)")
     if not only:  # the rotation on its own (DQ-GD's flattened quantizer, batches of rows)
         from . import hadamard

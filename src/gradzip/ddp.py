@@ -57,7 +57,7 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
-from . import _guard, _memory, feedback, rng
+from . import _guard, _memory, _warmup, feedback, rng
 from ._ddpconfig import LAYOUTS, refuse_fsdp, resolve
 from ._exchange import BucketLinks
 from ._memory import FORMAT
@@ -249,7 +249,9 @@ class GradzipState:
         for size in (300, 1 << 17):
             x = torch.randn(size, generator=torch.Generator().manual_seed(size))
             for c in (self.up, self.down):
-                c.decode(c.encode(x, seed=1, step=0, worker=0))
+                p = c.encode(x, seed=1, step=0, worker=0)
+                c.decode(p)
+                _warmup.rotated(c, p, x)
 
     def traffic(self) -> dict:
         """Bytes this rank sent and received so far (see the module docstring)."""
