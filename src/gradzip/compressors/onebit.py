@@ -123,16 +123,12 @@ def quantize_sum_(y: torch.Tensor, lam: float, key: int | None, out: torch.Tenso
     return signed_sum_reference(y, out)
 
 
-def add_signs_reference(data: torch.Tensor, lam: float, acc: torch.Tensor) -> None:
-    """``acc += lam * b`` for the signs b packed in data (+1 where a bit is 0, -1 where 1)."""
-    acc += bits.unpack_signs(data.to(acc.device), acc.numel(), scale=lam)
-
-
 def mean_signs_reference(datas: list, lams: list[float], out: torch.Tensor) -> torch.Tensor:
-    """``out = (sum_j lams[j] * b_j) / m``, the terms added in order (b_j packed in datas[j])."""
+    """``out = (sum_j lams[j] * b_j) / m``, the terms added in order (b_j packed in datas[j]:
+    +1 where a bit is 0, -1 where it is 1)."""
     out.zero_()
     for data, lam in zip(datas, lams, strict=True):
-        add_signs_reference(data, lam, out)
+        out += bits.unpack_signs(data.to(out.device), out.numel(), scale=lam)
     return out.div_(len(datas))
 
 
@@ -197,7 +193,7 @@ class OneBit(Compressor):
         rotation: with ``flatten``, ``sender`` (a rotation per sender and step: the errors
             of different senders are independent) or ``shared`` (one rotation per step for
             every sender, the server's downlink included: a server adds the payloads in the
-            rotated domain, :meth:`add_rotated_`, and re-quantizes the sum there,
+            rotated domain, :meth:`mean_rotated`, and re-quantizes the mean there,
             :meth:`encode_rotated`, without a transform; the price is that the senders'
             errors are correlated where their gradients agree).
     """
@@ -397,8 +393,9 @@ class OneBit(Compressor):
             raise ValueError(f"{self.spec}: payloads add in the rotated domain only with "
                              "flatten=true, rotation=shared and dither=standard")  # fmt: skip
         lams, datas = [], []
+        name = self.name
         for p in payloads:
-            name, n = self.name, p.header.numel
+            n = p.header.numel
             if self.codec_of(p) is not self:  # another rotation or scale: not summable here
                 raise PayloadError(f"{name}: a payload of other parameters than {self.spec} "
                                    "cannot be added in its rotated domain")  # fmt: skip

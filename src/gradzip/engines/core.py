@@ -227,7 +227,7 @@ class Algorithm:
             and getattr(self.down, "adds_rotated", False)
             and self.optimizer == "sgd"
             and not self.momentum
-            and self.down_rule.name == "none"
+            and not (self.down_rule.has_memory or self.down_rule.in_update_units)
         )
 
     def aggregate(
